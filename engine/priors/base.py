@@ -1,0 +1,62 @@
+"""The prior protocol: what the trainer needs from a frozen text-to-image model.
+
+A prior encodes a prompt once (with its view-dependent variants and the negative prompt) and, given a
+batch of renders, returns the SDS gradient in image space. Everything else (cameras, shading, the
+field) is the trainer's. Implementations: `embedded` (shipped in assets/), `analytic` (Gaussian and
+oracle, for tests), `stable_diffusion`, `deepfloyd`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PromptEmbedding:
+    """A prompt encoded for one prior. Tensors are the prior's own; the trainer only passes them back."""
+
+    prompt: str
+    negative_prompt: str
+    cond: Tensor  # [4, ...]: one embedding per view label in engine.sds.VIEWS (front, side, back, overhead)
+    uncond: Tensor  # [1, ...] or [4, ...]: the negative prompt ("" = unconditional)
+    warnings: list[str] = field(default_factory=list)  # e.g. words the prior does not know
+    extra: dict[str, Any] = field(default_factory=dict)  # prior-specific (e.g. Perp-Neg embeddings)
+
+
+@dataclass
+class SDSContext:
+    """What a step knows about the views it rendered; most priors ignore all but view_weights."""
+
+    view_weights: Tensor  # [B, 4] interpolation weights over VIEWS
+    cameras: Any = None  # engine.cameras.Cameras of the batch (the oracle prior renders its target with them)
+    light: Any = None  # engine.shading.Light of the batch
+    shading: str = "albedo"  # shading mode of the step
+    step: int = 0
+
+
+@runtime_checkable
+class Prior(Protocol):
+    """A frozen text-to-image model used as a loss."""
+
+    name: str  # short name shown in the UI, e.g. "embedded", "sd:stabilityai/stable-diffusion-2-1-base"
+    resolution: int  # render size (square) the prior works at; the trainer renders at this size by default
+    num_train_timesteps: int  # T of its noise schedule
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbedding:
+        """Encode a prompt and its view variants once; the trainer caches the result."""
+        ...
+
+    def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
+                 t_range: tuple[float, float], weighting: str, generator: torch.Generator
+                 ) -> tuple[Tensor, dict]:
+        """SDS gradient w(t)(eps_hat - eps) mapped to image space.
+
+        images: [B, 3, H, W] renders in [0, 1] (requires no grad; the prior must not backprop into them
+        except through its own encoder, as a latent prior does). Returns (grad [B, 3, H, W], info) where
+        info holds at least "t" (list of ints, the timesteps used).
+        """
+        ...
