@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as _field
 
 SHADING_MODES = ("random", "albedo", "lambertian", "textureless", "normal")
 LIGHT_MODES = ("random", "camera", "fixed")
@@ -183,14 +184,14 @@ class OptimConfig:
 class Config:
     """Everything fixed for a run."""
 
-    field: FieldConfig = field(default_factory=FieldConfig)
-    background: BackgroundConfig = field(default_factory=BackgroundConfig)
-    render: RenderConfig = field(default_factory=RenderConfig)
-    camera: CameraConfig = field(default_factory=CameraConfig)
-    shading: ShadingConfig = field(default_factory=ShadingConfig)
-    sds: SDSConfig = field(default_factory=SDSConfig)
-    reg: RegularizerConfig = field(default_factory=RegularizerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    field: FieldConfig = _field(default_factory=FieldConfig)
+    background: BackgroundConfig = _field(default_factory=BackgroundConfig)
+    render: RenderConfig = _field(default_factory=RenderConfig)
+    camera: CameraConfig = _field(default_factory=CameraConfig)
+    shading: ShadingConfig = _field(default_factory=ShadingConfig)
+    sds: SDSConfig = _field(default_factory=SDSConfig)
+    reg: RegularizerConfig = _field(default_factory=RegularizerConfig)
+    optim: OptimConfig = _field(default_factory=OptimConfig)
     prior: str = "embedded"  # prior spec: "embedded", "oracle:<solid>", "gaussian", "sd[:<id or folder>]", "if[:<id or folder>]"
     steps: int = 1500  # training steps of a run
     seed: int = 0  # seed of the run's generator
