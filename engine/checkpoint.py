@@ -1,0 +1,112 @@
+"""Checkpoints: safetensors for every tensor (field, background, optimizer moments, occupancy grid,
+generator state) plus a JSON of the config, live parameters, step and prompt. Nothing is unpickled,
+so a checkpoint from elsewhere cannot run code. Writes are atomic (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from engine.config import Config, LiveParams
+
+WEIGHTS, META = "checkpoint.safetensors", "checkpoint.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message says which file and why."""
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def trainer_tensors(trainer) -> dict[str, torch.Tensor]:
+    """Every tensor of a trainer's state, flat, for safetensors."""
+    out = {f"field.{k}": v for k, v in trainer.field.state_dict().items()}
+    out.update({f"background.{k}": v for k, v in trainer.background.state_dict().items()})
+    for gi, group in enumerate(trainer.optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            for k, v in trainer.optimizer.state.get(p, {}).items():
+                out[f"optim.{gi}.{pi}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    if trainer.estimator is not None:
+        out.update({f"occupancy.{k}": v for k, v in trainer.estimator.state_dict().items()})
+    out["generator"] = trainer.generator.get_state()
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def save_checkpoint(trainer, run_dir: str | Path, live: LiveParams, extra: dict | None = None) -> Path:
+    run_dir = Path(run_dir)
+    meta = {"step": trainer.step_count, "skipped_steps": trainer.skipped_steps, "prior": trainer.prior.name,
+            "prompt": live.prompt, "config": trainer.cfg.to_dict(), "live": dataclasses.asdict(live), **(extra or {})}
+    atomic_write(run_dir / WEIGHTS, lambda p: save_file(trainer_tensors(trainer), p))
+    atomic_write(run_dir / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    return run_dir
+
+
+def read_checkpoint(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, tensors) of a run folder; CheckpointError with a clear message if anything is off."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"no run folder at {run_dir}")
+    meta_path, weights_path = run_dir / META, run_dir / WEIGHTS
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise CheckpointError(f"{p} is missing: not a run folder written by this app")
+    try:
+        meta = json.loads(meta_path.read_text())
+        Config.from_dict(meta["config"])
+        LiveParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["live"].items()})
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta_path} is not a valid checkpoint description: {err}") from None
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({err})") from None
+    return meta, tensors
+
+
+def load_into(trainer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore a trainer built from meta["config"] to the saved state (weights, optimizer, generator)."""
+    def sub(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    try:
+        trainer.field.load_state_dict(sub("field."))
+        trainer.background.load_state_dict(sub("background."))
+        if trainer.estimator is not None and sub("occupancy."):
+            trainer.estimator.load_state_dict(sub("occupancy."))
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint tensors do not fit this configuration: {str(err)[:300]}") from None
+    dev = trainer.device
+    for gi, group in enumerate(trainer.optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            state = sub(f"optim.{gi}.{pi}.")
+            if state:
+                trainer.optimizer.state[p] = {k: v.to(dev) if k != "step" else v for k, v in state.items()}
+    if "generator" in tensors:
+        trainer.generator.set_state(tensors["generator"])
+    trainer.step_count = int(meta["step"])
+    trainer.skipped_steps = int(meta.get("skipped_steps", 0))
+
+
+def live_from_meta(meta: dict) -> LiveParams:
+    return LiveParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["live"].items()})

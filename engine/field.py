@@ -1,0 +1,208 @@
+"""Neural fields: density and albedo inside a bounding sphere, plus the background.
+
+Two backbones share one interface. `prepare()` returns a function `x [N, 3] -> FieldSamples` that a
+render calls once per batch of points; the field itself keeps no state between renders.
+
+- `GridField` ("grid", the CPU default): a small Fourier-feature MLP *generates* a dense grid of
+  density, albedo and density gradient every render, and samples are read from it with `grid_sample`.
+  Weight sharing through the MLP keeps SDS's noisy per-voxel gradients from drifting (a raw voxel grid
+  fills the sphere), while the per-sample cost is that of a texture lookup.
+- `HashField` ("hash"): a multi-resolution hash encoding (Instant-NGP) in pure torch, or tiny-cuda-nn's
+  when it is installed and the field lives on CUDA, followed by a small MLP; normals by autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.config import BackgroundConfig, FieldConfig
+
+
+@dataclass
+class FieldSamples:
+    density: Tensor  # [N] sigma >= 0
+    albedo: Tensor  # [N, 3] in [0, 1]
+    normal: Tensor  # [N, 3] unit, -grad(sigma) / |grad(sigma)|
+
+
+def fourier_features(x: Tensor, bands: int) -> Tensor:
+    """[..., 3] -> [..., 3 + 6 * bands]: x, sin(2^k pi x), cos(2^k pi x)."""
+    freqs = (2.0 ** torch.arange(bands, device=x.device, dtype=x.dtype)) * math.pi
+    xb = x[..., None, :] * freqs[:, None]  # [..., bands, 3]
+    return torch.cat([x, xb.sin().flatten(-2), xb.cos().flatten(-2)], dim=-1)
+
+
+def mlp(n_in: int, hidden: int, n_out: int, layers: int = 2) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        mods += [nn.Linear(n_in if i == 0 else hidden, hidden), nn.ReLU(inplace=True)]
+    mods.append(nn.Linear(hidden, n_out))
+    return nn.Sequential(*mods)
+
+
+class Field(nn.Module):
+    """Common parts: density activation, the initial centre blob, and the dense query helpers."""
+
+    cfg: FieldConfig
+
+    def activate_density(self, raw: Tensor, x: Tensor) -> Tensor:
+        raw = raw + self.cfg.blob_density * (1.0 - x.norm(dim=-1) / self.cfg.blob_radius)
+        if self.cfg.density_activation == "exp":
+            return torch.exp(raw.clamp(max=15.0))
+        return F.softplus(raw)
+
+    def prepare(self) -> Callable[[Tensor], FieldSamples]:
+        raise NotImplementedError
+
+    def query_density(self, x: Tensor) -> Tensor:
+        """sigma at points x [N, 3] (zero outside the bounding sphere)."""
+        inside = x.norm(dim=-1) <= self.cfg.radius
+        return self.prepare()(x).density * inside
+
+
+class GridField(Field):
+    """An MLP over Fourier features of a fixed lattice generates a dense grid each render."""
+
+    def __init__(self, cfg: FieldConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = cfg.grid_resolution
+        lin = torch.linspace(-cfg.radius, cfg.radius, n)
+        zz, yy, xx = torch.meshgrid(lin, lin, lin, indexing="ij")
+        self.register_buffer("lattice", torch.stack([xx, yy, zz], -1), persistent=False)  # [D, H, W, 3] as (x, y, z)
+        self.net = mlp(3 + 6 * cfg.fourier_bands, cfg.hidden, 4)
+
+    def grid(self) -> Tensor:
+        """The generated grid [1, 7, D, H, W]: density, albedo (3), density gradient (3)."""
+        raw = self.net(fourier_features(self.lattice / self.cfg.radius, self.cfg.fourier_bands))  # [D, H, W, 4]
+        sigma = self.activate_density(raw[..., 0], self.lattice)
+        albedo = torch.sigmoid(raw[..., 1:])
+        h = 2.0 * self.cfg.radius / (self.cfg.grid_resolution - 1)
+        p = F.pad(sigma[None, None], (1, 1, 1, 1, 1, 1), mode="replicate")[0, 0]
+        gx = (p[1:-1, 1:-1, 2:] - p[1:-1, 1:-1, :-2]) / (2 * h)
+        gy = (p[1:-1, 2:, 1:-1] - p[1:-1, :-2, 1:-1]) / (2 * h)
+        gz = (p[2:, 1:-1, 1:-1] - p[:-2, 1:-1, 1:-1]) / (2 * h)
+        grid = torch.cat([sigma[..., None], albedo, torch.stack([gx, gy, gz], -1)], -1)
+        return grid.permute(3, 0, 1, 2)[None]
+
+    def prepare(self) -> Callable[[Tensor], FieldSamples]:
+        grid = self.grid()
+        radius = self.cfg.radius
+
+        def query(x: Tensor) -> FieldSamples:
+            coords = (x / radius).view(1, 1, 1, -1, 3)
+            s = F.grid_sample(grid, coords, mode="bilinear", padding_mode="border", align_corners=True)
+            s = s.view(7, -1).t()  # [N, 7]
+            grad = s[:, 4:7]
+            normal = -grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+            return FieldSamples(s[:, 0].clamp(min=0.0), s[:, 1:4], normal)
+
+        return query
+
+
+class HashEncoding(nn.Module):
+    """Multi-resolution hash encoding (Mueller et al. 2022), trilinear, pure torch. Input in [0, 1]^3."""
+
+    PRIMES = (1, 2654435761, 805459861)
+
+    def __init__(self, levels: int, log2_size: int, base_res: int, max_res: int, features: int = 2):
+        super().__init__()
+        growth = math.exp((math.log(max_res) - math.log(base_res)) / max(levels - 1, 1))
+        self.resolutions = [int(math.floor(base_res * growth**lvl)) for lvl in range(levels)]
+        self.size = 2**log2_size
+        self.tables = nn.Parameter(torch.empty(levels, self.size, features).uniform_(-1e-4, 1e-4))
+        corners = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)])
+        self.register_buffer("corners", corners, persistent=False)
+        self.n_output_dims = levels * features
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 3] -> [N, levels * features]
+        out = []
+        primes = torch.tensor(self.PRIMES, device=x.device)
+        for lvl, res in enumerate(self.resolutions):
+            pos = x * res
+            p0 = pos.floor().long()
+            w = pos - p0  # [N, 3]
+            p = p0[:, None, :] + self.corners  # [N, 8, 3]
+            if (res + 1) ** 3 <= self.size:  # coarse levels fit densely: no collisions
+                idx = (p[..., 0] * (res + 1) + p[..., 1]) * (res + 1) + p[..., 2]
+            else:
+                h = p * primes
+                idx = h[..., 0] ^ h[..., 1] ^ h[..., 2]
+            feats = self.tables[lvl][idx % self.size]  # [N, 8, F]
+            cw = torch.where(self.corners.bool(), w[:, None, :], 1.0 - w[:, None, :]).prod(-1)  # [N, 8]
+            out.append((feats * cw[..., None]).sum(1))
+        return torch.cat(out, -1)
+
+
+def _tcnn_encoding(cfg: FieldConfig):
+    """tiny-cuda-nn's hash grid when installed (CUDA only), else None."""
+    try:
+        import tinycudann as tcnn
+    except ImportError:
+        return None
+    growth = math.exp((math.log(cfg.hash_max_resolution) - math.log(cfg.hash_base_resolution)) / (cfg.hash_levels - 1))
+    return tcnn.Encoding(3, {"otype": "HashGrid", "n_levels": cfg.hash_levels, "n_features_per_level": 2,
+                             "log2_hashmap_size": cfg.hash_log2_size, "base_resolution": cfg.hash_base_resolution,
+                             "per_level_scale": growth})
+
+
+class HashField(Field):
+    """Hash-grid features -> MLP -> density and albedo; normals are -grad(sigma) by autograd."""
+
+    def __init__(self, cfg: FieldConfig, use_tcnn: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        enc = _tcnn_encoding(cfg) if use_tcnn else None
+        self.encoding = enc or HashEncoding(cfg.hash_levels, cfg.hash_log2_size, cfg.hash_base_resolution,
+                                            cfg.hash_max_resolution)
+        self.net = mlp(self.encoding.n_output_dims, cfg.hidden, 4, layers=1)
+
+    def _density_albedo(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        u = ((x / self.cfg.radius + 1.0) * 0.5).clamp(0.0, 1.0)
+        raw = self.net(self.encoding(u).float())
+        return self.activate_density(raw[:, 0], x), torch.sigmoid(raw[:, 1:])
+
+    def prepare(self) -> Callable[[Tensor], FieldSamples]:
+        def query(x: Tensor) -> FieldSamples:
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                sigma, albedo = self._density_albedo(xg)
+                (grad,) = torch.autograd.grad(sigma.sum(), xg, create_graph=torch.is_grad_enabled() and self.training)
+            if not self.training or not torch.is_grad_enabled():
+                sigma, albedo, grad = sigma.detach(), albedo.detach(), grad.detach()
+            normal = -grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+            return FieldSamples(sigma, albedo, normal)
+
+        return query
+
+
+def make_field(cfg: FieldConfig, device="cpu") -> Field:
+    if cfg.backbone == "grid":
+        return GridField(cfg).to(device)
+    if cfg.backbone == "hash":
+        return HashField(cfg, use_tcnn=torch.device(device).type == "cuda").to(device)
+    raise ValueError(f"unknown field backbone {cfg.backbone!r}; choose 'grid' or 'hash'")
+
+
+class Background(nn.Module):
+    """Colour of rays that leave the sphere: an MLP on the direction, or a solid colour."""
+
+    def __init__(self, cfg: BackgroundConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.net = mlp(3 + 6 * cfg.fourier_bands, cfg.hidden, 3, layers=1) if cfg.kind == "mlp" else None
+        if cfg.kind not in ("mlp", "solid", "random"):
+            raise ValueError(f"unknown background {cfg.kind!r}; choose 'mlp', 'solid' or 'random'")
+
+    def forward(self, dirs: Tensor, color: Tensor | None = None) -> Tensor:
+        """dirs [N, 3] unit -> rgb [N, 3]. `color` [3] overrides (solid / random backgrounds)."""
+        if self.net is not None and color is None:
+            return torch.sigmoid(self.net(fourier_features(dirs, self.cfg.fourier_bands)))
+        c = color if color is not None else torch.tensor(self.cfg.color, device=dirs.device)
+        return c.to(dirs).expand(dirs.shape[0], 3)

@@ -1,0 +1,160 @@
+"""Stable Diffusion 1.x / 2.x as an SDS prior (latent space), loaded with diffusers from a hub id or folder.
+
+The render (64x64 by default, as the peers train) is upsampled to the VAE's resolution (512 for SD 2.1-base,
+768 for SD 2.x-768), encoded to latents, noised, denoised by the U-Net with classifier-free guidance,
+and the latent gradient w(t)(eps_hat - eps) is mapped back to the render through the encoder's
+vector-Jacobian product. That is the same gradient the peers get from
+`loss = 0.5 * ||z - (z - g).detach()||^2` backpropagated through the encoder, returned in image space so the
+trainer applies one detached-target loss whatever the prior. Optionally a tiny autoencoder (TAESD) does the
+encode: about 5x cheaper than the full VAE encoder and its backward.
+
+Cost: see docs/priors.md. A U-Net forward of SD 2.1-base takes ~23 s on a 2-core CPU; this is a GPU prior.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.priors import diffusers_common as dc
+from engine.priors.base import PromptEmbedding, SDSContext
+from engine.sds import add_noise, sample_timesteps, sds_weight
+
+DEFAULT_SD = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_GUIDANCE = 100.0  # the paper's and the peers' CFG scale for Stable Diffusion
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class StableDiffusionPrior:
+    """SDS with a Stable Diffusion U-Net in the VAE's latent space (see the module docstring)."""
+
+    default_guidance_scale = DEFAULT_GUIDANCE
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, name: str, device="cpu",
+                 dtype: torch.dtype = torch.float32, resolution: int = 64, vae_resolution: int | None = None,
+                 perp_neg: bool = False, perp_neg_scale: float = 1.0, cpu_offload: bool = False):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.name = name
+        self.device, self.dtype = torch.device(device), dtype
+        self.resolution = resolution  # render size the trainer should use (peers: 64)
+        blocks = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels  # VAE / TAESD
+        down = 2 ** (len(blocks) - 1)  # the encoder's downsampling factor (8 for SD and TAESD)
+        self.vae_resolution = vae_resolution or unet.config.sample_size * down  # 512 for 2.1-base
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.v_prediction = scheduler.config.prediction_type == "v_prediction"  # SD 2.x-768
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)  # [T], the scheduler's own
+        self.perp_neg, self.perp_neg_scale = perp_neg, perp_neg_scale
+        self.cpu_offload = cpu_offload
+        self.cache = dc.PromptCache()
+        for m in (unet, vae, text_encoder):
+            m.requires_grad_(False).eval()
+        unet.to(self.device)
+        vae.to(self.device)
+        text_encoder.to("cpu" if cpu_offload else self.device)  # moved to the device only to encode a prompt
+
+    @classmethod
+    def from_pretrained(cls, source: str = DEFAULT_SD, device="cpu", dtype: torch.dtype | None = None,
+                        taesd: str | None = None, attention_slicing: bool = False, cpu_offload: bool = False,
+                        perp_neg: bool = False, perp_neg_scale: float = 1.0, resolution: int = 64,
+                        vae_resolution: int | None = None, variant: str | None = None,
+                        cache_dir: str | None = None) -> StableDiffusionPrior:
+        """Load from a hub id (cached, or downloaded when online) or a local diffusers folder.
+
+        taesd: hub id or folder of an `AutoencoderTiny` (e.g. "madebyollin/taesd") to encode with instead of
+        the VAE. attention_slicing: compute attention in slices (less memory, a little slower).
+        cpu_offload: keep the text encoder on the CPU except while it encodes. variant: e.g. "fp16" weight files.
+        Raises FileNotFoundError when the weights are not on this machine and cannot be fetched, and
+        RuntimeError naming the component of a broken folder.
+        """
+        from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        dtype = dc.default_dtype(device, dtype)
+        where = dc.resolve_source(source, "Stable Diffusion", "sd", COMPONENTS, cache_dir=cache_dir)
+        weights = {"variant": variant, "cache_dir": cache_dir}
+        unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, torch_dtype=dtype, **weights)
+        text_encoder = dc.load_component("text_encoder", CLIPTextModel.from_pretrained, where, dtype=dtype,
+                                         **weights)
+        tokenizer = dc.load_component("tokenizer", CLIPTokenizer.from_pretrained, where, cache_dir=cache_dir)
+        scheduler = dc.load_component("scheduler", DDPMScheduler.from_pretrained, where, cache_dir=cache_dir)
+        if taesd:
+            tiny = dc.resolve_source(taesd, "TAESD", "sd", (), cache_dir=cache_dir)
+            try:
+                vae = AutoencoderTiny.from_pretrained(tiny, torch_dtype=dtype, cache_dir=cache_dir)
+            except Exception as e:
+                raise RuntimeError(f"taesd: could not be loaded from {taesd}: {str(e).splitlines()[0]}") from e
+        else:
+            vae = dc.load_component("vae", AutoencoderKL.from_pretrained, where, torch_dtype=dtype, **weights)
+        dc.check_width("unet", unet.config.cross_attention_dim, text_encoder.config.hidden_size, "text embeddings")
+        dc.check_width("unet", unet.config.in_channels, vae.config.latent_channels, "latents")
+        if attention_slicing:
+            unet.set_attention_slice("auto")
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, name=f"sd:{source}", device=device, dtype=dtype,
+                   resolution=resolution, vae_resolution=vae_resolution, perp_neg=perp_neg,
+                   perp_neg_scale=perp_neg_scale, cpu_offload=cpu_offload)
+
+    # -- text ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: list[str]) -> tuple[Tensor, bool]:
+        """CLIP last hidden states [N, 77, D], and whether any text was truncated."""
+        tok = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_overflowing_tokens=False, return_length=True,
+                             return_tensors="pt")
+        full = self.tokenizer(texts, padding=False, truncation=False)["input_ids"]
+        truncated = any(len(ids) > self.tokenizer.model_max_length for ids in full)
+        with dc.on_device(self.device, self.cpu_offload, self.text_encoder):
+            emb = self.text_encoder(tok.input_ids.to(self.device))[0]
+        return emb, truncated
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbedding:
+        """cond [4, 77, D]: the prompt with each view suffix; uncond [1, 77, D]: the negative prompt."""
+        def make() -> PromptEmbedding:
+            emb, truncated = self._encode_texts(dc.view_prompts(prompt) + [negative_prompt])
+            warnings = [f"prompt longer than {self.tokenizer.model_max_length} tokens: truncated"] if truncated else []
+            return PromptEmbedding(prompt, negative_prompt, cond=emb[:4], uncond=emb[4:], warnings=warnings)
+
+        return self.cache.get((prompt, negative_prompt), make)
+
+    # -- SDS ----------------------------------------------------------------------------------------
+
+    def _encode_images(self, x: Tensor) -> Tensor:
+        """[B, 3, H, W] in [-1, 1] at the VAE's resolution -> scaled latents [B, 4, H/8, W/8], with graph."""
+        enc = self.vae.encode(x.to(self.dtype))
+        latents = enc.latents if hasattr(enc, "latents") else enc.latent_dist.mean  # TAESD / VAE (mean: no noise)
+        return latents * self.vae.config.scaling_factor
+
+    def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
+                 t_range: tuple[float, float], weighting: str, generator: torch.Generator) -> tuple[Tensor, dict]:
+        """SDS gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
+        b = images.shape[0]
+        # 1. Text: each render's embedding is its view-weighted mix of the four view prompts
+        cond = dc.mix_views(emb.cond, ctx.view_weights)  # [B, 77, D]
+        uncond = emb.uncond.expand(b, *emb.uncond.shape[1:])  # [B, 77, D]
+        neg = emb.cond[None, : dc.RING].expand(b, -1, -1, -1) if self.perp_neg else None  # [B, 3, 77, D]
+        # 2. Latents: upsample the render to the VAE's size and encode, keeping the graph to the render
+        x = images.detach().to(self.device).requires_grad_(True)  # leaf [B, 3, H, W]
+        with torch.enable_grad():
+            x_vae = F.interpolate(x * 2.0 - 1.0, size=(self.vae_resolution,) * 2, mode="bilinear",
+                                  align_corners=False)
+            latents = self._encode_images(x_vae)  # [B, 4, h, w]
+        # 3. Timesteps and noise: z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps, with the scheduler's abar
+        t = sample_timesteps(b, t_range[0], t_range[1], self.num_train_timesteps, generator, self.device)
+        abar = self.alphas_cumprod[t]  # [B]
+        noise = dc.randn(latents.shape, generator, self.device, torch.float32)
+        z_t = add_noise(latents.detach().float(), noise, abar)
+        # 4. Noise prediction of every branch in one U-Net call, without a graph; v-prediction -> eps
+        eps_cond, eps_uncond, eps_neg = dc.predict_noise(self.unet, z_t.to(self.dtype), t, cond, uncond, neg)
+        if self.v_prediction:  # SD 2.x-768
+            eps_cond, eps_uncond = dc.v_to_eps(eps_cond, z_t, abar), dc.v_to_eps(eps_uncond, z_t, abar)
+            eps_neg = None if neg is None else dc.v_to_eps(eps_neg, z_t[:, None], abar)
+        # 5. Guidance (CFG, or Perp-Neg against multi-face results)
+        lambdas = dc.perp_neg_weights(ctx.view_weights.to(self.device), self.perp_neg_scale) if self.perp_neg else None
+        eps_hat = dc.guide(eps_cond.float(), eps_uncond.float(), guidance_scale, eps_neg, lambdas)
+        # 6. Latent gradient g = w(t) (eps_hat - eps), mapped to the render by the encoder's VJP J^T g:
+        #    the gradient the peers get from 0.5 * ||z - (z - g).detach()||^2 backpropagated through the encoder
+        grad_latents = torch.nan_to_num(sds_weight(abar, weighting).view(-1, 1, 1, 1) * (eps_hat - noise))
+        (grad,) = torch.autograd.grad(latents, x, grad_outputs=grad_latents.to(latents.dtype))
+        info = {"t": t.tolist(), "latent_grad_norm": float(grad_latents.norm())}
+        return grad.to(device=images.device, dtype=images.dtype), info

@@ -1,0 +1,191 @@
+"""The DreamFusion loop: one `Trainer.step(live)` samples cameras, light and shading, renders, asks the
+prior for the SDS gradient, adds the regularisers and takes one Adam step.
+
+All randomness comes from one CPU `torch.Generator` seeded by the config, so a seeded run is
+bit-for-bit repeatable on CPU and resumes exactly from a checkpoint (its state is saved).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine import cameras as cam
+from engine.config import Config, LiveParams
+from engine.field import Background, make_field
+from engine.priors.base import Prior, PromptEmbedding, SDSContext
+from engine.render import RenderOutput, make_occupancy, render
+from engine.sds import sds_loss, view_labels
+from engine.shading import pick_shading
+
+
+def t_max_at(cfg, step: int) -> float:
+    """Upper end of the t range at `step`: linear from t_max to t_max_end over anneal_steps."""
+    frac = min(1.0, step / max(cfg.anneal_steps, 1))
+    return cfg.t_max + (cfg.t_max_end - cfg.t_max) * frac
+
+
+def orientation_weight(cfg, step: int) -> float:
+    """Orientation loss weight: ramps linearly from 0 to its final value (threestudio ramps it too)."""
+    return cfg.orientation * min(1.0, step / max(cfg.orientation_ramp_steps, 1))
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-5, 1 - 1e-5)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+@dataclass
+class StepResult:
+    """What one step did; `metrics` is JSON-ready."""
+
+    metrics: dict
+    cameras: cam.Cameras
+    image: torch.Tensor  # [B, 3, H, W] the render the prior saw (detached)
+
+
+class Trainer:
+    """Owns the field, background, optimizer, occupancy grid and generator of one run."""
+
+    def __init__(self, cfg: Config, prior: Prior, device="cpu", live: LiveParams | None = None):
+        self.cfg, self.prior, self.device = cfg, prior, torch.device(device)
+        live = live or LiveParams(seed=cfg.seed)
+        torch.manual_seed(cfg.seed)  # network initialisation
+        self.field = make_field(cfg.field, self.device)
+        self.background = Background(cfg.background).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            [{"params": list(self.field.parameters()), "lr": live.learning_rate, "name": "field", "lr_scale": 1.0},
+             {"params": list(self.background.parameters()), "name": "background",
+              "lr": live.learning_rate * cfg.optim.background_lr_scale, "lr_scale": cfg.optim.background_lr_scale}],
+            betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        self.estimator = (make_occupancy(cfg.field.radius, cfg.render.occupancy_resolution, self.device)
+                          if cfg.render.occupancy else None)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step_count = 0
+        self.skipped_steps = 0
+        self._embeddings: dict[tuple[str, str], PromptEmbedding] = {}
+
+    # -- prompts -------------------------------------------------------------------------------------
+    def embedding(self, prompt: str, negative_prompt: str = "") -> PromptEmbedding:
+        """The prior's encoding of a prompt, computed once per (prompt, negative prompt)."""
+        key = (prompt, negative_prompt)
+        if key not in self._embeddings:
+            if len(self._embeddings) > 16:
+                self._embeddings.clear()
+            self._embeddings[key] = self.prior.encode_prompt(prompt, negative_prompt)
+        return self._embeddings[key]
+
+    @property
+    def resolution(self) -> int:
+        return self.cfg.render.resolution or self.prior.resolution
+
+    # -- one step --------------------------------------------------------------------------------------
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+
+    def _update_occupancy(self) -> None:
+        rc = self.cfg.render
+        if self.estimator is None:
+            return
+        cell = 2.0 * self.cfg.field.radius / rc.occupancy_resolution
+        query = None
+
+        def occ_eval(x):
+            nonlocal query
+            query = query or self.field.prepare()
+            inside = x.norm(dim=-1) <= self.cfg.field.radius
+            return query(x).density * inside * cell * math.sqrt(3)
+
+        with torch.no_grad():
+            self.estimator.update_every_n_steps(self.step_count, occ_eval_fn=occ_eval, occ_thre=rc.occupancy_threshold,
+                                                n=rc.occupancy_every, warmup_steps=rc.occupancy_warmup)
+
+    def step(self, live: LiveParams) -> StepResult:
+        """One optimisation step with the live parameters `live` (validated by the caller)."""
+        cfg, g, res = self.cfg, self.generator, self.resolution
+        timings = {}
+        t0 = time.perf_counter()
+        self._set_lr(live.learning_rate)
+        emb = self.embedding(live.prompt, live.negative_prompt)
+        # 1. sample the views, the light and the shading of this step
+        cams = cam.sample_cameras(cfg.camera, cfg.camera.batch_size, g, self.device)
+        light = cam.make_light(cams, live, cfg.camera, g)
+        shading = pick_shading(live.shading, cfg.shading, self.step_count, g)
+        bg_color = torch.rand(3, generator=g).to(self.device) if cfg.background.kind == "random" else None
+        # 2. render
+        self._update_occupancy()
+        use_grid = self.estimator is not None and self.step_count >= cfg.render.occupancy_warmup
+        self.field.train()
+        out = render(self.field, self.background, cams, res, res, shading=shading, light=light, cfg=cfg.render,
+                     estimator=self.estimator if use_grid else None, generator=g, bg_color=bg_color)
+        t1 = time.perf_counter()
+        # 3. the prior's SDS gradient in image space (no backprop through the prior)
+        ctx = SDSContext(view_weights=cams.view_weights(), cameras=cams, light=light, shading=shading,
+                         step=self.step_count)
+        t_range = (cfg.sds.t_min, t_max_at(cfg.sds, self.step_count))
+        grad, info = self.prior.sds_grad(out.rgb.detach(), emb, ctx, guidance_scale=live.guidance_scale,
+                                         t_range=t_range, weighting=cfg.sds.weighting, generator=g)
+        t2 = time.perf_counter()
+        # 4. losses, backward, optimizer step
+        losses = self._losses(out, grad.to(out.rgb))
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(total)) and bool(torch.isfinite(grad).all())
+        if finite:
+            total.backward()
+            finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self._params())
+        if finite or not cfg.sds.skip_nonfinite:
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self._params(), cfg.optim.grad_clip)
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+        t3 = time.perf_counter()
+        timings = {"ms_render": 1e3 * (t1 - t0), "ms_prior": 1e3 * (t2 - t1), "ms_backward": 1e3 * (t3 - t2)}
+        metrics = {"step": self.step_count, "loss": float(total.detach()) if finite else float("nan"),
+                   **{f"loss_{k}": float(v.detach()) for k, v in losses.items()},
+                   "t": info.get("t", []), "t_max": t_range[1], "guidance_scale": live.guidance_scale,
+                   "shading": shading, "views": view_labels(ctx.view_weights), "skipped": not finite,
+                   "skipped_steps": self.skipped_steps, "samples": out.samples, **timings}
+        self.step_count += 1
+        return StepResult(metrics, cams, out.rgb.detach())
+
+    def _params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _losses(self, out: RenderOutput, grad: torch.Tensor) -> dict:
+        reg = self.cfg.reg
+        losses = {"sds": sds_loss(out.rgb, grad)}
+        if reg.opacity > 0:
+            losses["opacity"] = reg.opacity * out.opacity.mean()
+        if reg.entropy > 0:
+            losses["entropy"] = reg.entropy * binary_entropy(out.opacity).mean()
+        w = orientation_weight(reg, self.step_count)
+        if w > 0:
+            losses["orientation"] = w * out.orientation.mean()
+        return losses
+
+    # -- rendering for people ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def render_views(self, cams: cam.Cameras, height: int, width: int, shading: str = "lambertian",
+                     live: LiveParams | None = None, light: cam.Light | None = None) -> RenderOutput:
+        """Deterministic render of the current field (light at the camera unless given)."""
+        live = live or LiveParams()
+        cams = cams.to(self.device)
+        light = light or cam.make_light(cams, live if live.light_mode == "fixed" else
+                                        LiveParams(light_mode="camera", light_color=live.light_color,
+                                                   ambient=live.ambient), self.cfg.camera, None)
+        bg = torch.tensor(self.cfg.background.color, device=self.device) if self.cfg.background.kind == "random" else None
+        use_grid = self.estimator is not None and self.step_count >= self.cfg.render.occupancy_warmup
+        was = self.field.training
+        self.field.eval()
+        try:
+            return render(self.field, self.background, cams, height, width, shading=shading, light=light,
+                          cfg=self.cfg.render, estimator=self.estimator if use_grid else None, bg_color=bg)
+        finally:
+            self.field.train(was)
