@@ -100,7 +100,12 @@ class Trainer:
             inside = x.norm(dim=-1) <= self.cfg.field.radius
             return query(x).density * inside * cell * math.sqrt(3)
 
-        with torch.no_grad():
+        # nerfacc samples cells and jitters points with the global RNG; seeding a forked global RNG from the
+        # run's generator keeps every draw in `self.generator`, so a resumed run stays bit-identical.
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
             self.estimator.update_every_n_steps(self.step_count, occ_eval_fn=occ_eval, occ_thre=rc.occupancy_threshold,
                                                 n=rc.occupancy_every, warmup_steps=rc.occupancy_warmup)
 
