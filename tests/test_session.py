@@ -1,0 +1,186 @@
+"""Session: thread, state machine, live parameters, errors and renders, with the oracle prior at tiny size."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from engine.cameras import fixed_views
+from engine.config import Config
+from engine.priors import load_prior
+from playground.session import Session
+from playground.snapshot import RENDER_MODES
+
+
+def tiny_config(prior: str = "oracle:cube") -> Config:
+    cfg = Config(prior=prior, steps=10_000)
+    cfg.render.resolution, cfg.render.num_samples = 16, 16
+    cfg.camera.batch_size = 1
+    cfg.field.grid_resolution = 16
+    return cfg
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def session(tmp_path):
+    s = Session(tiny_config(), out_root=tmp_path)
+    yield s
+    s.stop()
+
+
+def test_start_params_pause_resume_reset(session):
+    session.start()
+    wait_for(lambda: session.step >= 3, what="training steps")
+    assert session.status()["state"] == "running"
+    session.set_params(guidance_scale=20.0, shading="albedo", light_mode="fixed", light_azimuth=90.0,
+                       light_color=(1.0, 0.5, 0.25), ambient=0.3, learning_rate=5e-3)
+    before = session.step
+    st = wait_for(lambda: (s := session.status())["guidance_scale"] == 20.0 and s, what="new guidance in status")
+    assert st["shading"] == "albedo" and st["shading_used"] == "albedo"
+    assert st["light_mode"] == "fixed" and st["light_azimuth"] == 90.0 and st["light_color"] == [1.0, 0.5, 0.25]
+    assert st["step"] >= before, "a parameter change must not restart the run"
+    opt = session.trainer.optimizer
+    wait_for(lambda: session.step > before + 2, what="steps after the change")
+    assert session.trainer.optimizer is opt and opt.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+    session.pause()
+    wait_for(lambda: session.state == "paused", what="pause")
+    paused_at = session.step
+    time.sleep(0.3)
+    assert session.step == paused_at and session.its_per_s() == 0.0
+    session.resume()
+    wait_for(lambda: session.step > paused_at, what="resume")
+
+    session.reset()
+    wait_for(lambda: session.step < paused_at, what="reset to a new field")
+    assert session.state == "running"
+    assert session.status()["guidance_scale"] == 20.0, "reset keeps the settings"
+
+
+def test_bad_values_raise_and_the_run_goes_on(session):
+    session.start()
+    wait_for(lambda: session.step >= 1)
+    for bad in ({"guidance_scale": -1}, {"shading": "shiny"}, {"prompt": ""}, {"colour": 1}, {"steps": 0}):
+        with pytest.raises(ValueError):
+            session.set_params(**bad)
+    n = session.step
+    wait_for(lambda: session.step > n + 1, what="training to go on")
+    assert session.state == "running"
+
+
+def test_prompt_change_is_encoded_on_the_session_thread(tmp_path):
+    threads = []
+
+    def loader(spec, device="cpu"):
+        prior = load_prior(spec, device=device)
+        encode = prior.encode_prompt
+
+        def recording(prompt, negative_prompt=""):
+            threads.append((prompt, threading.current_thread().name))
+            return encode(prompt, negative_prompt)
+
+        prior.encode_prompt = recording
+        return prior
+
+    s = Session(tiny_config(), out_root=tmp_path, prior_loader=loader)
+    try:
+        s.start()
+        wait_for(lambda: s.step >= 1)
+        s.set_params(prompt="a blue sphere", negative_prompt="blurry")
+        wait_for(lambda: s.status()["prompt"] == "a blue sphere", what="the new prompt to be used")
+        assert ("a blue sphere", "session") in threads
+        assert all(name == "session" for _, name in threads)
+        assert s.status()["negative_prompt"] == "blurry"
+    finally:
+        s.stop()
+
+
+def test_step_error_then_reset_recovers(tmp_path):
+    fail = {"on": False}
+
+    def loader(spec, device="cpu"):
+        prior = load_prior(spec, device=device)
+        grad = prior.sds_grad
+
+        def flaky(*a, **k):
+            if fail["on"]:
+                raise RuntimeError("boom in the prior")
+            return grad(*a, **k)
+
+        prior.sds_grad = flaky
+        return prior
+
+    s = Session(tiny_config(), out_root=tmp_path, prior_loader=loader)
+    try:
+        s.start()
+        wait_for(lambda: s.step >= 1)
+        fail["on"] = True
+        st = wait_for(lambda: (x := s.status())["state"] == "error" and x, what="the error state")
+        assert "boom in the prior" in st["error"] and "boom" in st["message"]
+        fail["on"] = False
+        s.reset()
+        wait_for(lambda: s.state == "idle", what="reset out of error")
+        assert s.status()["error"] is None and s.step == 0
+        s.start()
+        wait_for(lambda: s.step >= 2, what="training after recovery")
+    finally:
+        s.stop()
+
+
+def test_missing_prior_is_reported_and_another_can_be_picked(tmp_path):
+    def loader(spec, device="cpu"):
+        if spec == "embedded":
+            raise FileNotFoundError("assets/embedded_prior.safetensors is missing")
+        return load_prior(spec, device=device)
+
+    s = Session(tiny_config(prior="embedded"), out_root=tmp_path, prior_loader=loader)
+    try:
+        s.start()
+        st = wait_for(lambda: (x := s.status())["state"] == "error" and x, what="the error state")
+        assert "embedded_prior.safetensors" in st["error"] and "Pick another prior" in st["error"]
+        s.start(prior="oracle:sphere")
+        wait_for(lambda: s.step >= 1, what="training with another prior")
+        assert s.status()["prior"] == "oracle:sphere" and s.status()["error"] is None
+    finally:
+        s.stop()
+
+
+def test_done_after_steps_and_extend(tmp_path):
+    s = Session(tiny_config(), out_root=tmp_path)
+    try:
+        s.set_params(steps=3)
+        s.start()
+        wait_for(lambda: s.state == "done", what="done")
+        assert s.step == 3
+        s.set_params(steps=5)
+        s.start()
+        wait_for(lambda: s.state == "done" and s.step == 5, what="the extended run")
+    finally:
+        s.stop()
+
+
+def test_render_source_renders_every_mode_while_training(session):
+    session.start()
+    wait_for(lambda: session.step >= 2)
+    snap = session.render_source()
+    cams = fixed_views([30.0], [20.0])
+    for mode in RENDER_MODES:
+        img = snap.render(cams, 24, 20, mode, session.used)
+        assert img.shape == (1, 3, 24, 20) and torch.isfinite(img).all()
+        assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    with pytest.raises(ValueError):
+        snap.render(cams, 8, 8, "xray")
+    wait_for(lambda: session.render_source().step > snap.step, what="a fresher copy")
+    assert wait_for(lambda: session.preview(), what="a preview")[1].shape == (64, 256, 3)
