@@ -7,7 +7,6 @@ import dataclasses
 import json
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -22,19 +21,21 @@ def _device(name: str) -> str:
 
 
 def default_run_dir(root: str | Path, prompt: str) -> Path:
-    from engine.export import slugify
+    """OUT_ROOT/<date>-<prompt slug> (kept for callers of the old name; see engine.export.run_folder)."""
+    from engine.export import run_folder
 
-    return Path(root) / f"{datetime.now():%Y%m%d-%H%M%S}-{slugify(prompt)}"
+    return run_folder(root, prompt)
 
 
 def cmd_run(args) -> int:
+    from tqdm import tqdm
+
+    from engine.cameras import preview_cameras
     from engine.checkpoint import live_from_meta, load_into, read_checkpoint, save_checkpoint
     from engine.config import Config, LiveParams
-    from engine.export import save_png, tile
+    from engine.export import run_folder, save_png, tile
     from engine.priors import load_prior
     from engine.trainer import Trainer
-    from engine.cameras import preview_cameras
-    from tqdm import tqdm
 
     device = _device(args.device)
     if args.resume:
@@ -55,7 +56,7 @@ def cmd_run(args) -> int:
         live = LiveParams(prompt=args.prompt, negative_prompt=args.negative_prompt,
                           guidance_scale=args.guidance_scale if args.guidance_scale is not None else
                           LiveParams.guidance_scale, seed=args.seed).validated()
-        out = Path(args.out) if args.out else default_run_dir(args.out_root, args.prompt)
+        out = Path(args.out) if args.out else run_folder(args.out_root, args.prompt)
     if cfg.steps < 1:
         raise ValueError(f"--steps must be a positive integer; got {cfg.steps}")
     prior = load_prior(cfg.prior, device=device)
@@ -84,6 +85,46 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _export_target(run_dir: Path, out_dir: Path | None, name: str) -> Path:
+    """An absolute path is used as given; a relative one goes inside the run folder (or --out-dir),
+    and may not climb out of it."""
+    from engine.export import safe_path
+
+    if Path(name).is_absolute():
+        return Path(name)
+    return safe_path(out_dir or run_dir, name)
+
+
+def cmd_export(args) -> int:
+    from engine.config import LiveParams
+    from engine.export import RenderSource, export_mesh, snapshot, write_orbit_video
+
+    run_dir = Path(args.run)
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if not (args.video or args.gif or args.mesh or args.snapshot):
+        raise ValueError("nothing to export: pass --video, --gif, --mesh and/or --snapshot")
+    source = RenderSource.from_checkpoint(run_dir, _device(args.device))
+    written = {}
+    video_kw = dict(frames=args.views, size=args.size, elevation=args.elevation, mode=args.mode,
+                    side_by_side=args.side_by_side, fps=args.fps, live=LiveParams())
+    for key in ("video", "gif"):
+        name = getattr(args, key)
+        if name:
+            t0 = time.perf_counter()
+            written[key] = str(write_orbit_video(source, _export_target(run_dir, out_dir, name), **video_kw))
+            written[f"{key}_s"] = round(time.perf_counter() - t0, 2)
+    if args.mesh:
+        t0 = time.perf_counter()
+        written["mesh"] = str(export_mesh(source, _export_target(run_dir, out_dir, args.mesh),
+                                          resolution=args.mesh_resolution, threshold=args.threshold,
+                                          decimate=args.decimate))
+        written["mesh_s"] = round(time.perf_counter() - t0, 2)
+    if args.snapshot:
+        written["snapshot"] = str(snapshot(source, None, out_dir or run_dir, mode=args.mode, size=args.size)["png"])
+    print(json.dumps({"run": str(run_dir), "step": source.step, **written}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine.priors import PRIOR_HELP
 
@@ -104,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_run)
+
+    from engine.export import MODES
+
+    e = sub.add_parser("export", help="write videos, a mesh or a snapshot of a saved run")
+    e.add_argument("--run", required=True, metavar="DIR", help="run folder with checkpoint.safetensors/.json")
+    e.add_argument("--video", default=None, metavar="NAME.mp4", help="orbit video (mp4)")
+    e.add_argument("--gif", default=None, metavar="NAME.gif", help="orbit video (GIF)")
+    e.add_argument("--mesh", default=None, metavar="NAME.glb", help="mesh: .glb, .obj or .ply")
+    e.add_argument("--snapshot", action="store_true", help="also a PNG of the front three-quarter view")
+    e.add_argument("--out-dir", default=None, help="folder for relative names (default: the run folder)")
+    e.add_argument("--views", type=int, default=120, help="frames of a full turn")
+    e.add_argument("--size", type=int, default=256, help="frame side in pixels")
+    e.add_argument("--elevation", type=float, default=15.0, help="orbit elevation in degrees")
+    e.add_argument("--fps", type=int, default=30, help="frames per second")
+    e.add_argument("--mode", choices=MODES, default="lambertian", help="render mode")
+    e.add_argument("--side-by-side", action="store_true", help="shaded | normals | depth in each frame")
+    e.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes lattice size")
+    e.add_argument("--threshold", type=float, default=None, help="density level (default: from the renders)")
+    e.add_argument("--decimate", type=int, default=None, metavar="FACES", help="cap the mesh's face count")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.set_defaults(fn=cmd_export)
     return p
 
 

@@ -53,13 +53,26 @@ def trainer_tensors(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
-def save_checkpoint(trainer, run_dir: str | Path, live: LiveParams, extra: dict | None = None) -> Path:
-    run_dir = Path(run_dir)
+def checkpoint_state(trainer, live: LiveParams, extra: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, tensors) of a trainer, copied: take it under the session lock, write it after releasing."""
     meta = {"step": trainer.step_count, "skipped_steps": trainer.skipped_steps, "prior": trainer.prior.name,
-            "prompt": live.prompt, "config": trainer.cfg.to_dict(), "live": dataclasses.asdict(live), **(extra or {})}
-    atomic_write(run_dir / WEIGHTS, lambda p: save_file(trainer_tensors(trainer), p))
+            "prompt": live.prompt, "seed": trainer.cfg.seed, "config": trainer.cfg.to_dict(),
+            "live": dataclasses.asdict(live), **(extra or {})}
+    return meta, {k: v.clone() for k, v in trainer_tensors(trainer).items()}
+
+
+def write_checkpoint(run_dir: str | Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write the two files of a checkpoint, each atomically; the weights first, so a meta file on disk
+    never names a step whose weights are missing."""
+    run_dir = Path(run_dir)
+    atomic_write(run_dir / WEIGHTS, lambda p: save_file(tensors, p, metadata={"step": str(meta["step"])}))
     atomic_write(run_dir / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
     return run_dir
+
+
+def save_checkpoint(trainer, run_dir: str | Path, live: LiveParams, extra: dict | None = None) -> Path:
+    """checkpoint.safetensors + checkpoint.json in run_dir (the caller holds the session lock)."""
+    return write_checkpoint(run_dir, *checkpoint_state(trainer, live, extra))
 
 
 def read_checkpoint(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -109,4 +122,20 @@ def load_into(trainer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def live_from_meta(meta: dict) -> LiveParams:
+    """The live parameters saved in a checkpoint's meta (JSON lists back to tuples)."""
     return LiveParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["live"].items()})
+
+
+def restore(run_dir: str | Path, device="cpu", prior=None):
+    """(trainer, live) continuing the run saved in run_dir, with the same optimizer and generator state.
+
+    `prior` reuses an already loaded prior (the pane's); otherwise the checkpoint's prior is loaded.
+    """
+    from engine.priors import load_prior
+    from engine.trainer import Trainer
+
+    meta, tensors = read_checkpoint(run_dir)
+    cfg, live = Config.from_dict(meta["config"]), live_from_meta(meta)
+    trainer = Trainer(cfg, prior if prior is not None else load_prior(cfg.prior, device=device), device, live)
+    load_into(trainer, meta, tensors)
+    return trainer, live

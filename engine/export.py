@@ -1,14 +1,136 @@
-"""Exports of a run: PNG images (snapshots and previews). Every file is written atomically."""
+"""Exports of a run: snapshots (PNG + checkpoint), orbit videos (mp4, GIF), meshes (glb, obj, ply).
+
+Slow exports never hold the session lock while they work: `RenderSource.from_trainer` copies the
+field, background and occupancy grid (a few milliseconds, under the lock), and everything afterwards
+reads the copy while training goes on. Every file is written to a temp name beside its target and
+renamed (`engine.checkpoint.atomic_write`), so a crash or an error never leaves a half-written export.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import copy
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
-from engine.checkpoint import atomic_write
+from engine.cameras import Cameras, fixed_views, make_light, orbit
+from engine.checkpoint import atomic_write, read_checkpoint, save_checkpoint
+from engine.config import Config, LiveParams
+from engine.render import RenderOutput, render
+
+MODES = ("lambertian", "albedo", "textureless", "normal", "depth", "opacity")
+VIDEO_SUFFIXES = (".mp4", ".gif")
+MESH_SUFFIXES = (".glb", ".obj", ".ply")
+ORBIT_DISTANCE, ORBIT_FOCAL = 2.5, 1.0  # the preview cameras' framing: the bounding sphere fills ~80 %
+
+
+@dataclass
+class RenderSource:
+    """A detached copy of what rendering needs; renders never touch the live trainer."""
+
+    field: torch.nn.Module
+    background: torch.nn.Module
+    estimator: torch.nn.Module | None
+    cfg: Config
+    step: int
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_trainer(cls, trainer) -> RenderSource:
+        """Deep copies of the trainer's modules; call it under the session lock, then release the lock."""
+        parts = [_frozen_copy(m) for m in (trainer.field, trainer.background, trainer.estimator)]
+        return cls(*parts, cfg=copy.deepcopy(trainer.cfg), step=int(trainer.step_count), device=trainer.device)
+
+    @classmethod
+    def from_checkpoint(cls, run_dir: str | Path, device="cpu") -> RenderSource:
+        """The field of a saved run, without building its prior (exports need none)."""
+        from engine.field import Background, make_field
+        from engine.render import make_occupancy
+
+        meta, tensors = read_checkpoint(run_dir)
+        cfg = Config.from_dict(meta["config"])
+        with torch.random.fork_rng(devices=[]):  # fresh modules are overwritten; keep the global RNG as it was
+            field, background = make_field(cfg.field, device), Background(cfg.background).to(device)
+            est = (make_occupancy(cfg.field.radius, cfg.render.occupancy_resolution, device)
+                   if cfg.render.occupancy else None)
+        for prefix, module in (("field.", field), ("background.", background), ("occupancy.", est)):
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if module is not None and state:
+                module.load_state_dict(state)
+        return cls(*(_frozen_copy(m) for m in (field, background, est)), cfg=cfg, step=int(meta["step"]),
+                   device=torch.device(device))
+
+    @torch.no_grad()
+    def render(self, cams: Cameras, height: int, width: int, shading: str = "lambertian",
+               live: LiveParams | None = None) -> RenderOutput:
+        """Deterministic render as `Trainer.render_views` does it: light at the camera unless fixed by `live`."""
+        live = live or LiveParams()
+        cams = cams.to(self.device)
+        if live.light_mode != "fixed":
+            live = LiveParams(light_mode="camera", light_color=live.light_color, ambient=live.ambient)
+        light = make_light(cams, live, self.cfg.camera, None)
+        bg = (torch.tensor(self.cfg.background.color, device=self.device)
+              if self.cfg.background.kind == "random" else None)
+        use_grid = self.estimator is not None and self.step >= self.cfg.render.occupancy_warmup
+        return render(self.field, self.background, cams, height, width, shading=shading, light=light,
+                      cfg=self.cfg.render, estimator=self.estimator if use_grid else None, bg_color=bg)
+
+
+def _frozen_copy(module):
+    if module is None:
+        return None
+    out = copy.deepcopy(module)
+    for p in out.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return out.eval()
+
+
+# -- images --------------------------------------------------------------------------------------------
+def mode_images(out: RenderOutput, cams: Cameras, mode: str, radius: float) -> Tensor:
+    """One render mode's image [B, 3, H, W] in [0, 1] from a RenderOutput.
+
+    "normal" is derived from the accumulated normals, so one lambertian render also yields the normals
+    and the depth of a side-by-side frame. Depth is grey with a fixed range per camera (near = bright,
+    empty = black), so frames of a video do not flicker as the visible depth range changes.
+    """
+    if mode in ("lambertian", "albedo", "textureless"):
+        return out.rgb
+    if mode == "normal":  # sum_i w_i (n_i + 1) / 2 over a white background
+        return ((out.normal + out.opacity) * 0.5 + (1.0 - out.opacity)).clamp(0, 1)
+    if mode == "opacity":
+        return out.opacity.expand(-1, 3, -1, -1)
+    if mode == "depth":
+        dist = cams.distance.to(out.depth).view(-1, 1, 1, 1)
+        near = (dist - radius).clamp(min=0)
+        surface = out.depth / out.opacity.clamp(min=1e-6)
+        grey = (1.0 - (surface - near) / (2 * radius)).clamp(0, 1) * out.opacity
+        return grey.expand(-1, 3, -1, -1)
+    raise ValueError(f"unknown render mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def render_mode_image(source: RenderSource, cams: Cameras, height: int, width: int, mode: str = "lambertian",
+                      live: LiveParams | None = None) -> Tensor:
+    """[B, 3, H, W] image of any mode in MODES (the viewer uses it too)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown render mode {mode!r}; choose from {', '.join(MODES)}")
+    shading = mode if mode in ("lambertian", "albedo", "textureless") else "albedo"
+    out = source.render(cams, height, width, shading=shading, live=live)
+    return mode_images(out, cams.to(out.rgb.device), mode, source.field.cfg.radius)
+
+
+def side_by_side_image(source: RenderSource, cams: Cameras, size: int, live: LiveParams | None = None) -> Tensor:
+    """Shaded | normals | depth next to each other, [B, 3, size, 3 * size], from one render."""
+    out = source.render(cams, size, size, shading="lambertian", live=live)
+    cams = cams.to(out.rgb.device)
+    r = source.field.cfg.radius
+    return torch.cat([mode_images(out, cams, m, r) for m in ("lambertian", "normal", "depth")], dim=-1)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -28,6 +150,107 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     return atomic_write(path, lambda p: Image.fromarray(array).save(p, format="PNG"))
 
 
+def default_camera(device="cpu") -> Cameras:
+    """A three-quarter front view, the framing of the previews."""
+    return fixed_views([30.0], [15.0], ORBIT_DISTANCE, ORBIT_FOCAL, device)
+
+
+def snapshot(source: RenderSource, live: LiveParams | None, run_dir: str | Path, camera: Cameras | None = None,
+             mode: str = "lambertian", size: int = 256, trainer=None) -> dict:
+    """`snapshot-<step>-<mode>.png` of `camera` (several cameras are tiled in a row), and the checkpoint
+    of `trainer` when given (saved as it is at the call: hold the session lock for that part, or use
+    engine.checkpoint.checkpoint_state under the lock and write_checkpoint afterwards).
+    Returns {"png": path[, "checkpoint": run folder]}."""
+    size = _check_size(size)
+    cams = camera if camera is not None else default_camera()
+    image = render_mode_image(source, cams, size, size, mode, live)
+    paths = {"png": save_png(tile(image), Path(run_dir) / f"snapshot-{source.step}-{mode}.png")}
+    if trainer is not None:
+        save_checkpoint(trainer, run_dir, live or LiveParams())
+        paths["checkpoint"] = Path(run_dir)
+    return paths
+
+
+def _check_size(size) -> int:
+    if not isinstance(size, int | np.integer) or not 16 <= size <= 2048:
+        raise ValueError(f"image size must be an integer in [16, 2048]; got {size!r}")
+    return int(size)
+
+
+# -- videos --------------------------------------------------------------------------------------------
+def orbit_frames(source: RenderSource, frames: int, size: int, elevation: float, mode: str, side_by_side: bool,
+                 live: LiveParams | None, batch: int = 4):
+    """Yield uint8 frames [H, W, 3] of a full turn, rendering `batch` views at a time."""
+    cams = orbit(frames, elevation, ORBIT_DISTANCE, ORBIT_FOCAL)
+    for i in range(0, frames, batch):
+        sl = slice(i, min(i + batch, frames))
+        part = Cameras(cams.c2w[sl], cams.focal[sl], cams.azimuth[sl], cams.elevation[sl], cams.distance[sl])
+        img = side_by_side_image(source, part, size, live) if side_by_side else \
+            render_mode_image(source, part, size, size, mode, live)
+        yield from to_uint8(img)
+
+
+def write_orbit_video(source: RenderSource, path: str | Path, frames: int = 120, size: int = 256,
+                      elevation: float = 15.0, mode: str = "lambertian", side_by_side: bool = False, fps: int = 30,
+                      live: LiveParams | None = None) -> Path:
+    """A turntable of the field as .mp4 (H.264 through imageio-ffmpeg) or .gif (Pillow), by suffix."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"cannot write a video to {path.name!r}: the name must end in .mp4 or .gif")
+    if not isinstance(frames, int) or not 1 <= frames <= 3600:
+        raise ValueError(f"frames must be an integer in [1, 3600]; got {frames!r}")
+    if not -89.0 <= float(elevation) <= 89.0:
+        raise ValueError(f"elevation must be in [-89, 89] degrees; got {elevation!r}")
+    if not 1 <= float(fps) <= 120:
+        raise ValueError(f"fps must be in [1, 120]; got {fps!r}")
+    if mode not in MODES:
+        raise ValueError(f"unknown render mode {mode!r}; choose from {', '.join(MODES)}")
+    size = _check_size(size)
+    stream = orbit_frames(source, frames, size, float(elevation), mode, side_by_side, live)
+    writer = _write_mp4 if suffix == ".mp4" else _write_gif
+    return atomic_write(path, lambda tmp: writer(tmp, stream, fps))
+
+
+def _write_mp4(tmp: str, stream, fps: float) -> None:
+    import imageio.v2 as imageio
+
+    # yuv420p (what every player decodes) needs even sides: pad odd ones by one pixel instead of letting
+    # imageio rescale every frame
+    with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
+                            pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error") as w:
+        for frame in stream:
+            h, wd = frame.shape[:2]
+            w.append_data(np.pad(frame, ((0, h % 2), (0, wd % 2), (0, 0)), mode="edge"))
+
+
+def _write_gif(tmp: str, stream, fps: float) -> None:
+    # FASTOCTREE quantises a 256^2 frame in about a millisecond; imageio's default (NeuQuant-like) is 100x slower
+    images = [Image.fromarray(f).quantize(colors=256, method=Image.Quantize.FASTOCTREE) for f in stream]
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
+                   disposal=1)
+
+
+# -- meshes --------------------------------------------------------------------------------------------
+def export_mesh(source: RenderSource, path: str | Path, resolution: int = 128, threshold: float | None = None,
+                decimate: int | None = None) -> Path:
+    """Marching-cubes mesh of the field with albedo vertex colours, as .glb, .obj or .ply (by suffix).
+
+    `threshold` None picks the density level where renders show the surface (engine.mesh.auto_threshold);
+    `decimate` caps the face count. Raises ValueError, and writes nothing, when no density passes it.
+    """
+    from engine.mesh import build_mesh
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in MESH_SUFFIXES:
+        raise ValueError(f"cannot write a mesh to {path.name!r}: the name must end in .glb, .obj or .ply")
+    mesh = build_mesh(source, resolution, threshold, decimate)
+    # obj gets its vertex colours inline ("v x y z r g b"), which trimesh, Blender and MeshLab read
+    return atomic_write(path, lambda tmp: mesh.export(tmp, file_type=suffix[1:]))
+
+
+# -- where things go -----------------------------------------------------------------------------------
 def slugify(text: str, max_len: int = 48) -> str:
     """A file-name-safe slug of a prompt: lowercase ASCII letters, digits and dashes only."""
     out, dash = [], False
@@ -40,3 +263,26 @@ def slugify(text: str, max_len: int = 48) -> str:
             dash = True
     slug = "".join(out).strip("-")[:max_len].strip("-")
     return slug or "untitled"
+
+
+def run_folder(root: str | Path, prompt: str, now: datetime | None = None) -> Path:
+    """root/<YYYYmmdd-HHMMSS>-<slug>; a numeric suffix keeps two runs started in the same second apart."""
+    base = f"{(now or datetime.now()):%Y%m%d-%H%M%S}-{slugify(prompt)}"
+    folder, n = Path(root) / base, 2
+    while folder.exists():
+        folder, n = Path(root) / f"{base}-{n}", n + 1
+    return folder
+
+
+def safe_path(root: str | Path, name: str) -> Path:
+    """root/name, or ValueError if `name` could land outside root (absolute, '..', drive, symlink out)."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise ValueError(f"not a usable file name: {name!r}")
+    if "\\" in name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor \
+            or ".." in PurePosixPath(name).parts:
+        raise ValueError(f"file name {name!r} must be relative to the run folder, without '..' or a drive")
+    root_real = Path(os.path.realpath(root))
+    target = root_real / name
+    if not Path(os.path.realpath(target)).is_relative_to(root_real):  # a symlink inside root that points out
+        raise ValueError(f"file name {name!r} resolves outside the run folder {root}")
+    return target
