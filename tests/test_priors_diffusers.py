@@ -8,6 +8,7 @@ checkpoint has; only the widths are tiny. No weights are downloaded.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import string
 import time
@@ -270,6 +271,15 @@ def test_cached_hub_id_loads_offline(sd_dir, tmp_path):
     (repo / "refs" / "main").write_text(commit)
     prior = load_prior("sd:org/tiny-sd", cache_dir=str(tmp_path), vae_resolution=32)
     assert prior.name == "sd:org/tiny-sd"
+
+
+def test_folder_with_only_fp16_files_loads(sd_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    lean = str(tmp_path / "lean")  # what a download of only the *fp16* weight files leaves
+    StableDiffusionPipeline.from_pretrained(sd_dir).save_pretrained(lean, variant="fp16")
+    assert not os.path.exists(os.path.join(lean, "unet", "diffusion_pytorch_model.safetensors"))
+    assert load_prior(f"sd:{lean}", vae_resolution=32).name == f"sd:{lean}"
 
 
 def test_folder_without_a_component_names_it(sd_dir, tmp_path):

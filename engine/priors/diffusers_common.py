@@ -123,8 +123,24 @@ def check_folder(folder: str, label: str, components: tuple[str, ...]) -> None:
                                f"has {', '.join(x + '/' for x in components)})")
 
 
+def local_variant(folder: str, component: str) -> str | None:
+    """"fp16" when a local component folder holds only fp16 weight files (as a lean download leaves it)."""
+    path = os.path.join(folder, component)
+    if not os.path.isdir(path):
+        return None
+    weights = [f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".index.json"))]
+    if weights and all(".fp16" in f for f in weights):
+        return "fp16"
+    return None
+
+
 def load_component(name: str, loader: Callable, source: str, **kwargs):
-    """`loader(source, subfolder=name, **kwargs)`, with the component's name in any error."""
+    """`loader(source, subfolder=name, **kwargs)`, with the component's name in any error.
+
+    A local folder with only fp16 weight files is loaded with variant="fp16" unless a variant is given.
+    """
+    if "variant" in kwargs and kwargs["variant"] is None and os.path.isdir(source):
+        kwargs["variant"] = local_variant(source, name)
     try:
         return loader(source, subfolder=name, **kwargs)
     except Exception as e:
