@@ -57,7 +57,9 @@ class Session:
         self.warnings: list[str] = []
         self.history: list[tuple[int, float]] = []  # (step, loss), thinned when long
         self.last_metrics: dict = {}
+        self.recent_cameras: tuple | None = None  # (c2w [B, 4, 4], focal [B]) of the last step, for the viewer
         self.run_dir: Path | None = None
+        self.exports: list[str] = []  # one line per finished export: what was written, or why not
         self._load_prior = prior_loader
         self._priors: dict = {}
         self._commands: queue.Queue = queue.Queue()
@@ -205,6 +207,7 @@ class Session:
             self._fail(f"step {tr.step_count} failed: {type(err).__name__}: {err}")
             return
         self.used, self.last_metrics, self.message = live, result.metrics, "training"
+        self.recent_cameras = (result.cameras.c2w.detach().cpu(), result.cameras.focal.detach().cpu())
         loss = result.metrics.get("loss", float("nan"))
         self.history.append((result.metrics["step"], loss))
         if len(self.history) > 4000:
@@ -233,7 +236,8 @@ class Session:
                 "its_per_s": round(self.its_per_s(), 3), "loss": loss, "message": self.message,
                 "error": self.error, "prior": self.prior_spec, "warnings": list(self.warnings),
                 "shading_used": self.last_metrics.get("shading"), **live_dict(self.used),
-                "next": live_dict(self.live), "run_dir": str(self.run_dir) if self.run_dir else None}
+                "next": live_dict(self.live), "exports": self.exports[-5:],
+                "run_dir": str(self.run_dir) if self.run_dir else None}
 
     def vocabulary(self) -> list[str] | None:
         """The loaded prior's vocabulary, if it has a fixed one (the embedded prior)."""
@@ -291,7 +295,11 @@ class Session:
             raise ValueError(f"export must be one of {', '.join(EXPORTS)}; got {kind!r}")
         if self.trainer is None:
             raise ValueError("nothing to export yet: start a run first")
-        return self._pool.submit(self._export, kind, kwargs)
+        future = self._pool.submit(self._export, kind, kwargs)
+        future.add_done_callback(lambda f: self.exports.append(
+            f"{kind} failed: {f.exception()}" if f.exception() else
+            f"{kind}: " + ", ".join(str(p) for p in f.result().values())))
+        return future
 
     def _export(self, kind: str, kwargs: dict) -> dict:
         from engine import export

@@ -15,3 +15,74 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+# -- servers for the playground's tests (tests/test_app.py, tests/test_browser.py) ---------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def free_port():
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def playground_app(tmp_path_factory):
+    """`python app.py` with the oracle prior at tiny settings on free ports; stopped with Ctrl-C at the end.
+
+    Yields a dict: url, viewer_url, port, viewer_port, proc, log (path of its output).
+    """
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    port, viewer_port = _free_port(), _free_port()
+    while viewer_port == port:
+        viewer_port = _free_port()
+    out = tmp_path_factory.mktemp("app")
+    log = out / "app.log"
+    cmd = [sys.executable, "app.py", "--prior", "oracle:cube", "--resolution", "24", "--batch-size", "1",
+           "--samples", "24", "--steps", "100000", "--port", str(port), "--viewer-port", str(viewer_port),
+           "--out", str(out / "outputs"), "--prompt", "a red cube"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    end = time.monotonic() + 180
+    while "Press Ctrl-C" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise RuntimeError(f"app.py did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    info = {"url": f"http://127.0.0.1:{port}/", "viewer_url": f"http://127.0.0.1:{viewer_port}/", "port": port,
+            "viewer_port": viewer_port, "proc": proc, "log": log}
+    yield info
+    if proc.poll() is None:
+        import signal
+
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("app.py did not stop within 60 s of Ctrl-C") from None
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        assert port_is_free(port) and port_is_free(viewer_port), "a port is still taken after shutdown"

@@ -1,0 +1,152 @@
+"""DreamFusion Playground: `python app.py` serves the Gradio pane and the viser 3D viewer on 127.0.0.1.
+
+Type a prompt, press Start, and watch the object form; orbit it in the viewer while it trains.
+Ctrl-C (or SIGTERM) stops training and both servers cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported (no network on launch)
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python app.py", description="DreamFusion Playground: text to 3D, live.")
+    p.add_argument("--port", type=int, default=7860, help="port of the Gradio pane (default 7860)")
+    p.add_argument("--viewer-port", type=int, default=8080, help="port of the viser 3D viewer (default 8080)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on; anything but loopback needs --auth")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="password-protect the pane")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    p.add_argument("--prior", default="embedded", help="prior of new runs: embedded (default), oracle:<solid>, "
+                   "gaussian, sd[:<id or folder>], if[:<id or folder>]")
+    p.add_argument("--out", default="outputs", help="folder for run exports (default ./outputs)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--prompt", default=None, help="initial prompt")
+    p.add_argument("--steps", type=int, default=None, help="training steps of a run")
+    p.add_argument("--resolution", type=int, default=None, help="training render size (default: the config's)")
+    p.add_argument("--batch-size", type=int, default=None, help="views per training step")
+    p.add_argument("--samples", type=int, default=None, help="samples per ray")
+    p.add_argument("--viewer-resolution", type=int, default=256, help="long side of full viewer frames")
+    p.add_argument("--start", action="store_true", help="start training at launch")
+    return p
+
+
+def check_args(args) -> None:
+    """Refuse unsafe or impossible settings with one clear line each."""
+    if args.host not in LOOPBACK:
+        try:
+            loop = ipaddress.ip_address(args.host).is_loopback
+        except ValueError:
+            loop = False
+        if not loop and not args.auth:
+            raise SystemExit(f"error: --host {args.host} would expose the app beyond this machine; "
+                             "add --auth user:pass (or serve on 127.0.0.1)")
+    if args.auth and ":" not in args.auth:
+        raise SystemExit("error: --auth must look like user:pass")
+    for name in ("port", "viewer_port"):
+        port = getattr(args, name)
+        if not 1 <= port <= 65535:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be in 1..65535; got {port}")
+    if args.port == args.viewer_port:
+        raise SystemExit("error: --port and --viewer-port must differ")
+
+
+def port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    for flag, port in ports.items():
+        if not port_free(host, port):
+            raise SystemExit(f"error: port {port} on {host} is taken (is the playground already running?); "
+                             f"choose another with {flag} N")
+
+
+def make_session(args):
+    import torch
+
+    from engine.config import Config, LiveParams
+    from playground.session import Session
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = Config(prior=args.prior)
+    if args.steps:
+        cfg.steps = args.steps
+    if args.resolution:
+        cfg.render.resolution = args.resolution
+    if args.batch_size:
+        cfg.camera.batch_size = args.batch_size
+    if args.samples:
+        cfg.render.num_samples = args.samples
+    live = LiveParams(prompt=args.prompt) if args.prompt else None
+    return Session(cfg, live, device=device, out_root=args.out)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    viewer_host = "127.0.0.1" if args.host in LOOPBACK else args.host
+    check_ports(args.host, {"--port": args.port})
+    check_ports(viewer_host, {"--viewer-port": args.viewer_port})
+    t0 = time.perf_counter()
+    import gradio as gr  # noqa: F401  (heavy; imported after the cheap checks)
+
+    from playground.panel import Panel
+    from playground.viewer import Viewer
+
+    session = make_session(args)
+    viewer = Viewer(session, host=viewer_host, port=args.viewer_port, full_res=args.viewer_resolution)
+    demo = Panel(session, viewer.url).build()
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
+                    share=args.share, auth=auth, show_error=True)
+    except OSError as err:
+        viewer.stop()
+        session.stop()
+        raise SystemExit(f"error: cannot serve the pane on {args.host}:{args.port}: {err}") from None
+    if args.start:
+        session.start()
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"DreamFusion Playground ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"  pane:   http://{host}:{args.port}/", flush=True)
+    if getattr(demo, "share_url", None):
+        print(f"  share:  {demo.share_url}", flush=True)
+    print(f"  viewer: {viewer.url}/", flush=True)
+    print("Press Ctrl-C to stop.", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    print("shutting down…", flush=True)
+    session.pause()
+    demo.close()
+    viewer.stop()
+    session.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The viser viewer: every browser sees the live field from its own camera, on its own render thread.
+
+Each client's thread follows a small transition table (nerfstudio's render state machine, nerfview's
+renderer): while the camera moves it sends low-resolution frames as fast as they render; once the
+camera has rested for `still_s` it sends one full-resolution frame; while training runs it refreshes
+that frame when the field has changed, at most as often as keeps the viewer's share of the CPU small.
+Frames are rendered from a frozen copy of the field (`Session.render_source`) under `torch.no_grad()`.
+A render error is logged and shown in the viewer's panel; the thread goes on.
+The point light is a gizmo the user can drag; it sets the fixed light the pane's controls show.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+
+import numpy as np
+import torch
+import viser
+import viser.transforms as vtf
+
+from engine.cameras import camera_from_c2w
+from engine.export import to_uint8
+from playground.session import Session
+from playground.snapshot import RENDER_MODES
+
+log = logging.getLogger(__name__)
+MODE_LABELS = {"shaded": "lambertian", "albedo": "albedo", "normals": "normal", "textureless": "textureless",
+               "depth": "depth", "opacity": "opacity"}
+OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])  # flip y and z: viser looks down +z with y down
+assert set(MODE_LABELS.values()) == set(RENDER_MODES)
+
+
+def quat_to_matrix(wxyz) -> np.ndarray:
+    w, x, y, z = (float(v) for v in wxyz)
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+
+
+def viser_to_c2w(position, wxyz) -> np.ndarray:
+    """A viser camera (OpenCV axes) as the engine's camera-to-world (OpenGL axes, z up)."""
+    c2w = np.eye(4)
+    c2w[:3, :3], c2w[:3, 3] = quat_to_matrix(wxyz), np.asarray(position, dtype=np.float64)
+    return c2w @ OPENCV_TO_OPENGL
+
+
+def frame_size(long_side: int, aspect: float) -> tuple[int, int]:
+    """(H, W) with the given long side and aspect = W / H."""
+    aspect = aspect if math.isfinite(aspect) and aspect > 0 else 1.0
+    if aspect >= 1:
+        return max(8, round(long_side / aspect)), long_side
+    return long_side, max(8, round(long_side * aspect))
+
+
+def spherical_of(p) -> tuple[float, float, float]:
+    """(azimuth, elevation, distance) of a point, degrees, z up."""
+    x, y, z = (float(v) for v in p)
+    r = max(math.sqrt(x * x + y * y + z * z), 1e-6)
+    return math.degrees(math.atan2(y, x)), math.degrees(math.asin(max(-1.0, min(1.0, z / r)))), r
+
+
+def point_of(az: float, el: float, dist: float) -> tuple[float, float, float]:
+    a, e = math.radians(az), math.radians(el)
+    return (dist * math.cos(e) * math.cos(a), dist * math.cos(e) * math.sin(a), dist * math.sin(e))
+
+
+class ClientRenderer:
+    """One browser: its camera, its render mode and its render thread."""
+
+    def __init__(self, viewer: Viewer, client: viser.ClientHandle):
+        self.viewer, self.client, self.session = viewer, client, viewer.session
+        self.moved_at = 0.0  # when the camera last changed
+        self.sent: tuple | None = None  # (camera stamp, snapshot key, mode, resolution) of the last frame sent
+        self.full_at, self.full_cost = 0.0, 0.0  # when the last full frame was sent and its render time
+        self.frames, self.last_frame_s = 0, 0.0
+        self._stamp = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.mode = client.gui.add_dropdown("Render mode", tuple(MODE_LABELS), initial_value="shaded")
+        self.info = client.gui.add_markdown("connecting…")
+        self.mode.on_update(lambda _: self._wake.set())
+        client.camera.on_update(lambda _: self.on_move())
+        self.thread = threading.Thread(target=self._loop, name=f"viewer-{client.client_id}", daemon=True)
+        self.thread.start()
+
+    def on_move(self) -> None:
+        self.moved_at, self._stamp = time.perf_counter(), self._stamp + 1
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    # -- the transition table: what to render next, if anything -----------------------------------------
+    def _next_job(self, now: float, snap_key) -> int | None:
+        cfg, mode = self.viewer, self.mode.value
+        if now - self.moved_at < cfg.still_s:  # moving: a low-resolution frame of every new camera
+            return cfg.low_res if self.sent is None or self.sent[0] != self._stamp else None
+        if self.sent is None or self.sent[0] != self._stamp or self.sent[2] != mode or self.sent[3] != cfg.full_res:
+            return cfg.full_res  # camera came to rest (or mode changed): full resolution now
+        if self.sent[1] != snap_key and now - self.full_at >= max(cfg.refresh_s, cfg.refresh_factor * self.full_cost):
+            return cfg.full_res  # the field changed: refresh, keeping the viewer's share of the CPU small
+        return None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=0.1)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._render_once()
+            except Exception as err:  # shown in the viewer; the thread and the app go on
+                log.exception("viewer render failed")
+                self.info.content = f"**render error:** {type(err).__name__}: {err}"
+                time.sleep(0.5)
+
+    def _render_once(self) -> None:
+        self.viewer.sync_scene()
+        snap = self.session.render_source()
+        if snap is None:
+            self.info.content = f"**{self.session.state}** · no field yet: press Start in the pane"
+            return
+        now = time.perf_counter()
+        res = self._next_job(now, snap.key)
+        if res is None:
+            return
+        cam, stamp, mode = self.client.camera, self._stamp, self.mode.value
+        H, W = frame_size(res, cam.aspect)
+        c2w = torch.from_numpy(viser_to_c2w(cam.position, cam.wxyz)).float()
+        focal = (0.5 / math.tan(cam.fov / 2)) * H / W  # engine focal is in units of the image width
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            img = snap.render(camera_from_c2w(c2w, focal), H, W, MODE_LABELS[mode], self.session.used)
+        self._send(to_uint8(img)[0])
+        cost = time.perf_counter() - t0
+        self.sent, self.frames, self.last_frame_s = (stamp, snap.key, mode, res), self.frames + 1, cost
+        if res == self.viewer.full_res:
+            self.full_at, self.full_cost = time.perf_counter(), cost
+        else:
+            self._wake.set()  # keep going while the camera moves; the rest frame follows
+        st = self.session.status()
+        self.info.content = (f"**{st['state']}** · step {snap.step} · {W}×{H} {mode} in {1e3 * cost:.0f} ms")
+
+    def _send(self, frame: np.ndarray) -> None:
+        self.client.scene.set_background_image(frame, format="jpeg", jpeg_quality=self.viewer.jpeg_quality)
+
+
+class Viewer:
+    """A viser server showing the session's field; `url` is where a browser opens it."""
+
+    def __init__(self, session: Session, host: str = "127.0.0.1", port: int = 8080, low_res: int = 64,
+                 full_res: int = 256, still_s: float = 0.2, refresh_s: float = 1.0, refresh_factor: float = 4.0,
+                 jpeg_quality: int = 85, show_training_cameras: bool = False):
+        self.session, self.low_res, self.full_res, self.still_s = session, low_res, full_res, still_s
+        self.refresh_s, self.refresh_factor, self.jpeg_quality = refresh_s, refresh_factor, jpeg_quality
+        self.server = viser.ViserServer(host=host, port=port, label="DreamFusion Playground", verbose=False)
+        self.port = self.server.get_port()
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
+        self.clients: dict[int, ClientRenderer] = {}
+        scene = self.server.scene
+        scene.set_up_direction("+z")
+        self.server.initial_camera.position = (2.6, 1.2, 1.2)
+        self.server.initial_camera.look_at = (0.0, 0.0, 0.0)
+        self.server.initial_camera.up = (0.0, 0.0, 1.0)
+        live = session.live
+        self.light = scene.add_transform_controls(
+            "/light", scale=0.35, disable_rotations=True,
+            position=point_of(live.light_azimuth, live.light_elevation, live.light_distance))
+        scene.add_icosphere("/light/bulb", radius=0.06, color=(255, 220, 80))
+        self.light.on_update(lambda _: self._light_moved())
+        self.frustums = self.server.gui.add_checkbox("Show training cameras", show_training_cameras)
+        self._frustum_handles: list = []
+        self._frustums_at, self._dragged_at = 0.0, 0.0
+        self._scene_mu = threading.Lock()
+        self.server.on_client_connect(self._connect)
+        self.server.on_client_disconnect(self._disconnect)
+
+    def _connect(self, client: viser.ClientHandle) -> None:
+        self.clients[client.client_id] = ClientRenderer(self, client)
+
+    def _disconnect(self, client: viser.ClientHandle) -> None:
+        r = self.clients.pop(client.client_id, None)
+        if r is not None:
+            r.stop()
+
+    def _light_moved(self) -> None:
+        self._dragged_at = time.perf_counter()
+        az, el, dist = spherical_of(self.light.position)
+        try:
+            self.session.set_params(light_mode="fixed", light_azimuth=round(az, 2), light_elevation=round(el, 2),
+                                    light_distance=round(min(max(dist, 0.5), 100.0), 3))
+        except ValueError as err:
+            log.warning("light gizmo: %s", err)
+        for r in list(self.clients.values()):
+            r._wake.set()
+
+    def sync_scene(self) -> None:
+        """Move the light gizmo to the light the pane set, and draw the recent training cameras if asked."""
+        with self._scene_mu:  # every client's thread calls this
+            self._sync_scene()
+
+    def _sync_scene(self) -> None:
+        live, now = self.session.live, time.perf_counter()
+        want = point_of(live.light_azimuth, live.light_elevation, live.light_distance)
+        if now - self._dragged_at > 1.0 and np.abs(np.subtract(want, self.light.position)).max() > 1e-2:
+            self.light.position = want
+        cams = self.session.recent_cameras
+        if not self.frustums.value:
+            if self._frustum_handles:
+                for h in self._frustum_handles:
+                    h.remove()
+                self._frustum_handles = []
+            return
+        if cams is None or now - self._frustums_at < 1.0:
+            return
+        self._frustums_at = now
+        c2w, focal = cams
+        for i in range(c2w.shape[0]):
+            pose = c2w[i].double().numpy() @ OPENCV_TO_OPENGL  # back to viser's axes
+            h = self.server.scene.add_camera_frustum(
+                f"/training/camera_{i}", fov=2 * math.atan(0.5 / float(focal[i])), aspect=1.0, scale=0.15,
+                color=(255, 120, 40), wxyz=vtf.SO3.from_matrix(pose[:3, :3]).wxyz, position=pose[:3, 3])
+            if i >= len(self._frustum_handles):
+                self._frustum_handles.append(h)
+
+    def stop(self) -> None:
+        for r in list(self.clients.values()):
+            r.stop()
+        for r in list(self.clients.values()):
+            r.thread.join(timeout=5)
+        self.server.stop()
