@@ -65,7 +65,8 @@ class DeepFloydIFPrior:
         from transformers import T5EncoderModel, T5Tokenizer
 
         dtype = dc.default_dtype(device, dtype)
-        where = dc.resolve_source(source, "DeepFloyd IF", "if", COMPONENTS, cache_dir=cache_dir, gated=True)
+        where = dc.resolve_source(source, "DeepFloyd IF", "`--prior if:/path/to/folder`", COMPONENTS,
+                                  cache_dir=cache_dir, gated=True)
         weights = {"variant": variant, "cache_dir": cache_dir}
         unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, torch_dtype=dtype, **weights)
         text_encoder = dc.load_component("text_encoder", T5EncoderModel.from_pretrained, where, dtype=dtype,
@@ -132,7 +133,7 @@ class DeepFloydIFPrior:
         eps_hat = dc.guide(eps_cond.float(), eps_uncond.float(), guidance_scale, eps_neg, lambdas)
         # 6. Pixel gradient g = w(t) (eps_hat - eps), mapped to the render through the resize and *2 - 1:
         #    the gradient of 0.5 * ||x0 - (x0 - g).detach()||^2 w.r.t. the render, as the peers compute it
-        grad_x0 = torch.nan_to_num(sds_weight(abar, weighting).view(-1, 1, 1, 1) * (eps_hat - noise))
+        grad_x0 = sds_weight(abar, weighting).view(-1, 1, 1, 1) * (eps_hat - noise)  # NaN kept: the trainer skips
         (grad,) = torch.autograd.grad(x0, x, grad_outputs=grad_x0)
         info = {"t": t.tolist(), "pixel_grad_norm": float(grad_x0.norm())}
         return grad.to(device=images.device, dtype=images.dtype), info

@@ -75,16 +75,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def missing_message(label: str, repo_id: str, flag: str, reason: str, gated: bool = False) -> str:
+def missing_message(label: str, repo_id: str, local: str, reason: str, gated: bool = False) -> str:
     """One message: which model is missing, and the two ways to get it."""
     login = " (a gated model: accept its licence on the Hub and `hf auth login` first)" if gated else ""
     return (f"{label} weights '{repo_id}' are not on this machine and {reason}. Download them on a machine "
             f"with internet{login}: `hf download {repo_id}` (older huggingface_hub: `huggingface-cli download "
             f"{repo_id}`) and copy the Hugging Face cache here, or point to a local diffusers folder: "
-            f"`--prior {flag}:/path/to/folder` (docs/priors.md lists the files needed).")
+            f"{local} (docs/priors.md lists the files needed).")
 
 
-def resolve_source(source: str, label: str, flag: str, components: tuple[str, ...], *,
+def resolve_source(source: str, label: str, local: str, components: tuple[str, ...], *,
                    cache_dir: str | None = None, gated: bool = False) -> str:
     """A local folder to load from, or the hub id itself when it is not cached and the Hub is reachable.
 
@@ -97,8 +97,8 @@ def resolve_source(source: str, label: str, flag: str, components: tuple[str, ..
         return path
     parent = os.path.dirname(path)
     if not _HUB_ID.match(source) or source.count("/") > 1 or (parent and os.path.isdir(parent)):
-        raise FileNotFoundError(f"{label} folder not found: {source}. Pass a diffusers pipeline folder "
-                                f"(with {', '.join(c + '/' for c in components)}) or a hub id.")
+        layout = f" (a diffusers folder with {', '.join(c + '/' for c in components)})" if components else ""
+        raise FileNotFoundError(f"{label} folder not found: {source}. Pass an existing folder{layout} or a hub id.")
     from huggingface_hub import snapshot_download
 
     try:
@@ -108,9 +108,9 @@ def resolve_source(source: str, label: str, flag: str, components: tuple[str, ..
     if folder is not None and all(os.path.isdir(os.path.join(folder, c)) for c in components):
         return folder
     if _offline():
-        raise FileNotFoundError(missing_message(label, source, flag, "HF_HUB_OFFLINE is set", gated))
+        raise FileNotFoundError(missing_message(label, source, local, "HF_HUB_OFFLINE is set", gated))
     if not hub_reachable():
-        raise FileNotFoundError(missing_message(label, source, flag, "the Hugging Face Hub cannot be reached",
+        raise FileNotFoundError(missing_message(label, source, local, "the Hugging Face Hub cannot be reached",
                                                 gated))
     return source
 
@@ -144,9 +144,13 @@ def load_component(name: str, loader: Callable, source: str, **kwargs):
     try:
         return loader(source, subfolder=name, **kwargs)
     except Exception as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        detail = " ".join(lines[:2])  # e.g. "Error(s) in loading state_dict ...: size mismatch for ..."
-        raise RuntimeError(f"{name}: could not be loaded from {source}: {detail[:500]}") from e
+        raise RuntimeError(f"{name}: could not be loaded from {source}: {error_detail(e)}") from e
+
+
+def error_detail(e: Exception) -> str:
+    """The first two non-empty lines of an error, e.g. "Error(s) in loading state_dict ...: size mismatch ..."."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    return " ".join(lines[:2])[:500]
 
 
 def check_width(component: str, expected: int | None, got: int, what: str) -> None:

@@ -71,7 +71,9 @@ class StableDiffusionPrior:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         dtype = dc.default_dtype(device, dtype)
-        where = dc.resolve_source(source, "Stable Diffusion", "sd", COMPONENTS, cache_dir=cache_dir)
+        components = tuple(c for c in COMPONENTS if not (taesd and c == "vae"))  # TAESD replaces the VAE
+        where = dc.resolve_source(source, "Stable Diffusion", "`--prior sd:/path/to/folder`", components,
+                                  cache_dir=cache_dir)
         weights = {"variant": variant, "cache_dir": cache_dir}
         unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, torch_dtype=dtype, **weights)
         text_encoder = dc.load_component("text_encoder", CLIPTextModel.from_pretrained, where, dtype=dtype,
@@ -79,11 +81,11 @@ class StableDiffusionPrior:
         tokenizer = dc.load_component("tokenizer", CLIPTokenizer.from_pretrained, where, cache_dir=cache_dir)
         scheduler = dc.load_component("scheduler", DDPMScheduler.from_pretrained, where, cache_dir=cache_dir)
         if taesd:
-            tiny = dc.resolve_source(taesd, "TAESD", "sd", (), cache_dir=cache_dir)
+            tiny = dc.resolve_source(taesd, "TAESD", "taesd=/path/to/folder", (), cache_dir=cache_dir)
             try:
                 vae = AutoencoderTiny.from_pretrained(tiny, torch_dtype=dtype, cache_dir=cache_dir)
             except Exception as e:
-                raise RuntimeError(f"taesd: could not be loaded from {taesd}: {str(e).splitlines()[0]}") from e
+                raise RuntimeError(f"taesd: could not be loaded from {taesd}: {dc.error_detail(e)}") from e
         else:
             vae = dc.load_component("vae", AutoencoderKL.from_pretrained, where, torch_dtype=dtype, **weights)
         dc.check_width("unet", unet.config.cross_attention_dim, text_encoder.config.hidden_size, "text embeddings")
@@ -100,8 +102,7 @@ class StableDiffusionPrior:
     def _encode_texts(self, texts: list[str]) -> tuple[Tensor, bool]:
         """CLIP last hidden states [N, 77, D], and whether any text was truncated."""
         tok = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_overflowing_tokens=False, return_length=True,
-                             return_tensors="pt")
+                             truncation=True, return_tensors="pt")
         full = self.tokenizer(texts, padding=False, truncation=False)["input_ids"]
         truncated = any(len(ids) > self.tokenizer.model_max_length for ids in full)
         with dc.on_device(self.device, self.cpu_offload, self.text_encoder):
@@ -154,7 +155,7 @@ class StableDiffusionPrior:
         eps_hat = dc.guide(eps_cond.float(), eps_uncond.float(), guidance_scale, eps_neg, lambdas)
         # 6. Latent gradient g = w(t) (eps_hat - eps), mapped to the render by the encoder's VJP J^T g:
         #    the gradient the peers get from 0.5 * ||z - (z - g).detach()||^2 backpropagated through the encoder
-        grad_latents = torch.nan_to_num(sds_weight(abar, weighting).view(-1, 1, 1, 1) * (eps_hat - noise))
+        grad_latents = sds_weight(abar, weighting).view(-1, 1, 1, 1) * (eps_hat - noise)  # NaN kept: the trainer skips
         (grad,) = torch.autograd.grad(latents, x, grad_outputs=grad_latents.to(latents.dtype))
         info = {"t": t.tolist(), "latent_grad_norm": float(grad_latents.norm())}
         return grad.to(device=images.device, dtype=images.dtype), info
