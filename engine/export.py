@@ -101,18 +101,19 @@ def mode_images(out: RenderOutput, cams: Cameras, mode: str, radius: float) -> T
     empty = black), so frames of a video do not flicker as the visible depth range changes.
     """
     if mode in ("lambertian", "albedo", "textureless"):
-        return out.rgb
-    if mode == "normal":  # sum_i w_i (n_i + 1) / 2 over a white background
-        return ((out.normal + out.opacity) * 0.5 + (1.0 - out.opacity)).clamp(0, 1)
-    if mode == "opacity":
-        return out.opacity.expand(-1, 3, -1, -1)
-    if mode == "depth":
+        img = out.rgb
+    elif mode == "normal":  # sum_i w_i (n_i + 1) / 2 over a white background
+        img = (out.normal + out.opacity) * 0.5 + (1.0 - out.opacity)
+    elif mode == "opacity":
+        img = out.opacity.expand(-1, 3, -1, -1)
+    elif mode == "depth":
         dist = cams.distance.to(out.depth).view(-1, 1, 1, 1)
         near = (dist - radius).clamp(min=0)
         surface = out.depth / out.opacity.clamp(min=1e-6)
-        grey = (1.0 - (surface - near) / (2 * radius)).clamp(0, 1) * out.opacity
-        return grey.expand(-1, 3, -1, -1)
-    raise ValueError(f"unknown render mode {mode!r}; choose from {', '.join(MODES)}")
+        img = ((1.0 - (surface - near) / (2 * radius)).clamp(0, 1) * out.opacity).expand(-1, 3, -1, -1)
+    else:
+        raise ValueError(f"unknown render mode {mode!r}; choose from {', '.join(MODES)}")
+    return img.clamp(0, 1)  # accumulation round-off can overshoot 1 by an ulp
 
 
 def render_mode_image(source: RenderSource, cams: Cameras, height: int, width: int, mode: str = "lambertian",
@@ -217,11 +218,16 @@ def _write_mp4(tmp: str, stream, fps: float) -> None:
 
     # yuv420p (what every player decodes) needs even sides: pad odd ones by one pixel instead of letting
     # imageio rescale every frame
-    with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                            pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error") as w:
+    w = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
+                           pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error")
+    try:
         for frame in stream:
             h, wd = frame.shape[:2]
             w.append_data(np.pad(frame, ((0, h % 2), (0, wd % 2), (0, 0)), mode="edge"))
+    finally:
+        # imageio's `with` skips close() on an error, leaving ffmpeg to write the temp file after it has been
+        # removed; closing here waits for ffmpeg to exit first
+        w.close()
 
 
 def _write_gif(tmp: str, stream, fps: float) -> None:
