@@ -185,7 +185,10 @@ def render(shapes: list[str], colors: Tensor, cams: Cameras, light: Light, shadi
         idx = [i for i in range(n) if shapes[i] == name]
         p, hit = _trace(name, o[idx].reshape(-1, 3), d[idx].reshape(-1, 3))
         nrm = _normals(name, p)
-        per_ray = lambda t: t[idx][:, None, None, :].expand(-1, s, s, -1).reshape(-1, t.shape[-1])  # noqa: E731
+
+        def per_ray(t: Tensor, idx=idx) -> Tensor:  # per-image values [B, k] -> per-ray [len(idx) * s * s, k]
+            return t[idx][:, None, None, :].expand(-1, s, s, -1).reshape(-1, t.shape[-1])
+
         alb = solid_albedo(name, p, per_ray(colors))
         out = torch.empty_like(p)
         for mode in set(modes[i] for i in idx):

@@ -1,0 +1,229 @@
+"""Evaluation on the procedural world: the toy R-Precision and a multi-view silhouette score.
+
+The paper scores results with CLIP R-Precision. Here an independent classifier (a small CNN trained on
+world renders, never on the prior's outputs) names the colour and the shape of a render:
+
+- colour R-Precision: the colour head's top-1 on lambertian renders lit from the camera;
+- geometry R-Precision: the shape head's top-1 on textureless renders (no colour to lean on);
+- shape score: per view, the IoU of the result's silhouette with the prompted solid's silhouette (the
+  world renders it for the same camera), and its margin over the best other solid (IoU alone is weak:
+  sphere vs cube is 0.73).
+
+The caller supplies `render_fn(cameras, light, shading) -> (rgb [B, 3, H, W] in [0, 1], opacity [B, 1, H, W])`.
+
+    python -m engine.evaluate train-classifier          # writes assets/classifier.safetensors
+    python -m engine.evaluate prior-samples --n 4       # the shipped prior's samples, classified
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from engine import world
+from engine.cameras import Cameras, Light, make_light, sample_cameras
+from engine.config import CameraConfig, LiveParams
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CLASSIFIER = ASSETS / "classifier.safetensors"
+COLOR_NAMES, SHAPE_NAMES = list(world.COLORS), list(world.SHAPES)
+EVAL_CAMERAS = CameraConfig(elevation_range=(0.0, 60.0))  # views where colour and shape are both readable
+RenderFn = Callable[[Cameras, Light, str], tuple[Tensor, Tensor]]
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 3) -> None:
+    """Save images [B, 3, H, W] in [0, 1] as one PNG grid (grey 2-pixel gutters), upscaled for viewing."""
+    x = (images.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    b, h, w, _ = x.shape
+    rows = (b + nrow - 1) // nrow
+    grid = np.full((rows * (h + 2), nrow * (w + 2), 3), 128, np.uint8)
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        grid[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = x[i]
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+class Classifier(nn.Module):
+    """Three conv stages (32x32 -> 4x4), global average pool, a colour head and a shape head."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        layers, c_in = [], 3
+        for c in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.color = nn.Linear(c_in, len(COLOR_NAMES))
+        self.shape = nn.Linear(c_in, len(SHAPE_NAMES))
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images [B, 3, H, W] in [0, 1] (resized to 32) -> colour logits [B, 8], shape logits [B, 8]."""
+        if images.shape[-1] != 32:
+            images = F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        h = self.features(images * 2 - 1).mean((2, 3))
+        return self.color(h), self.shape(h)
+
+
+def load_classifier(path: str | Path = CLASSIFIER) -> Classifier:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} not found; train it with: python -m engine.evaluate train-classifier")
+    model = Classifier()
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return model.eval().requires_grad_(False)
+
+
+def _augment(x: Tensor, g: torch.Generator) -> Tensor:
+    """Flips, small shifts, blur and noise: the classifier must also read soft, noisy volume renders."""
+    flip = torch.rand(len(x), generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
+    x = torch.roll(x, (dy, dx), (2, 3))
+    if torch.rand((), generator=g) < 0.3:
+        x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return (x + 0.03 * torch.rand((), generator=g) * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+
+def train_classifier(n_images: int = 8192, epochs: int = 6, seed: int = 1, out: Path | None = CLASSIFIER,
+                     batch: int = 64) -> tuple[Classifier, dict]:
+    """Train on fresh world renders (seed differs from the prior's); returns the model and held-out accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    chunks = [world.sample_scenes(min(512, n_images - i), g) for i in range(0, n_images, 512)]
+    imgs = torch.cat([world.render_scenes(sc)[0] for sc in chunks])
+    colors = torch.tensor([COLOR_NAMES.index(c) for sc in chunks for c in sc["colors"]])
+    shapes = torch.tensor([SHAPE_NAMES.index(s) for sc in chunks for s in sc["shapes"]])
+    has_color = torch.tensor([m != "textureless" for sc in chunks for m in sc["shading"]])
+    n_val = max(1, n_images // 10)
+    model = Classifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    steps = epochs * (n_images - n_val) // batch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=max(1, steps))
+    for _ in range(steps):
+        idx = torch.randint(n_val, n_images, (batch,), generator=g)
+        lc, ls = model(_augment(imgs[idx], g))
+        loss = F.cross_entropy(ls, shapes[idx])
+        loss = loss + (F.cross_entropy(lc, colors[idx], reduction="none") * has_color[idx]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        lc, ls = model(imgs[:n_val])
+    m = has_color[:n_val]
+    acc = {"shape": (ls.argmax(1) == shapes[:n_val]).float().mean().item(),
+           "color": (lc.argmax(1) == colors[:n_val])[m].float().mean().item()}
+    if out is not None:
+        save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(out))
+    return model, acc
+
+
+def parse_prompt(prompt: str) -> tuple[str | None, str | None]:
+    """The colour and shape a prompt names in the world's vocabulary (None when it names none)."""
+    words = [world.SYNONYMS.get(w, w) for w in prompt.lower().replace(",", " ").split()]
+    color = next((w for w in words if w in world.COLORS), None)
+    shape = next((w for w in words if w in world.SHAPES), None)
+    return color, shape
+
+
+def _iou(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image IoU of soft masks [B, 1, H, W] thresholded at 0.5."""
+    a, b = a > 0.5, b > 0.5
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float().clamp(min=1)
+    return inter / union
+
+
+@torch.no_grad()
+def evaluate(render_fn: RenderFn, prompt: str, n_views: int = 16, seed: int = 0,
+             classifier: Classifier | None = None) -> dict:
+    """Toy R-Precision and silhouette score of a result over n_views random views (light at the camera)."""
+    color, shape = parse_prompt(prompt)
+    clf = classifier or load_classifier()
+    cams = sample_cameras(EVAL_CAMERAS, n_views, torch.Generator().manual_seed(seed))
+    light = make_light(cams, LiveParams(light_mode="camera"), EVAL_CAMERAS, None)
+    rgb, opacity = render_fn(cams, light, "lambertian")
+    plain, _ = render_fn(cams, light, "textureless")
+    color_logits, _ = clf(rgb.float().cpu())
+    _, shape_logits = clf(plain.float().cpu())
+    out = {"prompt": prompt, "n_views": n_views, "seed": seed}
+    if color is not None:
+        out["colour_r_precision"] = (color_logits.argmax(1) == COLOR_NAMES.index(color)).float().mean().item()
+    if shape is not None:
+        out["geometry_r_precision"] = (shape_logits.argmax(1) == SHAPE_NAMES.index(shape)).float().mean().item()
+        size = opacity.shape[-1]
+        ious = {}
+        for s in SHAPE_NAMES:  # ground-truth silhouettes of every solid from the same cameras
+            _, mask = world.render([s] * n_views, torch.ones(n_views, 3), cams, light, "albedo", size, 1)
+            ious[s] = _iou(opacity.float().cpu(), mask).mean().item()
+        best_other = max(v for k, v in ious.items() if k != shape)
+        out["shape_score"] = ious[shape]  # mean multi-view silhouette IoU with the prompted solid
+        out["shape_margin"] = ious[shape] - best_other  # > 0: closer to the prompted solid than to any other
+        out["silhouette_iou"] = {k: round(v, 3) for k, v in ious.items()}
+    return out
+
+
+def world_render_fn(shape: str, color: str, size: int = 32) -> RenderFn:
+    """render_fn of a perfect result: the world's own solid (the evaluation's upper bound, used in tests)."""
+    def fn(cams: Cameras, light: Light, shading: str) -> tuple[Tensor, Tensor]:
+        rgb = torch.tensor(world.COLORS[color]).expand(len(cams), 3)
+        return world.render([shape] * len(cams), rgb, cams, light, shading, size)
+    return fn
+
+
+@torch.no_grad()
+def prior_sample_accuracy(model, n_per_caption: int = 2, guidance_scale: float = 3.0, steps: int = 50,
+                          seed: int = 0, classifier: Classifier | None = None, grid: Path | None = None) -> dict:
+    """Sample the prior for every "a <colour> <shape>" and classify the samples (colour and shape both right)."""
+    from engine.priors.embedded import sample
+
+    clf = classifier or load_classifier()
+    pairs = [(c, s) for s in SHAPE_NAMES for c in COLOR_NAMES] * n_per_caption
+    imgs = sample(model, [world.caption(s, c) for c, s in pairs], guidance_scale, steps,
+                  torch.Generator().manual_seed(seed))
+    lc, ls = clf(imgs)
+    ok_c = lc.argmax(1) == torch.tensor([COLOR_NAMES.index(c) for c, _ in pairs])
+    ok_s = ls.argmax(1) == torch.tensor([SHAPE_NAMES.index(s) for _, s in pairs])
+    if grid is not None:
+        save_grid(imgs[: len(COLOR_NAMES) * len(SHAPE_NAMES)], grid, nrow=len(COLOR_NAMES))
+    per_shape = {s: ok_s[[i for i, (_, s2) in enumerate(pairs) if s2 == s]].float().mean().item() for s in SHAPE_NAMES}
+    return {"n": len(pairs), "guidance_scale": guidance_scale, "colour": ok_c.float().mean().item(),
+            "shape": ok_s.float().mean().item(), "both": (ok_c & ok_s).float().mean().item(), "per_shape": per_shape}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Train the evaluation classifier or score the embedded prior")
+    ap.add_argument("command", choices=["train-classifier", "prior-samples"])
+    ap.add_argument("--n", type=int, default=2, help="prior-samples: samples per caption")
+    ap.add_argument("--cfg", type=float, default=3.0, help="prior-samples: guidance scale")
+    ap.add_argument("--weights", default=None, help="prior-samples: embedded prior weights (default: shipped)")
+    ap.add_argument("--grid", default=None, help="prior-samples: write a sample grid PNG here")
+    ap.add_argument("--images", type=int, default=8192, help="train-classifier: renders to train on")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    if args.command == "train-classifier":
+        _, res = train_classifier(args.images)
+    else:
+        from engine.priors.embedded import EmbeddedPrior
+
+        prior = EmbeddedPrior.load(args.weights)
+        res = prior_sample_accuracy(prior.model, args.n, args.cfg, grid=Path(args.grid) if args.grid else None)
+    res["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
