@@ -91,7 +91,7 @@ class Session:
         """End the session thread and the worker; the session cannot be restarted."""
         self._commands.put(("stop", None))
         self._thread.join(timeout)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)  # a running preview or export ends first
 
     def set_params(self, **changes) -> LiveParams:
         """Validate changes to the live parameters (ValueError names a bad one) and queue them.

@@ -29,7 +29,8 @@ def _free_port() -> int:
 def port_is_free(port: int) -> bool:
     import socket
 
-    with socket.socket() as s:
+    with socket.socket() as s:  # as a server binds: SO_REUSEADDR, so closed connections in TIME_WAIT do not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -1,0 +1,124 @@
+"""The launched app in headless Chromium (Debian's, driven by Playwright): the pane starts a run from a typed
+prompt; the viewer's canvas shows the object and a drag orbits to a new frame; Ctrl-C frees both ports.
+
+Screenshots go to $PLAYGROUND_SCREENSHOTS (default: pytest's temporary folder)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import port_is_free
+from gradio_client import Client
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
+        "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    out = Path(os.environ.get("PLAYGROUND_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def status(app) -> dict:
+    return Client(app["url"], verbose=False).predict(api_name="/status")
+
+
+def wait_until(pred, timeout=120.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_pane_types_a_prompt_and_starts(playground_app, browser, shots):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(playground_app["url"], wait_until="domcontentloaded")
+    box = page.locator("#prompt textarea")
+    box.wait_for(timeout=60_000)
+    box.fill("a red cube on a table")
+    page.locator("#start").click()
+    page.wait_for_function("document.querySelector('#status')?.innerText.includes('running')", timeout=60_000)
+    wait_until(lambda: status(playground_app)["step"] >= 3, what="steps after Start")
+    st = status(playground_app)
+    assert st["prompt"] == "a red cube on a table" and st["state"] == "running"
+    page.wait_for_function("document.querySelector('#preview img') !== null", timeout=60_000)
+    page.screenshot(path=str(shots / "pane.png"), full_page=True)
+    assert "step" in page.locator("#status").inner_text()
+    assert page.locator("#viewer iframe").get_attribute("src").rstrip("/") == playground_app["viewer_url"].rstrip("/")
+    page.close()
+
+
+def canvas_image(page) -> np.ndarray:
+    return np.asarray(Image.open(__import__("io").BytesIO(page.screenshot())).convert("RGB")).astype(np.float32)
+
+
+def centre_vs_border(img: np.ndarray) -> float:
+    """Mean colour distance between the centre patch (the object) and the canvas's bottom-right corner."""
+    h, w, _ = img.shape
+    centre = img[h // 2 - 30:h // 2 + 30, w // 2 - 30:w // 2 + 30].reshape(-1, 3).mean(0)
+    corner = img[h - 80:h - 20, w - 80:w - 20].reshape(-1, 3).mean(0)
+    return float(np.abs(centre - corner).sum())
+
+
+def test_viewer_shows_the_object_and_orbits(playground_app, browser, shots):
+    st = status(playground_app)
+    if st["state"] != "running":
+        Client(playground_app["url"], verbose=False).predict(api_name="/start")
+    wait_until(lambda: status(playground_app)["step"] >= 40, timeout=180, what="some training")
+    page = browser.new_page(viewport={"width": 640, "height": 480})
+    page.goto(playground_app["viewer_url"])
+    page.locator("canvas").first.wait_for(timeout=60_000)
+    info = page.get_by_text("shaded in")
+    info.first.wait_for(timeout=60_000)
+    page.wait_for_function("[...document.querySelectorAll('*')].some(e => /256×\\d+ shaded/.test(e.textContent))",
+                           timeout=60_000)
+    first = canvas_image(page)
+    page.screenshot(path=str(shots / "viewer.png"))
+    assert centre_vs_border(first) > 30, "the canvas should show the object, not a uniform background"
+    assert first.std() > 5
+
+    page.mouse.move(320, 300)
+    page.mouse.down()
+    for i in range(1, 11):
+        page.mouse.move(320 + 15 * i, 300 + 3 * i)
+        time.sleep(0.03)
+    page.mouse.up()
+    time.sleep(0.5)
+    page.wait_for_function("[...document.querySelectorAll('*')].some(e => /256×\\d+ shaded/.test(e.textContent))",
+                           timeout=60_000)
+    time.sleep(0.3)
+    second = canvas_image(page)
+    page.screenshot(path=str(shots / "viewer_orbited.png"))
+    h, w, _ = first.shape
+    diff = np.abs(first - second)[h // 4:3 * h // 4, w // 4:3 * w // 4].mean()
+    assert diff > 2.0, f"dragging should orbit to a new frame (mean change {diff:.2f})"
+    page.close()
+
+
+def test_ctrl_c_stops_cleanly_and_frees_both_ports(playground_app):
+    proc = playground_app["proc"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    assert "stopped" in playground_app["log"].read_text()
+    assert port_is_free(playground_app["port"]) and port_is_free(playground_app["viewer_port"])
