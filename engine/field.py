@@ -75,12 +75,15 @@ class GridField(Field):
         n = cfg.grid_resolution
         lin = torch.linspace(-cfg.radius, cfg.radius, n)
         zz, yy, xx = torch.meshgrid(lin, lin, lin, indexing="ij")
-        self.register_buffer("lattice", torch.stack([xx, yy, zz], -1), persistent=False)  # [D, H, W, 3] as (x, y, z)
+        lattice = torch.stack([xx, yy, zz], -1)  # [D, H, W, 3] as (x, y, z)
+        self.register_buffer("lattice", lattice, persistent=False)
+        # the lattice never moves, so its Fourier features are computed once
+        self.register_buffer("features", fourier_features(lattice / cfg.radius, cfg.fourier_bands), persistent=False)
         self.net = mlp(3 + 6 * cfg.fourier_bands, cfg.hidden, 4)
 
     def grid(self) -> Tensor:
         """The generated grid [1, 7, D, H, W]: density, albedo (3), density gradient (3)."""
-        raw = self.net(fourier_features(self.lattice / self.cfg.radius, self.cfg.fourier_bands))  # [D, H, W, 4]
+        raw = self.net(self.features)  # [D, H, W, 4]
         sigma = self.activate_density(raw[..., 0], self.lattice)
         albedo = torch.sigmoid(raw[..., 1:])
         h = 2.0 * self.cfg.radius / (self.cfg.grid_resolution - 1)

@@ -86,19 +86,15 @@ def _composite_batched(query, o, d, view, near, far, hit, cfg: RenderConfig, rad
     mask = hit[:, None].expand(R, S)
     if estimator is not None:
         mask = mask & occupied(estimator, x)
-    sigma = torch.zeros(R, S, device=o.device, dtype=o.dtype)
-    values = torch.zeros(R, S, 10, device=o.device, dtype=o.dtype)
-    n = int(mask.sum())
-    if n:
-        dd = d[:, None, :].expand(R, S, 3)[mask]
-        vv = view[:, None].expand(R, S)[mask]
-        sig, val = _shade_samples(query, x[mask], dd, vv, mode, light)
-        sigma = sigma.index_put((mask,), sig)
-        values = values.index_put((mask,), val)
-    weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sigma)
-    acc = nerfacc.accumulate_along_rays(weights, values)
+    ray_idx, smp_idx = mask.nonzero(as_tuple=True)  # only occupied samples are evaluated and shaded
+    sig, val = _shade_samples(query, x[ray_idx, smp_idx], d[ray_idx], view[ray_idx], mode, light)
+    sigma = torch.zeros(R, S, device=o.device, dtype=sig.dtype).index_put((ray_idx, smp_idx), sig)
+    weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sigma)  # batched: runs on CPU
+    w = weights[ray_idx, smp_idx]
+    acc = nerfacc.accumulate_along_rays(w, val, ray_indices=ray_idx, n_rays=R)  # packed sum: index_add
     opacity = nerfacc.accumulate_along_rays(weights, None)
     depth = nerfacc.accumulate_along_rays(weights, tm[..., None])
+    n = int(ray_idx.numel())
     return acc, opacity, depth, n
 
 
