@@ -92,7 +92,7 @@ def export(ema: EmbeddedModel, out_dir: Path, meta: dict, grid_seed: int = 0) ->
     save_grid(imgs, out_dir / "embedded_samples.png", nrow=len(world.COLORS))
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/embedded", help="checkpoint folder (resumed if it holds one)")
     ap.add_argument("--minutes", type=float, default=75.0, help="wall-clock budget of this invocation")
@@ -107,8 +107,11 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt-minutes", type=float, default=4.0)
     ap.add_argument("--export", default=None, help="write the EMA model to this folder at the end")
     ap.add_argument("--config", default=None, help="JSON overrides of the model config (tests use tiny ones)")
-    args = ap.parse_args(argv)
-    run(args)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    run(parse_args(argv))
 
 
 def run(args) -> dict:

@@ -1,0 +1,84 @@
+"""The embedded prior: tokenizer and warnings, training (loss falls, seeded, resumable), save/load, SDS."""
+
+import json
+
+import pytest
+import torch
+
+from engine import world
+from engine.priors.base import SDSContext
+from engine.priors.embedded import DEFAULT_WEIGHTS, EmbeddedModel, EmbeddedPrior, Tokenizer, sample, vocabulary
+from engine.priors.train_embedded import parse_args, run
+from engine.sds import view_weights
+
+TINY = json.dumps({"block_out_channels": [8, 16, 16], "text_dim": 16, "num_train_timesteps": 100})
+
+
+def _train(tmp_path, steps, name="run", seed=0):
+    args = parse_args(["--out", str(tmp_path / name), "--steps", str(steps), "--seed", str(seed), "--batch", "8",
+                       "--pool", "24", "--refresh", "1", "--lr", "3e-3", "--config", TINY])
+    return run(args)
+
+
+def test_tokenizer_maps_synonyms_and_reports_unknown_words():
+    tok = Tokenizer()
+    known, unknown = tok.words("A shiny red Box, front view!")
+    assert known == ["a", "red", "cube", "front", "view"] and unknown == ["shiny"]
+    ids = tok(["", "a red cube"])
+    assert ids[0, 0] == 1 and ids[0, 1:].eq(0).all() and ids[1, 1:4].gt(1).all()
+    assert "snowman" in vocabulary() and "house" in vocabulary()
+
+
+def test_training_loss_falls_is_seeded_and_resumes(tmp_path):
+    a = _train(tmp_path, 40, "a")
+    first, last = sum(a["losses"][:8]) / 8, sum(a["losses"][-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+    b = _train(tmp_path, 40, "b")
+    assert a["losses"] == b["losses"]  # same seed, same run
+    c = _train(tmp_path, 45, "a")  # resumes from a's checkpoint
+    assert c["step"] == 45 and len(c["losses"]) == 5
+
+
+def test_save_load_round_trip_and_protocol(tmp_path):
+    torch.manual_seed(0)
+    model = EmbeddedModel(json.loads(TINY))
+    model.save(tmp_path / "embedded_prior.safetensors", {"steps": 0}, half=False)
+    prior = EmbeddedPrior.load(tmp_path)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 50])
+    s, p = model.encode(["a red cube", ""])
+    assert torch.allclose(model(x, t, s, p), prior.model(x, t, s, p), atol=1e-5)
+    assert prior.name == "embedded" and prior.resolution == 32 and prior.num_train_timesteps == 100
+
+    emb = prior.encode_prompt("a glossy blue cube, front view", "wobbly")
+    assert emb.cond.shape[0] == 4 and emb.uncond.shape[0] == 1
+    assert any("glossy" in w and "wobbly" in w and "snowman" in w for w in emb.warnings)
+    assert prior.encode_prompt("a blue cube").warnings == []
+    for size, shading in ((32, "lambertian"), (64, "textureless")):
+        images = torch.rand(3, 3, size, size)
+        ctx = SDSContext(view_weights(torch.tensor([0.0, 90.0, 200.0]), torch.tensor([0.0, 30.0, 80.0])),
+                         shading=shading)
+        grad, info = prior.sds_grad(images, emb, ctx, guidance_scale=10.0, t_range=(0.02, 0.98), weighting="sigma2",
+                                    generator=torch.Generator().manual_seed(0))
+        assert grad.shape == images.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
+        assert len(info["t"]) == 3
+
+
+def test_missing_weights_say_how_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_embedded"):
+        EmbeddedPrior.load(tmp_path / "nothing.safetensors")
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="no shipped embedded prior in assets/")
+def test_shipped_prior_draws_what_it_is_asked():
+    from engine.evaluate import CLASSIFIER, load_classifier
+
+    if not CLASSIFIER.exists():
+        pytest.skip("no shipped classifier")
+    prior, clf = EmbeddedPrior.load(), load_classifier()
+    pairs = [("red", "cube"), ("blue", "sphere"), ("green", "cone"), ("yellow", "torus"), ("purple", "cylinder"),
+             ("orange", "house"), ("pink", "snowman"), ("white", "mug")]
+    imgs = sample(prior.model, [world.caption(s, c) for c, s in pairs], 3.0, 20, torch.Generator().manual_seed(0))
+    lc, ls = clf(imgs)
+    colour_ok = (lc.argmax(1) == torch.tensor([list(world.COLORS).index(c) for c, _ in pairs])).float().mean()
+    shape_ok = (ls.argmax(1) == torch.tensor([world.SHAPES.index(s) for _, s in pairs])).float().mean()
+    assert colour_ok >= 0.6 and shape_ok >= 0.6, (colour_ok, shape_ok)

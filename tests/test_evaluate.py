@@ -1,0 +1,53 @@
+"""Evaluation: the classifier, the toy R-Precision and the silhouette score on perfect and wrong results."""
+
+import pytest
+import torch
+
+from engine import evaluate as ev
+from engine import world
+
+
+def test_parse_prompt():
+    assert ev.parse_prompt("a red cube, front view") == ("red", "cube")
+    assert ev.parse_prompt("A grey BOX") == ("white", "cube")
+    assert ev.parse_prompt("a dragon") == (None, None)
+
+
+def test_silhouette_score_prefers_the_prompted_solid():
+    clf = ev.Classifier().eval()
+    good = ev.evaluate(ev.world_render_fn("cube", "red"), "a red cube", n_views=2, classifier=clf)
+    assert {"colour_r_precision", "geometry_r_precision", "shape_score", "shape_margin"} <= set(good)
+    assert good["shape_score"] > 0.85 and good["shape_margin"] > 0.02
+    wrong = ev.evaluate(ev.world_render_fn("torus", "red"), "a red cube", n_views=2, classifier=clf)
+    assert wrong["shape_score"] < 0.7 and wrong["shape_margin"] < 0
+    empty = ev.evaluate(lambda c, lt, s: (torch.ones(len(c), 3, 32, 32), torch.zeros(len(c), 1, 32, 32)),
+                        "a cone", n_views=2, classifier=clf)
+    assert empty["shape_score"] == 0.0 and "colour_r_precision" not in empty
+
+
+def test_classifier_trains_and_saves(tmp_path):
+    model, acc = ev.train_classifier(n_images=48, epochs=1, out=tmp_path / "c.safetensors", batch=16)
+    assert 0.0 <= acc["shape"] <= 1.0 and (tmp_path / "c.safetensors").exists()
+    again = ev.load_classifier(tmp_path / "c.safetensors")
+    x = torch.rand(2, 3, 48, 48)
+    assert torch.allclose(model(x)[1], again(x)[1], atol=0.05)
+
+
+def test_save_grid(tmp_path):
+    ev.save_grid(torch.rand(5, 3, 8, 8), tmp_path / "g.png", nrow=3)
+    assert (tmp_path / "g.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not ev.CLASSIFIER.exists(), reason="no shipped classifier in assets/")
+def test_shipped_classifier_names_colour_and_shape(generator):
+    clf = ev.load_classifier()
+    sc = world.sample_scenes(48, generator)
+    imgs, _ = world.render_scenes(sc)
+    lc, ls = clf(imgs)
+    shapes = torch.tensor([world.SHAPES.index(s) for s in sc["shapes"]])
+    colors = torch.tensor([list(world.COLORS).index(c) for c in sc["colors"]])
+    coloured = torch.tensor([m != "textureless" for m in sc["shading"]])
+    assert (ls.argmax(1) == shapes).float().mean() > 0.8
+    assert (lc.argmax(1) == colors)[coloured].float().mean() > 0.8
+    perfect = ev.evaluate(ev.world_render_fn("house", "blue"), "a blue house", n_views=8, classifier=clf)
+    assert perfect["colour_r_precision"] >= 0.75 and perfect["geometry_r_precision"] >= 0.75
