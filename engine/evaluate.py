@@ -182,6 +182,14 @@ def world_render_fn(shape: str, color: str, size: int = 32) -> RenderFn:
     return fn
 
 
+def trainer_render_fn(trainer, size: int = 32) -> RenderFn:
+    """render_fn of a run: engine.trainer.Trainer.render_views at size x size (what `engine eval` scores)."""
+    def fn(cams: Cameras, light: Light, shading: str) -> tuple[Tensor, Tensor]:
+        out = trainer.render_views(cams, size, size, shading, light=light.to(trainer.device))
+        return out.rgb.cpu(), out.opacity.cpu()
+    return fn
+
+
 @torch.no_grad()
 def prior_sample_accuracy(model, n_per_caption: int = 2, guidance_scale: float = 3.0, steps: int = 50,
                           seed: int = 0, classifier: Classifier | None = None, grid: Path | None = None) -> dict:
@@ -207,6 +215,7 @@ def main(argv=None) -> None:
     ap.add_argument("command", choices=["train-classifier", "prior-samples"])
     ap.add_argument("--n", type=int, default=2, help="prior-samples: samples per caption")
     ap.add_argument("--cfg", type=float, default=3.0, help="prior-samples: guidance scale")
+    ap.add_argument("--steps", type=int, default=25, help="prior-samples: DDIM steps")
     ap.add_argument("--weights", default=None, help="prior-samples: embedded prior weights (default: shipped)")
     ap.add_argument("--grid", default=None, help="prior-samples: write a sample grid PNG here")
     ap.add_argument("--images", type=int, default=8192, help="train-classifier: renders to train on")
@@ -220,7 +229,7 @@ def main(argv=None) -> None:
         from engine.priors.embedded import EmbeddedPrior
 
         prior = EmbeddedPrior.load(args.weights)
-        res = prior_sample_accuracy(prior.model, args.n, args.cfg, grid=Path(args.grid) if args.grid else None)
+        res = prior_sample_accuracy(prior.model, args.n, args.cfg, args.steps, grid=Path(args.grid) if args.grid else None)
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(res, indent=1))
 

@@ -80,15 +80,17 @@ def ema_update(ema, model, step: int, decay: float = 0.999) -> None:
         pe.lerp_(pm, 1 - d)
 
 
-def export(ema: EmbeddedModel, out_dir: Path, meta: dict, grid_seed: int = 0) -> None:
+def export(ema: EmbeddedModel, out_dir: Path, meta: dict, grid_steps: int = 25, grid_seed: int = 0) -> None:
     """EMA weights (fp16) + json to out_dir/embedded_prior.*, and a grid of samples (one row per shape)."""
     from engine.evaluate import save_grid
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ema.save(out_dir / "embedded_prior.safetensors", meta)
+    if grid_steps <= 0:
+        return
     model = EmbeddedModel.from_file(out_dir / "embedded_prior.safetensors")
     caps = [world.caption(s, c) for s in world.SHAPES for c in world.COLORS]
-    imgs = sample(model, caps, generator=torch.Generator().manual_seed(grid_seed))
+    imgs = sample(model, caps, steps=grid_steps, generator=torch.Generator().manual_seed(grid_seed))
     save_grid(imgs, out_dir / "embedded_samples.png", nrow=len(world.COLORS))
 
 
@@ -106,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="torch threads; 1 because OpenMP with a core shared by other jobs was 5-10x slower here")
     ap.add_argument("--ckpt-minutes", type=float, default=4.0)
     ap.add_argument("--export", default=None, help="write the EMA model to this folder at the end")
+    ap.add_argument("--grid-steps", type=int, default=25, help="DDIM steps of the exported sample grid; 0: none")
     ap.add_argument("--config", default=None, help="JSON overrides of the model config (tests use tiny ones)")
     return ap.parse_args(argv)
 
@@ -164,7 +167,7 @@ def run(args) -> dict:
     meta = {"steps": step, "batch": args.batch, "train_minutes": round(elapsed / 60, 1), "seed": args.seed,
             "threads": args.threads, "pool": args.pool, "refresh": args.refresh, "lr": args.lr}
     if args.export:
-        export(ema, Path(args.export), meta)
+        export(ema, Path(args.export), meta, args.grid_steps)
     print(f"done: step {step}, {elapsed / 60:.1f} min", flush=True)
     return {"losses": losses, "model": model, "ema": ema, "step": step}
 
