@@ -229,7 +229,8 @@ def main(argv=None) -> None:
         from engine.priors.embedded import EmbeddedPrior
 
         prior = EmbeddedPrior.load(args.weights)
-        res = prior_sample_accuracy(prior.model, args.n, args.cfg, args.steps, grid=Path(args.grid) if args.grid else None)
+        grid = Path(args.grid) if args.grid else None
+        res = prior_sample_accuracy(prior.model, args.n, args.cfg, args.steps, grid=grid)
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(res, indent=1))
 
