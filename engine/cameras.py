@@ -35,7 +35,7 @@ class Cameras:
     def view_weights(self) -> Tensor:  # [B, 4]
         return view_weights(self.azimuth, self.elevation)
 
-    def to(self, device) -> "Cameras":
+    def to(self, device) -> Cameras:
         return Cameras(*(getattr(self, k).to(device) for k in ("c2w", "focal", "azimuth", "elevation", "distance")))
 
     def rays(self, height: int, width: int) -> tuple[Tensor, Tensor]:
@@ -135,7 +135,7 @@ class Light:
     color: Tensor  # [B, 3] l_rho
     ambient: Tensor  # [B] l_a
 
-    def to(self, device) -> "Light":
+    def to(self, device) -> Light:
         return Light(self.position.to(device), self.color.to(device), self.ambient.to(device))
 
 

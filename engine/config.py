@@ -33,7 +33,7 @@ class LiveParams:
     learning_rate: float = 1e-2  # learning rate of the field; other groups scale with it
     seed: int = 0  # seed of a run; takes effect on reset
 
-    def validated(self) -> "LiveParams":
+    def validated(self) -> LiveParams:
         """Return self if every value is usable, else raise ValueError naming the bad one."""
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError("prompt must be a non-empty string")
@@ -59,7 +59,7 @@ class LiveParams:
             raise ValueError(f"seed must be an integer in [0, 2^63); got {self.seed!r}")
         return self
 
-    def replace(self, **changes) -> "LiveParams":
+    def replace(self, **changes) -> LiveParams:
         """A validated copy with `changes` applied; unknown names raise ValueError."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -200,7 +200,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         """Inverse of to_dict; unknown keys raise ValueError."""
         kw = {}
         for f in dataclasses.fields(cls):

@@ -14,8 +14,8 @@ render calls once per batch of points; the field itself keeps no state between r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,9 @@ class Field(nn.Module):
             return torch.exp(raw.clamp(max=15.0))
         return F.softplus(raw)
 
-    def prepare(self) -> Callable[[Tensor], FieldSamples]:
+    def prepare(self, occupied_fn: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], FieldSamples]:
+        """A query function for one render. `occupied_fn(x) -> bool` marks space that may hold density;
+        backbones that can save work with it do (points outside it are only ever queried as empty)."""
         raise NotImplementedError
 
     def query_density(self, x: Tensor) -> Tensor:
@@ -81,10 +83,21 @@ class GridField(Field):
         self.register_buffer("features", fourier_features(lattice / cfg.radius, cfg.fourier_bands), persistent=False)
         self.net = mlp(3 + 6 * cfg.fourier_bands, cfg.hidden, 4)
 
-    def grid(self) -> Tensor:
-        """The generated grid [1, 7, D, H, W]: density, albedo (3), density gradient (3)."""
-        raw = self.net(self.features)  # [D, H, W, 4]
-        sigma = self.activate_density(raw[..., 0], self.lattice)
+    def grid(self, active: Tensor | None = None) -> Tensor:
+        """The generated grid [1, 7, D, H, W]: density, albedo (3), density gradient (3).
+
+        `active` [D, H, W] bool limits the MLP to those lattice points (the rest is empty space: zero
+        density), which is where empty-space skipping saves most on the CPU path.
+        """
+        if active is None:
+            raw = self.net(self.features)  # [D, H, W, 4]
+            sigma = self.activate_density(raw[..., 0], self.lattice)
+        else:
+            idx = active.nonzero(as_tuple=True)
+            part = self.net(self.features[idx])  # [M, 4]
+            raw = torch.zeros(*active.shape, 4, device=part.device, dtype=part.dtype).index_put(idx, part)
+            sigma = torch.zeros(active.shape, device=part.device, dtype=part.dtype).index_put(
+                idx, self.activate_density(part[:, 0], self.lattice[idx]))
         albedo = torch.sigmoid(raw[..., 1:])
         h = 2.0 * self.cfg.radius / (self.cfg.grid_resolution - 1)
         p = F.pad(sigma[None, None], (1, 1, 1, 1, 1, 1), mode="replicate")[0, 0]
@@ -94,8 +107,13 @@ class GridField(Field):
         grid = torch.cat([sigma[..., None], albedo, torch.stack([gx, gy, gz], -1)], -1)
         return grid.permute(3, 0, 1, 2)[None]
 
-    def prepare(self) -> Callable[[Tensor], FieldSamples]:
-        grid = self.grid()
+    def active_lattice(self, occupied_fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """Lattice points within two lattice cells of an occupied cell, as [D, H, W] bool."""
+        occ = occupied_fn(self.lattice).float()[None, None]
+        return F.max_pool3d(occ, kernel_size=5, stride=1, padding=2)[0, 0] > 0
+
+    def prepare(self, occupied_fn: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], FieldSamples]:
+        grid = self.grid(None if occupied_fn is None else self.active_lattice(occupied_fn))
         radius = self.cfg.radius
 
         def query(x: Tensor) -> FieldSamples:
@@ -156,7 +174,8 @@ def _tcnn_encoding(cfg: FieldConfig):
 
 
 class HashField(Field):
-    """Hash-grid features -> MLP -> density and albedo; normals are -grad(sigma) by autograd."""
+    """Hash-grid features -> MLP -> density and albedo; normals are -grad(sigma) by autograd.
+    Its cost is per queried point, so the renderer's sample skipping is all it needs."""
 
     def __init__(self, cfg: FieldConfig, use_tcnn: bool = False):
         super().__init__()
@@ -171,7 +190,7 @@ class HashField(Field):
         raw = self.net(self.encoding(u).float())
         return self.activate_density(raw[:, 0], x), torch.sigmoid(raw[:, 1:])
 
-    def prepare(self) -> Callable[[Tensor], FieldSamples]:
+    def prepare(self, occupied_fn=None) -> Callable[[Tensor], FieldSamples]:
         def query(x: Tensor) -> FieldSamples:
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)

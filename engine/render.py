@@ -136,7 +136,7 @@ def render(field: Field, background: Background, cams: Cameras, height: int, wid
     view = torch.arange(B, device=o.device).repeat_interleave(height * width)
     radius = field.cfg.radius
     near, far, hit = sphere_intersect(o, d, radius)
-    query = field.prepare()
+    query = field.prepare(None if estimator is None else lambda x: occupied(estimator, x))
     if packed is None:
         packed = o.is_cuda and estimator is not None and not _CUDA_SAMPLER_BROKEN
     chunk = o.shape[0] if torch.is_grad_enabled() else max(cfg.chunk, 1)

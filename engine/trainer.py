@@ -104,10 +104,16 @@ class Trainer:
         # run's generator keeps every draw in `self.generator`, so a resumed run stays bit-identical.
         seed = int(torch.randint(0, 2**62, (), generator=self.generator))
         devices = [self.device] if self.device.type == "cuda" else []
+        # It also writes cells with duplicate indices (a race under several threads): update on one thread.
+        threads = torch.get_num_threads()
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            self.estimator.update_every_n_steps(self.step_count, occ_eval_fn=occ_eval, occ_thre=rc.occupancy_threshold,
-                                                n=rc.occupancy_every, warmup_steps=rc.occupancy_warmup)
+            torch.set_num_threads(1)
+            try:
+                self.estimator.update_every_n_steps(self.step_count, occ_eval_fn=occ_eval, occ_thre=rc.occupancy_threshold,
+                                                    n=rc.occupancy_every, warmup_steps=rc.occupancy_warmup)
+            finally:
+                torch.set_num_threads(threads)
 
     def step(self, live: LiveParams) -> StepResult:
         """One optimisation step with the live parameters `live` (validated by the caller)."""

@@ -7,6 +7,7 @@ from engine.config import BackgroundConfig, CameraConfig, FieldConfig, LiveParam
 from engine.field import Background, make_field
 from engine.priors.analytic import AnalyticField
 from engine.render import make_occupancy, render, sphere_intersect
+from engine.render import occupied as occupied_cells
 
 
 def reference_render(field, cams, H, W, n_samples, bg_color):
@@ -90,3 +91,24 @@ def test_render_outputs_have_gradients_into_the_field():
     grads = [p.grad for p in field.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_grid_field_skips_empty_lattice_points_without_changing_the_render():
+    field = make_field(FieldConfig())  # the initial blob: occupied only near the centre
+    cams, light, bg = _setup(field)
+    est = make_occupancy(1.0, 32)
+    est.update_every_n_steps(0, occ_eval_fn=lambda x: field.query_density(x) * 0.1, occ_thre=1e-3, n=1,
+                             warmup_steps=1)
+    active = field.active_lattice(lambda x: occupied_cells(est, x))
+    assert 0.01 < active.float().mean() < 0.5
+    cfg = RenderConfig(num_samples=64)
+    full_prepare = field.prepare
+    with torch.no_grad():
+        dense = render(field, bg, cams, 24, 24, shading="lambertian", light=light, cfg=cfg)
+        skip = render(field, bg, cams, 24, 24, shading="lambertian", light=light, cfg=cfg, estimator=est)
+        field.prepare = lambda occupied_fn=None: full_prepare(None)  # whole lattice, same samples
+        skip_samples_only = render(field, bg, cams, 24, 24, shading="lambertian", light=light, cfg=cfg,
+                                   estimator=est)
+    assert torch.equal(skip.rgb, skip_samples_only.rgb)  # the lattice skip is exact
+    assert skip.samples < dense.samples / 3
+    assert (skip.rgb - dense.rgb).abs().max() < 0.01

@@ -79,7 +79,7 @@ class AnalyticField(Field):
     def sdf(self, x: Tensor) -> Tensor:
         return world.solid_sdf(self.solid, x)
 
-    def prepare(self):
+    def prepare(self, occupied_fn=None):
         def query(x: Tensor) -> FieldSamples:
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)

@@ -1,0 +1,94 @@
+"""Training-step speed: its/s and ms per phase (render, prior, backward+optimizer) per backbone and
+resolution with the oracle prior, and the speedup of empty-space skipping over dense sampling once the
+object has formed.
+
+    python bench/bench_step.py               # full table
+    python bench/bench_step.py --quick       # fewer steps (smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from engine.config import Config, LiveParams
+from engine.priors import load_prior
+from engine.priors.analytic import AnalyticField
+from engine.trainer import Trainer
+
+
+def formed(trainer: Trainer, solid: str = "cube", iters: int = 300) -> None:
+    """Fit the field's density and albedo to an analytic solid (supervised), as if training had formed it."""
+    target = AnalyticField(solid, (0.85, 0.12, 0.10), sigma_max=60.0, eps=0.02)
+    opt = torch.optim.Adam(trainer.field.parameters(), lr=1e-2)
+    for _ in range(iters):
+        x = torch.rand(8192, 3) * 2 - 1
+        x = x[x.norm(dim=-1) <= 1]
+        s, t = trainer.field.prepare()(x), target.prepare()(x)
+        loss = ((s.density - t.density) ** 2).mean() / 100 + ((s.albedo - t.albedo) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trainer.step_count = trainer.cfg.render.occupancy_warmup  # the grid is in use from here on
+    rc = trainer.cfg.render
+    cell = 2.0 / rc.occupancy_resolution * 3**0.5
+    with torch.no_grad():
+        trainer.estimator.update_every_n_steps(0, occ_eval_fn=lambda x: trainer.field.query_density(x) * cell,
+                                               occ_thre=rc.occupancy_threshold, n=1, warmup_steps=1)
+
+
+def time_steps(trainer: Trainer, live: LiveParams, steps: int) -> dict:
+    for _ in range(2):  # warm-up
+        trainer.step(live)
+    rows, t0 = [], time.perf_counter()
+    for _ in range(steps):
+        rows.append(trainer.step(live).metrics)
+    wall = time.perf_counter() - t0
+    med = {k: statistics.median(r[k] for r in rows) for k in ("ms_render", "ms_prior", "ms_backward", "samples")}
+    return {"its_per_s": steps / wall, **med}
+
+
+def make(backbone: str, res: int, occupancy: bool) -> Trainer:
+    cfg = Config(prior="oracle:cube")
+    cfg.field.backbone = backbone
+    cfg.render.resolution = res
+    cfg.render.occupancy = occupancy
+    return Trainer(cfg, load_prior(cfg.prior))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    live = LiveParams(prompt="a red cube", shading="lambertian")
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| backbone | res | its/s | ms render | ms prior | ms backward+optim | field samples/step |")
+    print("|---|---|---|---|---|---|---|")
+    for backbone, steps in (("grid", 5 if args.quick else 30), ("hash", 2 if args.quick else 5)):
+        for res in (32, 64):
+            tr = make(backbone, res, occupancy=True)
+            tr.step_count = 10**6  # past the albedo-only warm-up and the occupancy warm-up
+            r = time_steps(tr, live, steps)
+            print(f"| {backbone} | {res}² | {r['its_per_s']:.2f} | {r['ms_render']:.0f} | {r['ms_prior']:.0f} | "
+                  f"{r['ms_backward']:.0f} | {r['samples']:.0f} |", flush=True)
+    print("\n| formed cube, grid backbone | res | dense its/s | skipping its/s | speedup | samples dense → skip |")
+    print("|---|---|---|---|---|---|")
+    for res in (32, 64):
+        dense, skip = make("grid", res, occupancy=False), make("grid", res, occupancy=True)
+        formed(skip)
+        dense.field.load_state_dict(skip.field.state_dict())
+        dense.step_count = skip.step_count = 10**6
+        steps = 5 if args.quick else 20
+        rd, rs = time_steps(dense, live, steps), time_steps(skip, live, steps)
+        print(f"| | {res}² | {rd['its_per_s']:.2f} | {rs['its_per_s']:.2f} | {rs['its_per_s'] / rd['its_per_s']:.2f}× | "
+              f"{rd['samples']:.0f} → {rs['samples']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
