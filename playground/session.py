@@ -242,8 +242,13 @@ class Session:
     def vocabulary(self) -> list[str] | None:
         """The loaded prior's vocabulary, if it has a fixed one (the embedded prior)."""
         prior = self._priors.get(self.prior_spec)
-        vocab = getattr(prior, "vocabulary", None) if prior is not None else None
-        return sorted(vocab) if vocab else None
+        tokenizer = getattr(getattr(prior, "model", None), "tokenizer", None)
+        vocab = getattr(prior, "vocabulary", None) or getattr(tokenizer, "vocab", None)
+        if vocab is None and self.prior_spec.split(":")[0] == "embedded":  # not loaded yet: the shipped list
+            from engine.priors.embedded import vocabulary
+
+            vocab = vocabulary()
+        return list(vocab) if vocab else None
 
     # -- rendering for people ------------------------------------------------------------------------
     def render_source(self) -> Snapshot | None:

@@ -1,83 +1,60 @@
 """A frozen copy of a trainer's field for rendering outside the training lock (viewer frames, previews).
 
-Copying the small field, background and occupancy grid takes milliseconds under the lock; rendering
-then runs on the caller's thread while training goes on. The grid backbone generates its dense grid
-once per copy (`prepare()`), not once per frame, which is what makes low-resolution frames cheap.
+It wraps the engine's `RenderSource` (copied in milliseconds under the lock) and renders with the
+engine's `render_mode_image`, so the viewer's modes look exactly like the exports'. One difference:
+the grid backbone generates its dense grid once per copy (`prepare()` is cached), not once per frame,
+which is what makes the viewer's low-resolution frames cheap.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 
 import torch
 from torch import Tensor
 
-from engine.cameras import Cameras, Light, make_light
+from engine.cameras import Cameras
 from engine.config import LiveParams
-from engine.render import render
+from engine.export import MODES, RenderSource, render_mode_image
 
-RENDER_MODES = ("lambertian", "albedo", "textureless", "normal", "depth", "opacity")
+RENDER_MODES = MODES  # lambertian, albedo, textureless, normal, depth, opacity
 
 
-class _FrozenField:
-    """Duck-types engine.field.Field for engine.render.render, with the prepared query computed once."""
+class _PreparedField:
+    """Duck-types engine.field.Field for the renderer, with `prepare()` computed once for this frozen copy."""
 
     def __init__(self, field):
         self.cfg = field.cfg
         self._field = field
-        self._query = None
+        self._queries: dict[bool, object] = {}
         self._mu = threading.Lock()  # two viewer threads may ask at once: prepare only once
 
-    def prepare(self):
+    def prepare(self, occupied_fn=None):
+        """The field's query, computed once. The copy's occupancy grid never changes, so a query prepared
+        with one `occupied_fn` serves every later render of this copy."""
+        key = occupied_fn is not None
         with self._mu:
-            if self._query is None:
+            if key not in self._queries:
                 with torch.no_grad():
-                    self._query = self._field.prepare()
-            return self._query
+                    self._queries[key] = self._field.prepare(occupied_fn)
+            return self._queries[key]
+
+    def query_density(self, x: Tensor) -> Tensor:
+        inside = x.norm(dim=-1) <= self.cfg.radius
+        return self.prepare()(x).density * inside
 
 
 class Snapshot:
-    """Field, background and occupancy grid of a trainer at one step. Build it under the session lock."""
+    """The field of a trainer at one step. Build it under the session lock; render it anywhere."""
 
     def __init__(self, trainer):
-        self.key = (id(trainer), trainer.step_count)
-        self.step = trainer.step_count
-        self.cfg, self.device = trainer.cfg, trainer.device
-        field = copy.deepcopy(trainer.field).eval()
-        for p in field.parameters():
-            p.requires_grad_(False)
-        self.field = _FrozenField(field)
-        self.background = copy.deepcopy(trainer.background).eval()
-        use_grid = trainer.estimator is not None and trainer.step_count >= trainer.cfg.render.occupancy_warmup
-        self.estimator = copy.deepcopy(trainer.estimator) if use_grid else None
-
-    def light_for(self, cams: Cameras, live: LiveParams) -> Light:
-        """The live light when fixed; otherwise a light at each camera (a viewer has no random light)."""
-        if live.light_mode != "fixed":
-            live = LiveParams(light_mode="camera", light_color=live.light_color, ambient=live.ambient)
-        return make_light(cams, live, self.cfg.camera, None)
+        self.key = (id(trainer), trainer.step_count)  # identifies run and step: a new copy when either changes
+        self.source = RenderSource.from_trainer(trainer)
+        self.source.field = _PreparedField(self.source.field)
+        self.step = self.source.step
 
     @torch.no_grad()
     def render(self, cams: Cameras, height: int, width: int, mode: str = "lambertian",
-               live: LiveParams | None = None, light: Light | None = None) -> Tensor:
-        """[B, 3, H, W] in [0, 1] in one of RENDER_MODES."""
-        if mode not in RENDER_MODES:
-            raise ValueError(f"render mode must be one of {', '.join(RENDER_MODES)}; got {mode!r}")
-        live = live or LiveParams()
-        cams = cams.to(self.device)
-        light = (light or self.light_for(cams, live)).to(self.device)
-        shading = mode if mode in ("lambertian", "albedo", "textureless", "normal") else "albedo"
-        bg = (torch.tensor(self.cfg.background.color, device=self.device)
-              if self.cfg.background.kind == "random" else None)
-        out = render(self.field, self.background, cams, height, width, shading=shading, light=light,
-                     cfg=self.cfg.render, estimator=self.estimator, bg_color=bg)
-        if mode == "opacity":
-            return out.opacity.expand(-1, 3, -1, -1).clamp(0, 1)
-        if mode == "depth":  # near surfaces bright, far dark, empty black
-            r = self.cfg.field.radius
-            dist = cams.distance.view(-1, 1, 1, 1)
-            d = out.depth / out.opacity.clamp(min=1e-4)
-            v = (1.0 - (d - (dist - r)) / (2 * r)).clamp(0, 1) * (out.opacity > 0.05)
-            return v.expand(-1, 3, -1, -1)
-        return out.rgb.clamp(0, 1)
+               live: LiveParams | None = None) -> Tensor:
+        """[B, 3, H, W] in [0, 1] in one of RENDER_MODES; the light is the live one when fixed, else at the camera."""
+        return render_mode_image(self.source, cams, height, width, mode, live)

@@ -11,6 +11,7 @@ The point light is a gizmo the user can drag; it sets the fixed light the pane's
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -76,6 +77,7 @@ class ClientRenderer:
         self.sent: tuple | None = None  # (camera stamp, snapshot key, mode, resolution) of the last frame sent
         self.full_at, self.full_cost = 0.0, 0.0  # when the last full frame was sent and its render time
         self.frames, self.last_frame_s = 0, 0.0
+        self.log: collections.deque = collections.deque(maxlen=2000)  # (sent at, long side, render s) per frame
         self._stamp = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -138,6 +140,7 @@ class ClientRenderer:
         self._send(to_uint8(img)[0])
         cost = time.perf_counter() - t0
         self.sent, self.frames, self.last_frame_s = (stamp, snap.key, mode, res), self.frames + 1, cost
+        self.log.append((time.perf_counter(), res, cost))
         if res == self.viewer.full_res:
             self.full_at, self.full_cost = time.perf_counter(), cost
         else:
