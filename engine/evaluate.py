@@ -60,8 +60,8 @@ class Classifier(nn.Module):
         super().__init__()
         layers, c_in = [], 3
         for c in (width, 2 * width, 4 * width):
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
-                       nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1),
+                       nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
             c_in = c
         self.features = nn.Sequential(*layers)
         self.color = nn.Linear(c_in, len(COLOR_NAMES))
@@ -94,16 +94,30 @@ def _augment(x: Tensor, g: torch.Generator) -> Tensor:
     return (x + 0.03 * torch.rand((), generator=g) * torch.randn(x.shape, generator=g)).clamp(0, 1)
 
 
-def train_classifier(n_images: int = 8192, epochs: int = 6, seed: int = 1, out: Path | None = CLASSIFIER,
-                     batch: int = 64) -> tuple[Classifier, dict]:
-    """Train on fresh world renders (seed differs from the prior's); returns the model and held-out accuracy."""
+def classifier_data(n_images: int, seed: int, cache: Path | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """World renders for the classifier: images [N, 3, 32, 32], colour, shape, has-colour; cached if asked."""
+    if cache is not None and Path(cache).exists():
+        d = torch.load(cache)
+        if len(d["colors"]) == n_images and d["seed"] == seed:
+            return d["imgs"].float() / 255, d["colors"], d["shapes"], d["has_color"]
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     chunks = [world.sample_scenes(min(512, n_images - i), g) for i in range(0, n_images, 512)]
     imgs = torch.cat([world.render_scenes(sc)[0] for sc in chunks])
     colors = torch.tensor([COLOR_NAMES.index(c) for sc in chunks for c in sc["colors"]])
     shapes = torch.tensor([SHAPE_NAMES.index(s) for sc in chunks for s in sc["shapes"]])
     has_color = torch.tensor([m != "textureless" for sc in chunks for m in sc["shading"]])
+    if cache is not None:
+        torch.save({"imgs": (imgs * 255).round().byte(), "colors": colors, "shapes": shapes, "has_color": has_color,
+                    "seed": seed}, cache)
+    return imgs, colors, shapes, has_color
+
+
+def train_classifier(n_images: int = 8192, epochs: int = 6, seed: int = 1, out: Path | None = CLASSIFIER,
+                     batch: int = 64, cache: Path | None = None) -> tuple[Classifier, dict]:
+    """Train on fresh world renders (seed differs from the prior's); returns the model and held-out accuracy."""
+    imgs, colors, shapes, has_color = classifier_data(n_images, seed, cache)
+    g = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed)
     n_val = max(1, n_images // 10)
     model = Classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -190,6 +204,16 @@ def trainer_render_fn(trainer, size: int = 32) -> RenderFn:
     return fn
 
 
+def evaluate_run(run_dir: str | Path, n_views: int = 16, seed: int = 0, prompt: str | None = None,
+                 size: int = 32) -> dict:
+    """evaluate() of the run saved in run_dir (prompt: the run's own unless given); what `engine eval` prints."""
+    from engine.checkpoint import restore
+    from engine.priors.analytic import GaussianPrior
+
+    trainer, live = restore(run_dir, prior=GaussianPrior())  # rendering needs no prior: skip loading the run's
+    return evaluate(trainer_render_fn(trainer, size), prompt or live.prompt, n_views, seed)
+
+
 @torch.no_grad()
 def prior_sample_accuracy(model, n_per_caption: int = 2, guidance_scale: float = 3.0, steps: int = 50,
                           seed: int = 0, classifier: Classifier | None = None, grid: Path | None = None) -> dict:
@@ -219,12 +243,14 @@ def main(argv=None) -> None:
     ap.add_argument("--weights", default=None, help="prior-samples: embedded prior weights (default: shipped)")
     ap.add_argument("--grid", default=None, help="prior-samples: write a sample grid PNG here")
     ap.add_argument("--images", type=int, default=8192, help="train-classifier: renders to train on")
+    ap.add_argument("--epochs", type=int, default=20, help="train-classifier: passes over the renders")
+    ap.add_argument("--cache", default=None, help="train-classifier: keep the renders in this .pt file")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     if args.command == "train-classifier":
-        _, res = train_classifier(args.images)
+        _, res = train_classifier(args.images, args.epochs, cache=Path(args.cache) if args.cache else None)
     else:
         from engine.priors.embedded import EmbeddedPrior
 
