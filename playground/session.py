@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 STATES = ("idle", "running", "paused", "done", "error")
 EXPORTS = ("checkpoint", "snapshot", "video", "mesh")
+EXPORT_DEFAULTS = {"video": {"frames": 60, "size": 128}, "mesh": {"resolution": 96}}  # sized for a CPU
 
 
 def live_dict(live: LiveParams) -> dict:
@@ -300,7 +301,7 @@ class Session:
             raise ValueError(f"export must be one of {', '.join(EXPORTS)}; got {kind!r}")
         if self.trainer is None:
             raise ValueError("nothing to export yet: start a run first")
-        future = self._pool.submit(self._export, kind, kwargs)
+        future = self._pool.submit(self._export, kind, {**EXPORT_DEFAULTS.get(kind, {}), **kwargs})
         future.add_done_callback(lambda f: self.exports.append(
             f"{kind} failed: {f.exception()}" if f.exception() else
             f"{kind}: " + ", ".join(str(p) for p in f.result().values())))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,17 @@ def test_render_source_renders_every_mode_while_training(session):
         snap.render(cams, 8, 8, "xray")
     wait_for(lambda: session.render_source().step > snap.step, what="a fresher copy")
     assert wait_for(lambda: session.preview(), what="a preview")[1].shape == (64, 256, 3)
+
+
+def test_exports_run_on_the_worker_and_report(session, tmp_path):
+    session.start()
+    wait_for(lambda: session.step >= 3)
+    paths = session.export("snapshot", size=32).result(timeout=60)
+    assert Path(paths["png"]).is_file() and Path(paths["png"]).parent.parent == tmp_path
+    video = session.export("video", frames=4, size=32).result(timeout=60)
+    assert Path(video["video"]).is_file()
+    assert Path(session.export("checkpoint").result(timeout=60)["checkpoint"], "checkpoint.json").is_file()
+    assert session.state == "running", "exports do not stop training"
+    wait_for(lambda: len(session.status()["exports"]) == 3, what="export reports")
+    with pytest.raises(ValueError):
+        session.export("hologram")
