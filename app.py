@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="views per training step")
     p.add_argument("--samples", type=int, default=None, help="samples per ray")
     p.add_argument("--viewer-resolution", type=int, default=256, help="long side of full viewer frames")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: training and each viewer "
+                   "render then run side by side; more threads fight over a small, shared CPU)")
     p.add_argument("--start", action="store_true", help="start training at launch")
     return p
 
@@ -86,6 +88,7 @@ def make_session(args):
     from engine.config import Config, LiveParams
     from playground.session import Session
 
+    torch.set_num_threads(max(1, args.threads))
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

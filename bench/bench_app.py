@@ -73,7 +73,7 @@ def its_over(session, seconds: float) -> float:
 
 def orbit_drag(page, seconds: float, radius: float = 60.0) -> None:
     """Drag the mouse in circles on the canvas for `seconds` (the camera keeps moving)."""
-    cx, cy = 128, 128
+    cx, cy = 150, 360  # lower left of a 512x512 page: clear of viser's control panel
     page.mouse.move(cx + radius, cy)
     page.mouse.down()
     t0 = time.perf_counter()
@@ -88,7 +88,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prior", default="oracle:cube")
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each its/s and frame-rate window")
-    ap.add_argument("--warmup-steps", type=int, default=80)
+    ap.add_argument("--warmup-steps", type=int, default=100, help="steps before measuring (occupancy grid in use)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, as app.py's --threads")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating windows without / with a viewer")
     ap.add_argument("--out", default=str(ROOT / "bench" / "app_results.json"))
     args = ap.parse_args()
 
@@ -102,6 +104,7 @@ def main() -> int:
     from playground.session import Session
     from playground.viewer import Viewer
 
+    torch.set_num_threads(args.threads)
     cfg = Config(prior=args.prior, steps=10**6)
     session = Session(cfg)
     session.start()
@@ -109,24 +112,30 @@ def main() -> int:
         if session.state == "error":
             raise RuntimeError(session.error)
         time.sleep(0.2)
-    alone = its_over(session, args.seconds)
-    print(f"its/s without a viewer: {alone:.2f}", flush=True)
-
     viewer = Viewer(session, port=free_port(), full_res=256, low_res=64)
-    res: dict = {}
+    alone, at_rest, full_refreshes = [], [], 0
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 256, "height": 256})
-        page.goto(viewer.url)
-        end = time.perf_counter() + 180
-        while not viewer.clients or not any(r.sent and r.sent[3] == 256 for r in viewer.clients.values()):
-            if time.perf_counter() > end:
-                raise RuntimeError("the viewer sent no full-resolution frame in 180 s")
-            time.sleep(0.1)
-        client = next(iter(viewer.clients.values()))
-        at_rest = its_over(session, args.seconds)
-        full_refreshes = sum(1 for t, r, _ in client.log if r == 256 and t > time.perf_counter() - args.seconds)
-        print(f"its/s with a viewer at rest: {at_rest:.2f} ({full_refreshes} full frames)", flush=True)
+
+        def open_viewer():
+            page = browser.new_page(viewport={"width": 512, "height": 512})  # square canvas: 256x256 frames
+            page.goto(viewer.url)
+            end = time.perf_counter() + 180
+            while not viewer.clients or not any(r.sent and r.sent[3] == 256 for r in viewer.clients.values()):
+                if time.perf_counter() > end:
+                    raise RuntimeError("the viewer sent no full-resolution frame in 180 s")
+                time.sleep(0.1)
+            return page, next(iter(viewer.clients.values()))
+
+        for _ in range(args.rounds):  # alternate, so that changes in the machine's load hit both alike
+            alone.append(its_over(session, args.seconds))
+            page, client = open_viewer()
+            at_rest.append(its_over(session, args.seconds))
+            full_refreshes += sum(1 for t, r, _ in client.log if r == 256 and t > time.perf_counter() - args.seconds)
+            print(f"its/s alone {alone[-1]:.2f}, with a viewer at rest {at_rest[-1]:.2f}", flush=True)
+            page.close()
+            time.sleep(1.0)
+        page, client = open_viewer()
 
         s0, t0, n0 = session.step, time.perf_counter(), len(client.log)
         orbit_drag(page, args.seconds)
@@ -157,12 +166,15 @@ def main() -> int:
     session.stop()
 
     res = {"machine": f"{os.cpu_count()}-core CPU, torch {torch.__version__}", "prior": args.prior,
+           "torch_threads": args.threads,
            "config": {"resolution": cfg.render.resolution, "batch_size": cfg.camera.batch_size,
                       "num_samples": cfg.render.num_samples},
            "load_average_at_end": os.getloadavg(),
            "ready_s": ready, "ready_median_s": statistics.median(ready),
            "its_alone": alone, "its_viewer_at_rest": at_rest, "its_viewer_moving": moving,
-           "fraction_at_rest": at_rest / alone, "fraction_moving": moving / alone,
+           "full_frames_at_rest": full_refreshes,
+           "fraction_at_rest": statistics.median(at_rest) / statistics.median(alone),
+           "fraction_moving": moving / statistics.median(alone),
            "moving_fps": fps, "moving_low_res_frames": len(low), "moving_frames": len(frames),
            "to_full_res_s": to_full, "to_full_res_median_s": statistics.median(to_full) if to_full else None,
            "render_ms_low_median": 1e3 * statistics.median(low_cost) if low_cost else None,

@@ -107,3 +107,21 @@ def test_port_taken_is_a_clear_message(playground_app, free_port):
 def test_public_host_needs_auth():
     r = _run_app("--host", "0.0.0.0")
     assert r.returncode != 0 and "--auth" in r.stderr
+
+
+def test_viewer_camera_conversion_matches_the_engine():
+    import numpy as np
+    import torch
+    import viser.transforms as vtf
+
+    from engine.cameras import look_at
+    from playground.viewer import frame_size, point_of, spherical_of, viser_to_c2w
+
+    eye = torch.tensor([[2.0, -1.0, 1.5]])
+    gl = look_at(eye, torch.zeros(1, 3), torch.tensor([[0.0, 0.0, 1.0]]))[0].double().numpy()
+    cv = gl[:3, :3] @ np.diag([1.0, -1.0, -1.0])  # what viser reports: looks down +z, y down
+    c2w = viser_to_c2w(eye[0].numpy(), vtf.SO3.from_matrix(cv).wxyz)
+    assert np.allclose(c2w, gl, atol=1e-6)
+    assert frame_size(256, 4 / 3) == (192, 256) and frame_size(256, 0.5) == (256, 128)
+    az, el, dist = spherical_of(point_of(120.0, -30.0, 4.0))
+    assert np.allclose((az, el, dist), (120.0, -30.0, 4.0))
