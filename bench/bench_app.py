@@ -90,11 +90,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each its/s and frame-rate window")
     ap.add_argument("--warmup-steps", type=int, default=100, help="steps before measuring (occupancy grid in use)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, as app.py's --threads")
+    ap.add_argument("--ready-runs", type=int, default=3, help="launches of app.py timed (0 skips)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating windows without / with a viewer")
     ap.add_argument("--out", default=str(ROOT / "bench" / "app_results.json"))
     args = ap.parse_args()
 
-    ready = [time_ready(args.prior) for _ in range(3)]
+    ready = [time_ready(args.prior) for _ in range(args.ready_runs)]
     print(f"ready: {[round(r, 2) for r in ready]} s", flush=True)
 
     import torch
@@ -170,7 +171,7 @@ def main() -> int:
            "config": {"resolution": cfg.render.resolution, "batch_size": cfg.camera.batch_size,
                       "num_samples": cfg.render.num_samples},
            "load_average_at_end": os.getloadavg(),
-           "ready_s": ready, "ready_median_s": statistics.median(ready),
+           "ready_s": ready, "ready_median_s": statistics.median(ready) if ready else None,
            "its_alone": alone, "its_viewer_at_rest": at_rest, "its_viewer_moving": moving,
            "full_frames_at_rest": full_refreshes,
            "fraction_at_rest": statistics.median(at_rest) / statistics.median(alone),

@@ -8,6 +8,8 @@ which is what makes the viewer's low-resolution frames cheap.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 
 import torch
@@ -52,9 +54,23 @@ class Snapshot:
         self.source = RenderSource.from_trainer(trainer)
         self.source.field = _PreparedField(self.source.field)
         self.step = self.source.step
+        self._variants: dict[int, RenderSource] = {}
+        self._mu = threading.Lock()
+
+    def with_samples(self, samples: int | None) -> RenderSource:
+        """The source rendering `samples` per ray (the viewer trades samples for frame rate); same field."""
+        if not samples or samples == self.source.cfg.render.num_samples:
+            return self.source
+        with self._mu:
+            if samples not in self._variants:
+                cfg = copy.deepcopy(self.source.cfg)
+                cfg.render.num_samples = int(samples)
+                self._variants[samples] = dataclasses.replace(self.source, cfg=cfg)
+            return self._variants[samples]
 
     @torch.no_grad()
     def render(self, cams: Cameras, height: int, width: int, mode: str = "lambertian",
-               live: LiveParams | None = None) -> Tensor:
-        """[B, 3, H, W] in [0, 1] in one of RENDER_MODES; the light is the live one when fixed, else at the camera."""
-        return render_mode_image(self.source, cams, height, width, mode, live)
+               live: LiveParams | None = None, samples: int | None = None) -> Tensor:
+        """[B, 3, H, W] in [0, 1] in one of RENDER_MODES; the light is the live one when fixed, else at the camera.
+        `samples` per ray defaults to the training's."""
+        return render_mode_image(self.with_samples(samples), cams, height, width, mode, live)

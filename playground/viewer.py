@@ -136,7 +136,8 @@ class ClientRenderer:
         focal = (0.5 / math.tan(cam.fov / 2)) * H / W  # engine focal is in units of the image width
         t0 = time.perf_counter()
         with torch.no_grad():
-            img = snap.render(camera_from_c2w(c2w, focal), H, W, MODE_LABELS[mode], self.session.used)
+            samples = self.viewer.full_samples if res == self.viewer.full_res else self.viewer.low_samples
+            img = snap.render(camera_from_c2w(c2w, focal), H, W, MODE_LABELS[mode], self.session.used, samples)
         self._send(to_uint8(img)[0])
         cost = time.perf_counter() - t0
         self.sent, self.frames, self.last_frame_s = (stamp, snap.key, mode, res), self.frames + 1, cost
@@ -156,14 +157,20 @@ class Viewer:
     """A viser server showing the session's field; `url` is where a browser opens it."""
 
     def __init__(self, session: Session, host: str = "127.0.0.1", port: int = 8080, low_res: int = 64,
-                 full_res: int = 256, still_s: float = 0.2, refresh_s: float = 1.0, refresh_factor: float = 4.0,
-                 jpeg_quality: int = 85, show_training_cameras: bool = False):
+                 full_res: int = 256, low_samples: int = 24, full_samples: int = 32, still_s: float = 0.2,
+                 refresh_s: float = 1.0, refresh_factor: float = 4.0, jpeg_quality: int = 85,
+                 show_training_cameras: bool = False):
+        """low_res / full_res: long side of frames while the camera moves / rests; *_samples: samples per
+        ray of each (32 samples step about one cell of the 32^3 grid); a frame at rest is refreshed as the
+        field changes, at most every max(refresh_s, refresh_factor x its render time)."""
         self.session, self.low_res, self.full_res, self.still_s = session, low_res, full_res, still_s
+        self.low_samples, self.full_samples = low_samples, full_samples
         self.refresh_s, self.refresh_factor, self.jpeg_quality = refresh_s, refresh_factor, jpeg_quality
         self.server = viser.ViserServer(host=host, port=port, label="DreamFusion Playground", verbose=False)
         self.port = self.server.get_port()
         self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
         self.clients: dict[int, ClientRenderer] = {}
+        self._retired: list[ClientRenderer] = []  # stopped on disconnect; joined on stop()
         scene = self.server.scene
         scene.set_up_direction("+z")
         self.server.initial_camera.position = (2.6, 1.2, 1.2)
@@ -189,6 +196,7 @@ class Viewer:
         r = self.clients.pop(client.client_id, None)
         if r is not None:
             r.stop()
+            self._retired = [x for x in self._retired if x.thread.is_alive()] + [r]
 
     def _light_moved(self) -> None:
         self._dragged_at = time.perf_counter()
@@ -231,8 +239,9 @@ class Viewer:
                 self._frustum_handles.append(h)
 
     def stop(self) -> None:
-        for r in list(self.clients.values()):
+        renderers = list(self.clients.values()) + self._retired
+        for r in renderers:
             r.stop()
-        for r in list(self.clients.values()):
-            r.thread.join(timeout=5)
+        for r in renderers:
+            r.thread.join(timeout=10)
         self.server.stop()
