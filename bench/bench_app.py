@@ -5,7 +5,11 @@ viewer costs training.
 2. its/s of training with no viewer (after a warm-up, so the occupancy grid is in use).
 3. one viewer attached (headless Chromium on the viser URL, 256x256 canvas), camera at rest: its/s.
 4. the same viewer while the camera orbits (the mouse drags in circles): frames/s delivered, its/s.
-5. time from the camera's last move to the full-resolution (256) frame being sent (median of 5).
+   Headless Chromium draws viser's canvas in software (SwiftShader) on the same 2 cores, so this is
+   bounded by how often the browser sends camera updates; hence also:
+5. server side, while training: frames/s of the viewer's render path (copy, 64x64 render, JPEG) for a
+   camera that moves every frame, and the time of one 256x256 frame.
+6. time from the camera's last move to the full-resolution (256) frame being sent (median of 5).
 
     python bench/bench_app.py                      # oracle:cube prior, ~3 min
     python bench/bench_app.py --prior embedded     # once assets/embedded_prior.safetensors exists
@@ -84,6 +88,35 @@ def orbit_drag(page, seconds: float, radius: float = 60.0) -> None:
     page.mouse.up()
 
 
+def render_capacity(session, seconds: float) -> dict:
+    """Frames/s the viewer's render path (fresh copy of the field, render, JPEG) sustains while training runs,
+    for a camera orbiting on every frame (64x64, 24 samples), and the time of one 256x256 frame (32 samples)."""
+    import io
+
+    from PIL import Image
+
+    from engine.cameras import fixed_views
+    from engine.export import to_uint8
+
+    def frame(i: int, size: int, samples: int) -> None:
+        snap = session.render_source()
+        img = snap.render(fixed_views([7.0 * i], [20.0], distance=3.0), size, size, "lambertian", session.used,
+                          samples)
+        Image.fromarray(to_uint8(img)[0]).save(io.BytesIO(), format="JPEG", quality=85)
+
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        frame(n, 64, 24)
+        n += 1
+    fps = n / (time.perf_counter() - t0)
+    full = []
+    for i in range(5):
+        t = time.perf_counter()
+        frame(i, 256, 32)
+        full.append(time.perf_counter() - t)
+    return {"low_fps": round(fps, 2), "full_s": [round(x, 3) for x in full], "full_median_s": statistics.median(full)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prior", default="oracle:cube")
@@ -113,6 +146,9 @@ def main() -> int:
         if session.state == "error":
             raise RuntimeError(session.error)
         time.sleep(0.2)
+    server_side = render_capacity(session, args.seconds / 2)
+    print(f"server-side, while training: {server_side}", flush=True)
+
     viewer = Viewer(session, port=free_port(), full_res=256, low_res=64)
     alone, at_rest, full_refreshes = [], [], 0
     with sync_playwright() as p:
@@ -171,7 +207,8 @@ def main() -> int:
            "config": {"resolution": cfg.render.resolution, "batch_size": cfg.camera.batch_size,
                       "num_samples": cfg.render.num_samples},
            "load_average_at_end": os.getloadavg(),
-           "ready_s": ready, "ready_median_s": statistics.median(ready) if ready else None,
+           "server_side_while_training": server_side, "ready_s": ready,
+           "ready_median_s": statistics.median(ready) if ready else None,
            "its_alone": alone, "its_viewer_at_rest": at_rest, "its_viewer_moving": moving,
            "full_frames_at_rest": full_refreshes,
            "fraction_at_rest": statistics.median(at_rest) / statistics.median(alone),
