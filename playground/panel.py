@@ -58,9 +58,9 @@ def status_markdown(st: dict) -> str:
     lines = [f"**{icon} {st['state']}** · step **{st['step']}** / {st['steps']} · **{st['its_per_s']:.2f}** it/s · "
              f"loss {loss} · prior `{st['prior']}`", ""]
     if st["error"]:
-        lines.append(f"**Error:** {html.escape(st['error'])}")
+        lines.append(f"**Error:** {html.escape(st['error'], quote=False)}")
     elif st["message"]:
-        lines.append(html.escape(st["message"]))
+        lines.append(html.escape(st["message"], quote=False))
     return "\n".join(lines)
 
 
@@ -69,7 +69,7 @@ def vocabulary_markdown(session: Session) -> str:
     st, vocab = session.status(), session.vocabulary()
     parts = []
     if st["warnings"]:
-        parts.append("**⚠ " + html.escape("; ".join(st["warnings"])) + "**")
+        parts.append("**⚠ " + html.escape("; ".join(st["warnings"]), quote=False) + "**")
     if vocab:
         parts.append("Words this prior knows: " + ", ".join(f"`{w}`" for w in vocab))
     return "\n\n".join(parts)

@@ -201,3 +201,30 @@ def test_exports_run_on_the_worker_and_report(session, tmp_path):
     wait_for(lambda: len(session.status()["exports"]) == 3, what="export reports")
     with pytest.raises(ValueError):
         session.export("hologram")
+
+
+def test_vocabulary_and_unknown_words_are_shown(tmp_path):
+    def loader(spec, device="cpu"):
+        prior = load_prior("oracle:cube", device=device)
+        encode = prior.encode_prompt
+
+        def flagging(prompt, negative_prompt=""):
+            emb = encode(prompt, negative_prompt)
+            emb.warnings = [f"the prior ignored {w!r}" for w in prompt.split() if w not in ("a", "red", "cube")]
+            return emb
+
+        prior.encode_prompt, prior.vocabulary = flagging, ["a", "red", "cube"]
+        return prior
+
+    from playground.panel import vocabulary_markdown
+
+    s = Session(tiny_config(), out_root=tmp_path, prior_loader=loader)
+    try:
+        s.start()
+        wait_for(lambda: s.step >= 1)
+        s.set_params(prompt="a red shiny cube")
+        wait_for(lambda: s.status()["warnings"], what="the unknown word to be flagged")
+        text = vocabulary_markdown(s)
+        assert "'shiny'" in text and "`cube`" in text
+    finally:
+        s.stop()
