@@ -32,7 +32,7 @@ def cmd_run(args) -> int:
 
     from engine.cameras import preview_cameras
     from engine.checkpoint import live_from_meta, load_into, read_checkpoint, save_checkpoint
-    from engine.config import Config, LiveParams
+    from engine.config import Config, live_defaults, preset
     from engine.export import run_folder, save_png, tile
     from engine.priors import load_prior
     from engine.trainer import Trainer
@@ -46,16 +46,17 @@ def cmd_run(args) -> int:
             cfg.steps = args.steps
         out = Path(args.out or args.resume)
     else:
-        cfg = Config(prior=args.prior or "embedded", seed=args.seed)
+        cfg = preset(args.prior or "embedded", device)
+        cfg.seed = args.seed
         if args.steps is not None:
             cfg.steps = args.steps
         if args.backbone:
             cfg.field.backbone = args.backbone
         if args.resolution:
             cfg.render.resolution = args.resolution
-        live = LiveParams(prompt=args.prompt, negative_prompt=args.negative_prompt,
-                          guidance_scale=args.guidance_scale if args.guidance_scale is not None else
-                          LiveParams.guidance_scale, seed=args.seed).validated()
+        given = {"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {}
+        live = live_defaults(cfg.prior, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                             **given)
         out = Path(args.out) if args.out else run_folder(args.out_root, args.prompt)
     if cfg.steps < 1:
         raise ValueError(f"--steps must be a positive integer; got {cfg.steps}")
@@ -125,6 +126,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from engine.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, n_views=args.views, seed=args.seed, prompt=args.prompt)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine.priors import PRIOR_HELP
 
@@ -166,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--decimate", type=int, default=None, metavar="FACES", help="cap the mesh's face count")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.set_defaults(fn=cmd_export)
+
+    v = sub.add_parser("eval", help="score a saved run: toy R-Precision and silhouette agreement, as JSON")
+    v.add_argument("--run", required=True, metavar="DIR", help="run folder with checkpoint.safetensors/.json")
+    v.add_argument("--views", type=int, default=16, help="random views to score")
+    v.add_argument("--seed", type=int, default=0, help="seed of the views")
+    v.add_argument("--prompt", default=None, help="score against this prompt instead of the run's")
+    v.set_defaults(fn=cmd_eval)
     return p
 
 

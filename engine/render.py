@@ -58,11 +58,28 @@ def make_occupancy(radius: float, resolution: int, device="cpu") -> nerfacc.OccG
 def occupied(estimator: nerfacc.OccGridEstimator, x: Tensor) -> Tensor:
     """Whether points x [..., 3] fall in occupied cells of the estimator's first level (torch lookup)."""
     grid = estimator.binaries[0]  # [res, res, res], indexed (x, y, z)
-    res = torch.tensor(grid.shape, device=x.device)
+    n = grid.shape[0]
     lo, hi = estimator.aabbs[0, :3], estimator.aabbs[0, 3:]
-    idx = ((x - lo) / (hi - lo) * res).long()
-    idx = torch.minimum(idx.clamp(min=0), res - 1)
-    return grid[idx[..., 0], idx[..., 1], idx[..., 2]]
+    idx = ((x - lo) * (n / (hi - lo))).clamp_(0, n - 1).long()
+    flat = (idx[..., 0] * n + idx[..., 1]) * n + idx[..., 2]
+    return grid.reshape(-1)[flat]
+
+
+def occupied_box(estimator: nerfacc.OccGridEstimator) -> tuple[Tensor, Tensor] | None:
+    """Corners of the box bounding all occupied cells, or None when nothing is occupied."""
+    cells = estimator.binaries[0].nonzero()
+    if cells.numel() == 0:
+        return None
+    lo, hi = estimator.aabbs[0, :3], estimator.aabbs[0, 3:]
+    size = (hi - lo) / estimator.binaries.shape[1]
+    return lo + cells.min(0).values * size, lo + (cells.max(0).values + 1) * size
+
+
+def box_intersect(o: Tensor, d: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Slab-test entry and exit distances of rays with an axis-aligned box (exit < entry: a miss)."""
+    inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
+    t1, t2 = (lo - o) * inv, (hi - o) * inv
+    return torch.minimum(t1, t2).amax(-1), torch.maximum(t1, t2).amin(-1)
 
 
 def _shade_samples(query, x: Tensor, d: Tensor, view: Tensor, mode: str, light: Light):
@@ -75,18 +92,36 @@ def _shade_samples(query, x: Tensor, d: Tensor, view: Tensor, mode: str, light: 
 
 def _composite_batched(query, o, d, view, near, far, hit, cfg: RenderConfig, radius, mode, light,
                        estimator, generator):
-    """CPU path on [R, S]. Returns per-ray values [R, 10], opacity [R, 1], depth [R, 1], samples."""
+    """CPU path: only rays that meet the (occupied part of the) sphere are sampled, S samples each.
+    Returns per-ray values [R, 10], opacity [R, 1], depth [R, 1] and the number of field samples."""
+    R = o.shape[0]
+    rays = hit.nonzero(as_tuple=True)[0]
+    if generator is not None:  # draw the jitter for every ray, so the random stream does not depend on hits
+        u_all = torch.rand(R, cfg.num_samples, generator=generator, device=generator.device).to(o)
+    if rays.numel() < R:
+        u = u_all[rays] if generator is not None else None
+        acc, opacity, depth, n = _composite_rays(query, o[rays], d[rays], view[rays], near[rays], far[rays], cfg,
+                                                 mode, light, estimator, u)
+        out = [torch.zeros(R, t.shape[1], device=o.device, dtype=t.dtype).index_put((rays,), t)
+               for t in (acc, opacity, depth)]
+        return (*out, n)
+    return _composite_rays(query, o, d, view, near, far, cfg, mode, light, estimator,
+                           u_all if generator is not None else None)
+
+
+def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light, estimator, u):
+    """Samples, occupancy mask, shading and nerfacc's batched compositing for rays that all hit."""
     R, S = o.shape[0], cfg.num_samples
     steps = torch.arange(S + 1, device=o.device, dtype=o.dtype) / S
     edges = near[:, None] + (far - near)[:, None] * steps  # [R, S+1]
     t0, t1 = edges[:, :-1], edges[:, 1:]
-    u = torch.rand(R, S, generator=generator, device=generator.device).to(o) if generator is not None else 0.5
-    tm = t0 + (t1 - t0) * u
+    tm = t0 + (t1 - t0) * (u if u is not None else 0.5)
     x = o[:, None, :] + d[:, None, :] * tm[..., None]  # [R, S, 3]
-    mask = hit[:, None].expand(R, S)
     if estimator is not None:
-        mask = mask & occupied(estimator, x)
-    ray_idx, smp_idx = mask.nonzero(as_tuple=True)  # only occupied samples are evaluated and shaded
+        ray_idx, smp_idx = occupied(estimator, x).nonzero(as_tuple=True)
+    else:
+        ray_idx, smp_idx = (i.reshape(-1) for i in torch.meshgrid(torch.arange(R, device=o.device),
+                                                                  torch.arange(S, device=o.device), indexing="ij"))  # only occupied samples are evaluated and shaded
     sig, val = _shade_samples(query, x[ray_idx, smp_idx], d[ray_idx], view[ray_idx], mode, light)
     sigma = torch.zeros(R, S, device=o.device, dtype=sig.dtype).index_put((ray_idx, smp_idx), sig)
     weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sigma)  # batched: runs on CPU
@@ -136,6 +171,13 @@ def render(field: Field, background: Background, cams: Cameras, height: int, wid
     view = torch.arange(B, device=o.device).repeat_interleave(height * width)
     radius = field.cfg.radius
     near, far, hit = sphere_intersect(o, d, radius)
+    box = occupied_box(estimator) if estimator is not None else None
+    if estimator is not None and box is None:
+        hit = torch.zeros_like(hit)  # nothing is occupied: every ray sees the background
+    elif box is not None:  # march only the part of each ray inside the box around occupied cells
+        b_near, b_far = box_intersect(o, d, *box)
+        near, far = torch.maximum(near, b_near), torch.minimum(far, b_far)
+        hit = hit & (far > near)
     query = field.prepare(None if estimator is None else lambda x: occupied(estimator, x))
     if packed is None:
         packed = o.is_cuda and estimator is not None and not _CUDA_SAMPLER_BROKEN

@@ -110,5 +110,5 @@ def test_grid_field_skips_empty_lattice_points_without_changing_the_render():
         skip_samples_only = render(field, bg, cams, 24, 24, shading="lambertian", light=light, cfg=cfg,
                                    estimator=est)
     assert torch.equal(skip.rgb, skip_samples_only.rgb)  # the lattice skip is exact
-    assert skip.samples < dense.samples / 3
+    assert skip.samples < dense.samples / 2  # fewer evaluations, though the box packs samples denser
     assert (skip.rgb - dense.rgb).abs().max() < 0.01

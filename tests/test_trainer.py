@@ -88,6 +88,11 @@ def test_cli_run_writes_metrics_checkpoint_and_preview(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(out / "preview.png").size == (4 * 128, 128)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--views", "2"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["prompt"] == "a green cube" and 0 <= scores["geometry_r_precision"] <= 1
+    assert set(scores["silhouette_iou"]) >= {"cube", "sphere", "torus"}
     assert main(["run", "--prior", "nope", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
     assert "unknown prior" in capsys.readouterr().err
     assert main(["run", "--prior", "oracle:cube", "--steps", "0", "--out", str(tmp_path / "y")]) == 2

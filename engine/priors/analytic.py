@@ -160,8 +160,11 @@ class OraclePrior(_Analytic):
 
 
 @torch.no_grad()
-def field_iou(field: Field, solid: str, resolution: int = 64, threshold: float = 5.0) -> float:
-    """IoU between {sigma > threshold} of a field and the inside of an analytic solid, on a lattice."""
+def field_iou(field: Field, solid: str, threshold: float, resolution: int = 64) -> float:
+    """IoU between {sigma > threshold} of a field and the inside of an analytic solid, on a lattice.
+
+    Use the level renders put the surface at (`engine.mesh.auto_threshold`), as mesh export does.
+    """
     lin = torch.linspace(-0.95, 0.95, resolution)
     x = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).view(-1, 3)
     dev = next(field.parameters()).device
