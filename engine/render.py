@@ -117,11 +117,9 @@ def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light
     t0, t1 = edges[:, :-1], edges[:, 1:]
     tm = t0 + (t1 - t0) * (u if u is not None else 0.5)
     x = o[:, None, :] + d[:, None, :] * tm[..., None]  # [R, S, 3]
-    if estimator is not None:
-        ray_idx, smp_idx = occupied(estimator, x).nonzero(as_tuple=True)
-    else:
-        ray_idx, smp_idx = (i.reshape(-1) for i in torch.meshgrid(torch.arange(R, device=o.device),
-                                                                  torch.arange(S, device=o.device), indexing="ij"))  # only occupied samples are evaluated and shaded
+    # only occupied samples are evaluated and shaded
+    keep = occupied(estimator, x) if estimator is not None else torch.ones(R, S, dtype=torch.bool, device=o.device)
+    ray_idx, smp_idx = keep.nonzero(as_tuple=True)
     sig, val = _shade_samples(query, x[ray_idx, smp_idx], d[ray_idx], view[ray_idx], mode, light)
     sigma = torch.zeros(R, S, device=o.device, dtype=sig.dtype).index_put((ray_idx, smp_idx), sig)
     weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sigma)  # batched: runs on CPU
