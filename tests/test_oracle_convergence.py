@@ -4,6 +4,7 @@ The surface is read the way mesh export reads it (the density level renders put 
 the IoU against the analytic solid must reach 0.9 within the step budget (checked every 100 steps).
 """
 
+import math
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from engine.config import Config, LiveParams
 from engine.export import RenderSource
-from engine.mesh import auto_threshold
+from engine.mesh import auto_threshold, build_mesh
 from engine.priors import load_prior
 from engine.priors.analytic import field_iou
 from engine.trainer import Trainer
@@ -20,7 +21,7 @@ ORACLE_LR = 0.03  # reconstruction tolerates a larger step than SDS from a learn
 BUDGET = {"sphere": 500, "cube": 400, "cylinder": 500, "torus": 700, "cone": 900}
 
 
-def steps_to_iou(solid: str, target: float = 0.9) -> tuple[int, float, float]:
+def steps_to_iou(solid: str, target: float = 0.9) -> tuple[Trainer, float, float]:
     cfg = Config(prior=f"oracle:{solid}", seed=0)
     trainer = Trainer(cfg, load_prior(cfg.prior))
     live = LiveParams(prompt=f"a red {solid}", learning_rate=ORACLE_LR)
@@ -31,12 +32,16 @@ def steps_to_iou(solid: str, target: float = 0.9) -> tuple[int, float, float]:
         iou = field_iou(trainer.field, solid, auto_threshold(RenderSource.from_trainer(trainer)))
         if iou >= target:
             break
-    return trainer.step_count, iou, time.perf_counter() - t0
+    return trainer, iou, time.perf_counter() - t0
 
 
 @pytest.mark.parametrize("solid", list(BUDGET))
 def test_oracle_recovers_the_solid(solid):
     torch.set_num_threads(1)
-    steps, iou, wall = steps_to_iou(solid)
-    print(f"{solid}: IoU {iou:.3f} after {steps} steps, {wall:.0f} s")
-    assert iou >= 0.9, f"{solid}: IoU {iou:.3f} after {steps} steps"
+    trainer, iou, wall = steps_to_iou(solid)
+    print(f"{solid}: IoU {iou:.3f} after {trainer.step_count} steps, {wall:.0f} s")
+    assert iou >= 0.9, f"{solid}: IoU {iou:.3f} after {trainer.step_count} steps"
+    if solid == "sphere":  # the exported mesh of the reconstruction has the analytic volume
+        mesh = build_mesh(RenderSource.from_trainer(trainer), resolution=96)
+        analytic = 4 / 3 * math.pi * 0.55**3
+        assert abs(mesh.volume / analytic - 1) < 0.10, mesh.volume / analytic
