@@ -110,7 +110,9 @@ class GridField(Field):
     def active_lattice(self, occupied_fn: Callable[[Tensor], Tensor]) -> Tensor:
         """Lattice points within two lattice cells of an occupied cell, as [D, H, W] bool."""
         occ = occupied_fn(self.lattice).float()[None, None]
-        return F.max_pool3d(occ, kernel_size=5, stride=1, padding=2)[0, 0] > 0
+        for k, p in (((5, 1, 1), (2, 0, 0)), ((1, 5, 1), (0, 2, 0)), ((1, 1, 5), (0, 0, 2))):  # separable dilation
+            occ = F.max_pool3d(occ, kernel_size=k, stride=1, padding=p)
+        return occ[0, 0] > 0
 
     def prepare(self, occupied_fn: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], FieldSamples]:
         grid = self.grid(None if occupied_fn is None else self.active_lattice(occupied_fn))
