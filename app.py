@@ -85,14 +85,14 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
 def make_session(args):
     import torch
 
-    from engine.config import Config, LiveParams
+    from engine.config import live_defaults, preset
     from playground.session import Session
 
     torch.set_num_threads(max(1, args.threads))
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = Config(prior=args.prior)
+    cfg = preset(args.prior, device)  # the prior's tuned defaults; flags below override them
     if args.steps:
         cfg.steps = args.steps
     if args.resolution:
@@ -101,7 +101,7 @@ def make_session(args):
         cfg.camera.batch_size = args.batch_size
     if args.samples:
         cfg.render.num_samples = args.samples
-    live = LiveParams(prompt=args.prompt) if args.prompt else None
+    live = live_defaults(args.prior, **({"prompt": args.prompt} if args.prompt else {}))
     return Session(cfg, live, device=device, out_root=args.out)
 
 
