@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from engine.cameras import fixed_views
 from engine.config import Config, LiveParams
 from engine.priors import load_prior
 from engine.priors.analytic import AnalyticField
@@ -88,6 +89,17 @@ def main() -> None:
         rd, rs = time_steps(dense, live, steps), time_steps(skip, live, steps)
         print(f"| | {res}² | {rd['its_per_s']:.2f} | {rs['its_per_s']:.2f} | {rs['its_per_s'] / rd['its_per_s']:.2f}× | "
               f"{rd['samples']:.0f} → {rs['samples']:.0f} |", flush=True)
+    print("\n| formed cube, one 256² frame (viewer / video), no grad | dense ms | skipping ms | speedup |")
+    print("|---|---|---|---|")
+    cam = fixed_views([30.0], [20.0])
+    times = []
+    for tr in (dense, skip):
+        tr.render_views(cam, 256, 256, "lambertian")
+        t0 = time.perf_counter()
+        for _ in range(3):
+            tr.render_views(cam, 256, 256, "lambertian")
+        times.append((time.perf_counter() - t0) / 3 * 1e3)
+    print(f"| | {times[0]:.0f} | {times[1]:.0f} | {times[0] / times[1]:.2f}× |")
 
 
 if __name__ == "__main__":
