@@ -126,10 +126,13 @@ def main() -> int:
     ap.add_argument("--ready-runs", type=int, default=3, help="launches of app.py timed (0 skips)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating windows without / with a viewer")
     ap.add_argument("--out", default=str(ROOT / "bench" / "app_results.json"))
+    ap.add_argument("--ready-only", action="store_true", help="only time the launches")
     args = ap.parse_args()
 
     ready = [time_ready(args.prior) for _ in range(args.ready_runs)]
     print(f"ready: {[round(r, 2) for r in ready]} s", flush=True)
+    if args.ready_only:
+        return
 
     import torch
     from playwright.sync_api import sync_playwright
