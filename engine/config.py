@@ -157,6 +157,8 @@ class SDSConfig:
     anneal_steps: int = 1000  # steps over which t_max goes linearly to t_max_end
     weighting: str = "sigma2"  # w(t): "sigma2" (paper: sigma_t^2 = 1 - alphabar_t), "sqrt_alpha_sigma2", "uniform"
     skip_nonfinite: bool = True  # skip a step whose gradient or loss is not finite
+    good_state_every: int = 50  # good steps between copies of the field/background/optimizer state (0: never)
+    rollback_after: int = 5  # consecutive skipped steps that restore the last good copy (0: never)
 
 
 @dataclass

@@ -7,6 +7,7 @@ bit-for-bit repeatable on CPU and resumes exactly from a checkpoint (its state i
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
         self.skipped_steps = 0
+        self.rollbacks = 0  # times repeated non-finite steps restored the last good state
+        self._nonfinite_run = 0  # consecutive skipped steps
+        self._good: dict | None = None  # last good state (see _keep_good_state), taken after a good step
+        self._good_age = 0  # good steps since it was taken
         self._embeddings: dict[tuple[str, str], PromptEmbedding] = {}
 
     # -- prompts -------------------------------------------------------------------------------------
@@ -153,18 +158,52 @@ class Trainer:
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self._params(), cfg.optim.grad_clip)
             self.optimizer.step()
+            self._keep_good_state()
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
+            self._nonfinite_run += 1
+            if 0 < cfg.sds.rollback_after <= self._nonfinite_run:
+                self._roll_back()
         t3 = time.perf_counter()
         timings = {"ms_render": 1e3 * (t1 - t0), "ms_prior": 1e3 * (t2 - t1), "ms_backward": 1e3 * (t3 - t2)}
         metrics = {"step": self.step_count, "loss": float(total.detach()) if finite else float("nan"),
                    **{f"loss_{k}": float(v.detach()) for k, v in losses.items()},
                    "t": info.get("t", []), "t_max": t_range[1], "guidance_scale": live.guidance_scale,
                    "shading": shading, "views": view_labels(ctx.view_weights), "skipped": not finite,
-                   "skipped_steps": self.skipped_steps, "samples": out.samples, **timings}
+                   "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks, "samples": out.samples, **timings}
         self.step_count += 1
         return StepResult(metrics, cams, out.rgb.detach())
+
+    # -- recovery from non-finite steps ------------------------------------------------------------------
+    def _keep_good_state(self) -> None:
+        """After a good step: copy the trainable state every `good_state_every` good steps.
+
+        Only tensors are copied (no RNG draw), so seeded runs stay bit-identical with or without it.
+        """
+        self._nonfinite_run = 0
+        every = self.cfg.sds.good_state_every
+        if every <= 0 or self.cfg.sds.rollback_after <= 0:
+            return
+        self._good_age += 1
+        if self._good is None or self._good_age >= every:
+            self._good = {"field": copy.deepcopy(self.field.state_dict()),
+                          "background": copy.deepcopy(self.background.state_dict()),
+                          "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+            self._good_age = 0
+
+    def _roll_back(self) -> None:
+        """Restore the last good state after `rollback_after` consecutive skipped steps."""
+        self._nonfinite_run = 0
+        if self._good is None:  # no good step yet: the initial state has not been changed
+            return
+        self.field.load_state_dict(self._good["field"])
+        self.background.load_state_dict(self._good["background"])
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(copy.deepcopy(self._good["optimizer"]))
+        for group, lr in zip(self.optimizer.param_groups, lrs):  # the live learning rate stays
+            group["lr"] = lr
+        self.rollbacks += 1
 
     def _params(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]

@@ -1,0 +1,78 @@
+"""Recovery from faults: skipped non-finite steps, rollback to the last good state, checkpoint on shutdown."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import LiveParams
+from engine.priors.analytic import OraclePrior
+from engine.trainer import Trainer
+from tests.test_trainer import small_config as _small_config
+
+
+def small_config(**kw):
+    cfg = _small_config(**kw)
+    cfg.field.grid_resolution, cfg.render.num_samples = 16, 16
+    return cfg
+
+
+class FlakyPrior(OraclePrior):
+    """The oracle, except that its gradient is NaN on the steps in `bad`."""
+
+    def __init__(self, solid: str, bad: range):
+        super().__init__(solid)
+        self.bad = bad
+
+    def sds_grad(self, images, emb, ctx, **kw):
+        grad, info = super().sds_grad(images, emb, ctx, **kw)
+        return (grad * float("nan") if ctx.step in self.bad else grad), info
+
+
+def state(tr: Trainer) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in [*tr.field.state_dict().values(), *tr.background.state_dict().values()]]
+
+
+def test_repeated_non_finite_steps_roll_back_to_the_last_good_state():
+    cfg = small_config()
+    cfg.sds.good_state_every, cfg.sds.rollback_after = 3, 4
+    tr = Trainer(cfg, FlakyPrior("sphere", range(7, 7 + 4)))
+    live = LiveParams(prompt="a red sphere")
+    kept = None
+    for _ in range(7):  # good steps 0..6: copies after the 1st and the 4th and 7th good steps
+        tr.step(live)
+        if tr._good_age == 0:
+            kept = state(tr)
+    assert tr._good is not None and kept is not None
+    for _ in range(3):
+        m = tr.step(live).metrics
+        assert m["skipped"] and m["rollbacks"] == 0
+    m = tr.step(live).metrics  # the 4th skipped step in a row restores the copy
+    assert m["skipped"] and m["rollbacks"] == 1 and m["skipped_steps"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(kept, state(tr)))
+    m = tr.step(live).metrics  # and training carries on from it
+    assert not m["skipped"] and m["loss"] == m["loss"]
+
+
+def test_rollback_restores_an_older_copy_not_the_latest_weights():
+    cfg = small_config()
+    cfg.sds.good_state_every, cfg.sds.rollback_after = 100, 2
+    tr = Trainer(cfg, FlakyPrior("sphere", range(5, 7)))
+    live = LiveParams(prompt="a red sphere")
+    tr.step(live)
+    first = state(tr)  # the copy is taken after the first good step
+    for _ in range(4):
+        tr.step(live)
+    assert any(not torch.equal(a, b) for a, b in zip(first, state(tr)))
+    tr.step(live), tr.step(live)
+    assert tr.rollbacks == 1 and all(torch.equal(a, b) for a, b in zip(first, state(tr)))
+
+
+def test_keeping_good_state_leaves_seeded_runs_bit_identical():
+    a_cfg, b_cfg = small_config(seed=5), small_config(seed=5)
+    b_cfg.sds.good_state_every = 1
+    b_cfg.sds.rollback_after = 0
+    a, b = Trainer(a_cfg, OraclePrior("sphere")), Trainer(b_cfg, OraclePrior("sphere"))
+    for _ in range(3):
+        a.step(LiveParams(prompt="a red sphere")), b.step(LiveParams(prompt="a red sphere"))
+    assert a._good is not None and b._good is None
+    assert all(torch.equal(x, y) for x, y in zip(state(a), state(b)))
