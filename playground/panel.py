@@ -84,7 +84,10 @@ class Panel:
     # -- API functions (typed: gradio builds the endpoints' inputs from the signatures) -----------------
     def api_start(self, prior: str | None = None) -> dict:
         """Start training (or resume when paused). `prior` picks the prior for a new run."""
-        self.session.start(prior or None)
+        try:
+            self.session.start(prior or None)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
         return self.session.status()
 
     def api_pause(self) -> dict:
@@ -99,7 +102,10 @@ class Panel:
 
     def api_reset(self, prior: str | None = None) -> dict:
         """A new field with the same settings; keeps training if it was."""
-        self.session.reset(prior or None)
+        try:
+            self.session.reset(prior or None)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
         return self.session.status()
 
     def api_status(self) -> dict:
@@ -148,8 +154,18 @@ class Panel:
                           learning_rate=lr, seed=int(seed) if seed is not None else None,
                           steps=int(steps) if steps else None)
         if not msg:
-            self.session.start(prior)
+            try:
+                self.session.start(prior)
+            except ValueError as err:
+                gr.Warning(str(err))
+                return f"⚠ {err}"
         return msg
+
+    def _on_reset(self, prior):
+        try:
+            self.session.reset(prior)
+        except ValueError as err:
+            gr.Warning(str(err))
 
     def _on_pause(self):
         if self.session.state == "paused":
@@ -225,7 +241,7 @@ class Panel:
             start.click(self._on_start, [prior, prompt, negative, guidance, shading, lr, seed, steps], message,
                         api_name="ui_start", **private)
             pause.click(self._on_pause, None, None, api_name="ui_pause", **private)
-            reset.click(lambda p: s.reset(p), prior, None, api_name="ui_reset", **private)
+            reset.click(self._on_reset, prior, None, api_name="ui_reset", **private)
             for comp, name in ((prompt, "prompt"), (negative, "negative_prompt")):
                 for ev in ("submit", "blur"):
                     getattr(comp, ev)(lambda v, n=name: self._apply(**{n: v}), comp, message,

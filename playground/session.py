@@ -22,7 +22,7 @@ import torch
 
 from engine.cameras import preview_cameras
 from engine.config import Config, LiveParams
-from engine.priors import load_prior
+from engine.priors import check_prior_spec, load_prior
 from engine.trainer import Trainer
 from playground.snapshot import Snapshot
 
@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 STATES = ("idle", "running", "paused", "done", "error")
 EXPORTS = ("checkpoint", "snapshot", "video", "mesh")
 EXPORT_DEFAULTS = {"video": {"frames": 60, "size": 128}, "mesh": {"resolution": 96}}  # sized for a CPU
+
+
+class PriorUnavailable(RuntimeError):
+    """A prior could not be loaded; the session keeps its current run."""
 
 
 def live_dict(live: LiveParams) -> dict:
@@ -75,8 +79,11 @@ class Session:
 
     # -- commands (any thread; they return at once) --------------------------------------------------
     def start(self, prior: str | None = None) -> None:
-        """Train: from idle/done/error builds a run if needed; from paused resumes."""
-        self._commands.put(("start", prior))
+        """Train: from idle/done/error builds a run if needed; from paused resumes.
+
+        An unknown prior kind raises ValueError here; one that fails to load leaves the current run as it was.
+        """
+        self._commands.put(("start", check_prior_spec(prior) if prior else None))
 
     def pause(self) -> None:
         self._commands.put(("pause", None))
@@ -86,7 +93,7 @@ class Session:
 
     def reset(self, prior: str | None = None) -> None:
         """A new field with the same settings (seed from the live parameters); keeps running if it was."""
-        self._commands.put(("reset", prior))
+        self._commands.put(("reset", check_prior_spec(prior) if prior else None))
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the session thread and the worker; the session cannot be restarted."""
@@ -128,6 +135,7 @@ class Session:
                 self._train_one()
 
     def _apply(self, cmd: str, arg) -> None:
+        spec = self.prior_spec
         try:
             if cmd == "params":
                 changes, steps = arg
@@ -157,7 +165,13 @@ class Session:
                 self._new_trainer()
                 self.state = "running" if was_running else "idle"
                 self.message = "training" if was_running else "new field; press Start"
-        except Exception as err:  # a bad prior, a failed load: shown in the pane, the app stays up
+        except PriorUnavailable as err:  # the current run, if any, is untouched: it goes on
+            log.warning("session command %s: %s", cmd, err)
+            self.prior_spec, self.message = spec, f"{cmd} failed: {err}"
+            self.warnings.append(self.message)  # kept in /status: the next step overwrites `message`
+            if self.trainer is None:
+                self._fail(self.message)
+        except Exception as err:  # a failed build: shown in the pane, the app stays up
             log.exception("session command %s failed", cmd)
             self._fail(f"{cmd} failed: {err}")
 
@@ -166,16 +180,16 @@ class Session:
         return prior.name if prior is not None else f"<not loaded: {spec}>"
 
     def _new_trainer(self) -> None:
-        self.trainer, self._snap, self._preview, self.run_dir = None, None, None, None
-        self.history, self._times, self.last_metrics, self.warnings, self.error = [], [], {}, [], None
         spec = self.prior_spec
-        if spec not in self._priors:
+        if spec not in self._priors:  # loaded before the current run is dropped: a failure keeps it
             self.message = f"loading prior {spec}..."
             try:
                 self._priors[spec] = self._load_prior(spec, device=self.device)
-            except (FileNotFoundError, ImportError, OSError) as err:
-                raise RuntimeError(f"prior {spec!r} is not available ({err}). Pick another prior "
-                                   "(e.g. oracle:cube) and press Reset.") from None
+            except (FileNotFoundError, ImportError, OSError, ValueError) as err:
+                raise PriorUnavailable(f"prior {spec!r} is not available ({err}). Pick another prior "
+                                       "(e.g. oracle:cube) and press Reset.") from None
+        self.trainer, self._snap, self._preview, self.run_dir = None, None, None, None
+        self.history, self._times, self.last_metrics, self.warnings, self.error = [], [], {}, [], None
         cfg = dataclasses.replace(self.cfg, prior=spec, seed=self.live.seed, steps=self.max_steps)
         trainer = Trainer(cfg, self._priors[spec], self.device, self.live)
         with self.lock:

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from engine.priors.base import Prior, PromptEmbedding, SDSContext
 
-__all__ = ["Prior", "PromptEmbedding", "SDSContext", "load_prior", "PRIOR_HELP"]
+__all__ = ["Prior", "PromptEmbedding", "SDSContext", "check_prior_spec", "load_prior", "PRIOR_HELP"]
 
 PRIOR_HELP = ("embedded (default, shipped in assets/), oracle:<solid> (sphere, cube, cylinder, cone, torus), "
               "gaussian, sd[:<hub id or folder>], if[:<hub id or folder>]")
+
+
+PRIOR_KINDS = ("embedded", "oracle", "gaussian", "sd", "if")
+
+
+def check_prior_spec(spec) -> str:
+    """The stripped spec if its kind is known (cheap: loads nothing), else ValueError with the choices."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"prior must be a non-empty spec; choose from: {PRIOR_HELP}")
+    if spec.strip().partition(":")[0].lower() not in PRIOR_KINDS:
+        raise ValueError(f"unknown prior {spec!r}; choose from: {PRIOR_HELP}")
+    return spec.strip()
 
 
 def load_prior(spec: str | None, device="cpu", **kwargs) -> Prior:
