@@ -1,7 +1,7 @@
 """DreamFusion Playground: `python app.py` serves the Gradio pane and the viser 3D viewer on 127.0.0.1.
 
 Type a prompt, press Start, and watch the object form; orbit it in the viewer while it trains.
-Ctrl-C (or SIGTERM) stops training and both servers cleanly.
+Ctrl-C (or SIGTERM) stops training at a step boundary, closes both servers and checkpoints an unsaved run.
 """
 
 from __future__ import annotations
@@ -144,10 +144,16 @@ def main(argv=None) -> int:
     while not stop.wait(0.5):
         pass
     print("shutting down…", flush=True)
-    session.pause()
+    session.pause()  # training stops at a step boundary
     demo.close()
     viewer.stop()
     session.stop()
+    try:
+        saved = session.save_if_dirty()
+        if saved:
+            print(f"saved a checkpoint of the run in {saved}", flush=True)
+    except Exception as err:  # a full disk must not keep the ports taken
+        print(f"could not save a checkpoint: {err}", flush=True)
     print("stopped", flush=True)
     return 0
 

@@ -65,6 +65,7 @@ class Session:
         self.recent_cameras: tuple | None = None  # (c2w [B, 4, 4], focal [B]) of the last step, for the viewer
         self.run_dir: Path | None = None
         self.exports: list[str] = []  # one line per finished export: what was written, or why not
+        self._saved: tuple | None = None  # (id(trainer), step) of the last checkpoint written
         self._load_prior = prior_loader
         self._priors: dict = {}
         self._commands: queue.Queue = queue.Queue()
@@ -100,6 +101,21 @@ class Session:
         self._commands.put(("stop", None))
         self._thread.join(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)  # a running preview or export ends first
+
+    def save_if_dirty(self) -> Path | None:
+        """After `stop`: checkpoint the run if it has steps no checkpoint holds yet; the run folder, or None."""
+        from engine import export
+        from engine.checkpoint import save_checkpoint
+
+        tr = self.trainer
+        if tr is None or tr.step_count == 0 or self._saved == (id(tr), tr.step_count):
+            return None
+        if self.run_dir is None:
+            self.run_dir = Path(export.run_folder(self.out_root, self.used.prompt))
+        with self.lock:
+            save_checkpoint(tr, self.run_dir, self.used)
+        self._saved = (id(tr), tr.step_count)
+        return self.run_dir
 
     def set_params(self, **changes) -> LiveParams:
         """Validate changes to the live parameters (ValueError names a bad one) and queue them.
@@ -332,6 +348,7 @@ class Session:
         with self.lock:  # copy what the export needs; the slow part runs after the lock is released
             if kind == "checkpoint":
                 save_checkpoint(self.trainer, run_dir, live)
+                self._saved = (id(self.trainer), self.trainer.step_count)
                 return {"checkpoint": str(run_dir)}
             source = export.RenderSource.from_trainer(self.trainer)
         if kind == "snapshot":

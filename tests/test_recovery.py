@@ -76,3 +76,21 @@ def test_keeping_good_state_leaves_seeded_runs_bit_identical():
         a.step(LiveParams(prompt="a red sphere")), b.step(LiveParams(prompt="a red sphere"))
     assert a._good is not None and b._good is None
     assert all(torch.equal(x, y) for x, y in zip(state(a), state(b)))
+
+
+def test_shutdown_checkpoints_a_dirty_run_once(tmp_path):
+    from engine.checkpoint import read_checkpoint
+    from playground.session import Session
+    from tests.test_session import tiny_config, wait_for
+
+    s = Session(tiny_config(), out_root=tmp_path)
+    assert s.save_if_dirty() is None  # nothing trained
+    s.start()
+    wait_for(lambda: s.step >= 2, what="steps")
+    s.pause()
+    s.stop()
+    run_dir = s.save_if_dirty()
+    assert run_dir is not None and run_dir.is_relative_to(tmp_path)
+    meta, _ = read_checkpoint(run_dir)
+    assert meta["step"] == s.step
+    assert s.save_if_dirty() is None  # clean now
