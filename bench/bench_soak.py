@@ -9,7 +9,7 @@ prior at a small size; meanwhile
    a random camera and render mode, JPEG) in a loop, and every ~20 s disconnect and connect again; each
    also opens and drops a WebSocket on the real viser server, so connects and disconnects mid-run happen.
 It reports steps done, the errors seen (exceptions, an error state, a refusal without a message), and the
-process's RSS at the start (after a 30 s warm-up) and at the end.
+process's RSS at the start (after a 30 s warm-up), each minute and at the end.
 
     python bench/bench_soak.py                 # 30 minutes
     python bench/bench_soak.py --minutes 5
@@ -186,8 +186,17 @@ def main() -> int:
     session.start()
     time.sleep(args.warmup)
     rss0, steps0 = rss_mb(), session.step
+    trace, done = [], threading.Event()  # RSS every minute: a leak climbs, a warm-up levels off
+
+    def sample():
+        while not done.wait(60.0):
+            trace.append(round(rss_mb(), 1))
+
+    threading.Thread(target=sample, daemon=True).start()
     result = Soak(session, call, viewer.port).run(60 * args.minutes)
+    done.set()
     rss1 = rss_mb()
+    result["rss_mb_each_minute"] = trace
     result.update({"rss_start_mb": round(rss0, 1), "rss_end_mb": round(rss1, 1),
                    "rss_growth_pct": round(100 * (rss1 - rss0) / rss0, 1), "state": session.state,
                    "total_steps": session.step - steps0})
