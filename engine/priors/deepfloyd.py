@@ -97,12 +97,7 @@ class DeepFloydIFPrior:
 
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbedding:
         """cond [4, 77, D]: the prompt with each view suffix; uncond [1, 77, D]: the negative prompt."""
-        def make() -> PromptEmbedding:
-            emb, truncated = self._encode_texts(dc.view_prompts(prompt) + [negative_prompt])
-            warnings = [f"prompt longer than {self.max_length} tokens: truncated"] if truncated else []
-            return PromptEmbedding(prompt, negative_prompt, cond=emb[:4], uncond=emb[4:], warnings=warnings)
-
-        return self.cache.get((prompt, negative_prompt), make)
+        return dc.encode_views(self, prompt, negative_prompt, self.max_length)
 
     # -- SDS ----------------------------------------------------------------------------------------
 

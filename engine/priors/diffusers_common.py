@@ -197,6 +197,19 @@ class PromptCache:
         return value
 
 
+def encode_views(prior, prompt: str, negative_prompt: str, max_length: int):
+    """The prompt with each view suffix as cond [4, L, D] and the negative prompt as uncond [1, L, D],
+    encoded once per (prompt, negative prompt) through `prior._encode_texts` and `prior.cache`."""
+    from engine.priors.base import PromptEmbedding
+
+    def make() -> PromptEmbedding:
+        emb, truncated = prior._encode_texts(view_prompts(prompt) + [negative_prompt])
+        warnings = [f"prompt longer than {max_length} tokens: truncated"] if truncated else []
+        return PromptEmbedding(prompt, negative_prompt, cond=emb[:4], uncond=emb[4:], warnings=warnings)
+
+    return prior.cache.get((prompt, negative_prompt), make)
+
+
 def mix_views(cond: Tensor, view_weights: Tensor) -> Tensor:
     """Per-render embedding sum_v w_bv cond_v. cond [4, L, D], view_weights [B, 4] -> [B, L, D]."""
     w = view_weights.to(device=cond.device, dtype=cond.dtype)
