@@ -210,6 +210,16 @@ def encode_views(prior, prompt: str, negative_prompt: str, max_length: int):
     return prior.cache.get((prompt, negative_prompt), make)
 
 
+def text_batch(emb, view_weights: Tensor, perp_neg: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-render text: cond [B, L, D] (view-weighted mix), uncond [B, L, D], and with Perp-Neg the
+    three ring-view embeddings as negatives [B, 3, L, D] (else None)."""
+    b = view_weights.shape[0]
+    cond = mix_views(emb.cond, view_weights)
+    uncond = emb.uncond.expand(b, *emb.uncond.shape[1:])
+    neg = emb.cond[None, :RING].expand(b, -1, -1, -1) if perp_neg else None
+    return cond, uncond, neg
+
+
 def mix_views(cond: Tensor, view_weights: Tensor) -> Tensor:
     """Per-render embedding sum_v w_bv cond_v. cond [4, L, D], view_weights [B, 4] -> [B, L, D]."""
     w = view_weights.to(device=cond.device, dtype=cond.dtype)

@@ -126,9 +126,7 @@ class StableDiffusionPrior:
         """SDS gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
         b = images.shape[0]
         # 1. Text: each render's embedding is its view-weighted mix of the four view prompts
-        cond = dc.mix_views(emb.cond, ctx.view_weights)  # [B, 77, D]
-        uncond = emb.uncond.expand(b, *emb.uncond.shape[1:])  # [B, 77, D]
-        neg = emb.cond[None, : dc.RING].expand(b, -1, -1, -1) if self.perp_neg else None  # [B, 3, 77, D]
+        cond, uncond, neg = dc.text_batch(emb, ctx.view_weights, self.perp_neg)
         # 2. Latents: upsample the render to the VAE's size and encode, keeping the graph to the render
         x = images.detach().to(self.device).requires_grad_(True)  # leaf [B, 3, H, W]
         with torch.enable_grad():
