@@ -141,6 +141,7 @@ class Trainer:
         t1 = time.perf_counter()
         # 3. the prior's SDS gradient in image space (no backprop through the prior)
         ctx = SDSContext(view_weights=cams.view_weights(), cameras=cams, light=light, shading=shading,
+                         view_dependent=cfg.sds.view_dependent,
                          step=self.step_count)
         t_range = (cfg.sds.t_min, t_max_at(cfg.sds, self.step_count))
         grad, info = self.prior.sds_grad(out.rgb.detach(), emb, ctx, guidance_scale=live.guidance_scale,

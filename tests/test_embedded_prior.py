@@ -63,6 +63,24 @@ def test_save_load_round_trip_and_protocol(tmp_path):
         assert len(info["t"]) == 3
 
 
+def test_view_dependent_off_conditions_on_the_plain_prompt(tmp_path):
+    torch.manual_seed(0)
+    prior = EmbeddedPrior(EmbeddedModel(json.loads(TINY)))
+    emb = prior.encode_prompt("a blue cube")
+    images = torch.rand(2, 3, 32, 32)
+
+    def grad(azimuths, view_dependent):
+        ctx = SDSContext(view_weights(torch.tensor(azimuths), torch.tensor([10.0, 10.0])), shading="albedo",
+                         view_dependent=view_dependent)
+        return prior.sds_grad(images, emb, ctx, guidance_scale=10.0, t_range=(0.3, 0.7), weighting="sigma2",
+                              generator=torch.Generator().manual_seed(0))[0]
+
+    # with view prompts the camera's azimuth changes the text and so the gradient; without, it cannot
+    assert not torch.allclose(grad([0.0, 0.0], True), grad([180.0, 180.0], True))
+    assert torch.equal(grad([0.0, 0.0], False), grad([180.0, 180.0], False))
+    assert emb.plain.shape[0] == 1 and not torch.allclose(emb.plain, emb.cond[:1])
+
+
 def test_missing_weights_say_how_to_train(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_embedded"):
         EmbeddedPrior.load(tmp_path / "nothing.safetensors")

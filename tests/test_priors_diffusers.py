@@ -169,6 +169,11 @@ def test_view_weights_change_the_embedding_and_the_gradient(sd):
     front, _ = _step(sd, images, emb, _ctx((0.0,), (0.0,)))
     back, _ = _step(sd, images, emb, _ctx((180.0,), (0.0,)))
     assert not torch.allclose(front, back)
+    # view-dependent prompting off (the ablation's base): the plain prompt for every camera
+    assert emb.plain.shape[0] == 1 and not torch.allclose(emb.plain[0], emb.cond[0])
+    plain = [_step(sd, images, emb, SDSContext(view_weights(torch.tensor([a]), torch.tensor([0.0])),
+                                               view_dependent=False))[0] for a in (0.0, 180.0)]
+    torch.testing.assert_close(plain[0], plain[1])
 
 
 @pytest.mark.parametrize("which", ["sd", "deepfloyd"])

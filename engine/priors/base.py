@@ -25,6 +25,7 @@ class PromptEmbedding:
     uncond: Tensor  # [1, ...] or [4, ...]: the negative prompt ("" = unconditional)
     warnings: list[str] = field(default_factory=list)  # e.g. words the prior does not know
     extra: dict[str, Any] = field(default_factory=dict)  # prior-specific (e.g. Perp-Neg embeddings)
+    plain: Tensor | None = None  # [1, ...]: the prompt without a view suffix (used when view_dependent is off)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class SDSContext:
     light: Any = None  # engine.shading.Light of the batch
     shading: str = "albedo"  # shading mode of the step
     step: int = 0
+    view_dependent: bool = True  # False: condition on the plain prompt, not on the view-suffixed variants
 
 
 @runtime_checkable

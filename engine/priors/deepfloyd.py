@@ -106,7 +106,7 @@ class DeepFloydIFPrior:
         """SDS gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
         b = images.shape[0]
         # 1. Text: each render's embedding is its view-weighted mix of the four view prompts
-        cond, uncond, neg = dc.text_batch(emb, ctx.view_weights, self.perp_neg)
+        cond, uncond, neg = dc.text_batch(emb, ctx.view_weights, self.perp_neg, ctx.view_dependent)
         # 2. Pixels: [0, 1] -> [-1, 1] at the U-Net's 64x64, keeping the graph to the render
         x = images.detach().to(self.device).float().requires_grad_(True)  # leaf [B, 3, H, W]
         with torch.enable_grad():
@@ -122,7 +122,7 @@ class DeepFloydIFPrior:
         eps_cond, eps_uncond, eps_neg = dc.predict_noise(self.unet, x_t.to(self.dtype), t, cond, uncond, neg,
                                                          channels=3)
         # 5. Guidance (CFG, or Perp-Neg against multi-face results)
-        lambdas = dc.perp_neg_weights(ctx.view_weights.to(self.device), self.perp_neg_scale) if self.perp_neg else None
+        lambdas = None if neg is None else dc.perp_neg_weights(ctx.view_weights.to(self.device), self.perp_neg_scale)
         eps_hat = dc.guide(eps_cond.float(), eps_uncond.float(), guidance_scale, eps_neg, lambdas)
         # 6. Pixel gradient g = w(t) (eps_hat - eps), mapped to the render through the resize and *2 - 1:
         #    the gradient of 0.5 * ||x0 - (x0 - g).detach()||^2 w.r.t. the render, as the peers compute it

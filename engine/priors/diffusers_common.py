@@ -198,25 +198,32 @@ class PromptCache:
 
 
 def encode_views(prior, prompt: str, negative_prompt: str, max_length: int):
-    """The prompt with each view suffix as cond [4, L, D] and the negative prompt as uncond [1, L, D],
-    encoded once per (prompt, negative prompt) through `prior._encode_texts` and `prior.cache`."""
+    """The prompt with each view suffix as cond [4, L, D], the negative prompt as uncond [1, L, D] and the
+    bare prompt as plain [1, L, D], encoded once per (prompt, negative prompt) through `prior._encode_texts`
+    and `prior.cache`."""
     from engine.priors.base import PromptEmbedding
 
     def make() -> PromptEmbedding:
-        emb, truncated = prior._encode_texts(view_prompts(prompt) + [negative_prompt])
+        emb, truncated = prior._encode_texts(view_prompts(prompt) + [negative_prompt, prompt])
         warnings = [f"prompt longer than {max_length} tokens: truncated"] if truncated else []
-        return PromptEmbedding(prompt, negative_prompt, cond=emb[:4], uncond=emb[4:], warnings=warnings)
+        return PromptEmbedding(prompt, negative_prompt, cond=emb[:4], uncond=emb[4:5], warnings=warnings,
+                               plain=emb[5:6])
 
     return prior.cache.get((prompt, negative_prompt), make)
 
 
-def text_batch(emb, view_weights: Tensor, perp_neg: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-render text: cond [B, L, D] (view-weighted mix), uncond [B, L, D], and with Perp-Neg the
-    three ring-view embeddings as negatives [B, 3, L, D] (else None)."""
+def text_batch(emb, view_weights: Tensor, perp_neg: bool, view_dependent: bool = True
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-render text: cond [B, L, D] (view-weighted mix, or the plain prompt when not view_dependent),
+    uncond [B, L, D], and with Perp-Neg the three ring-view embeddings as negatives [B, 3, L, D] (else None;
+    Perp-Neg needs the view prompts, so it is off when view_dependent is)."""
     b = view_weights.shape[0]
-    cond = mix_views(emb.cond, view_weights)
+    if view_dependent or emb.plain is None:
+        cond = mix_views(emb.cond, view_weights)
+    else:
+        cond = emb.plain.expand(b, *emb.plain.shape[1:])
     uncond = emb.uncond.expand(b, *emb.uncond.shape[1:])
-    neg = emb.cond[None, :RING].expand(b, -1, -1, -1) if perp_neg else None
+    neg = emb.cond[None, :RING].expand(b, -1, -1, -1) if perp_neg and view_dependent else None
     return cond, uncond, neg
 
 

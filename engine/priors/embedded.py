@@ -197,8 +197,9 @@ class EmbeddedPrior:
             prompt=prompt, negative_prompt=negative_prompt,
             cond=self._encode([f"{plain}, {v} view" for v in VIEWS]),
             uncond=self._encode([" ".join(neg_known)]),
-            warnings=warnings,
-            extra={"cond_textureless": self._encode([f"{colourless}, {v} view" for v in VIEWS])})
+            warnings=warnings, plain=self._encode([plain]),
+            extra={"cond_textureless": self._encode([f"{colourless}, {v} view" for v in VIEWS]),
+                   "plain_textureless": self._encode([colourless])})
 
     def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
                  t_range: tuple[float, float], weighting: str, generator: torch.Generator) -> tuple[Tensor, dict]:
@@ -214,8 +215,12 @@ class EmbeddedPrior:
         abar = self.alphas_cumprod[t]
         z = add_noise(x.detach(), noise, abar)
         # 3. Text: the view embeddings mixed by each camera's view weights (textureless: colour words left out)
-        table = emb.extra.get("cond_textureless", emb.cond) if ctx.shading == "textureless" else emb.cond
-        cond = torch.einsum("bv,vld->bld", ctx.view_weights.to(self.device, torch.float32), table)
+        textureless = ctx.shading == "textureless"
+        if ctx.view_dependent or emb.plain is None:
+            table = emb.extra.get("cond_textureless", emb.cond) if textureless else emb.cond
+            cond = torch.einsum("bv,vld->bld", ctx.view_weights.to(self.device, torch.float32), table)
+        else:
+            cond = (emb.extra.get("plain_textureless", emb.plain) if textureless else emb.plain).expand(b, -1, -1)
         uncond = emb.uncond.expand(b, -1, -1) if emb.uncond.shape[0] == 1 else emb.uncond
         text = torch.cat([uncond, cond])
         # 4. One U-Net pass for both CFG branches; no graph through the U-Net

@@ -126,7 +126,7 @@ class StableDiffusionPrior:
         """SDS gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
         b = images.shape[0]
         # 1. Text: each render's embedding is its view-weighted mix of the four view prompts
-        cond, uncond, neg = dc.text_batch(emb, ctx.view_weights, self.perp_neg)
+        cond, uncond, neg = dc.text_batch(emb, ctx.view_weights, self.perp_neg, ctx.view_dependent)
         # 2. Latents: upsample the render to the VAE's size and encode, keeping the graph to the render
         x = images.detach().to(self.device).requires_grad_(True)  # leaf [B, 3, H, W]
         with torch.enable_grad():
@@ -144,7 +144,7 @@ class StableDiffusionPrior:
             eps_cond, eps_uncond = dc.v_to_eps(eps_cond, z_t, abar), dc.v_to_eps(eps_uncond, z_t, abar)
             eps_neg = None if neg is None else dc.v_to_eps(eps_neg, z_t[:, None], abar)
         # 5. Guidance (CFG, or Perp-Neg against multi-face results)
-        lambdas = dc.perp_neg_weights(ctx.view_weights.to(self.device), self.perp_neg_scale) if self.perp_neg else None
+        lambdas = None if neg is None else dc.perp_neg_weights(ctx.view_weights.to(self.device), self.perp_neg_scale)
         eps_hat = dc.guide(eps_cond.float(), eps_uncond.float(), guidance_scale, eps_neg, lambdas)
         # 6. Latent gradient g = w(t) (eps_hat - eps), mapped to the render by the encoder's VJP J^T g:
         #    the gradient the peers get from 0.5 * ||z - (z - g).detach()||^2 backpropagated through the encoder
