@@ -1,0 +1,58 @@
+"""The embedded prior's SDS protocol (issue 3): ten prompts, default settings, scored by the toy R-Precision.
+
+Each prompt trains a fresh field from the embedded prior's defaults for at most --steps steps and
+--seconds of wall time, then `engine.evaluate` scores 16 random views: colour R-Precision on shaded renders,
+geometry R-Precision on textureless renders, and the silhouette score. Prompts run in --jobs worker
+processes of one torch thread each (on 2 cores, two single-threaded runs beat one two-threaded run).
+
+    python bench/bench_sds_prompts.py                        # 10 prompts, <= 2000 steps / 300 s each
+    python bench/bench_sds_prompts.py --steps 200 --prompts "a red cube"   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.protocol import PROMPTS, run_jobs, summarize  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", nargs="+", default=list(PROMPTS))
+    ap.add_argument("--steps", type=int, default=2000, help="step budget per prompt")
+    ap.add_argument("--seconds", type=float, default=300.0, help="wall-clock budget per prompt")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    ap.add_argument("--prior", default=None, help="prior spec (default: the shipped embedded prior)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/protocol", help="folder for previews (shaded row, textureless row)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [{"prompt": p, "steps": args.steps, "seconds": args.seconds, "seed": args.seed, "prior": args.prior,
+             "preview": str(out / (p.replace(" ", "_") + ".png"))} for p in args.prompts]
+    t0 = time.perf_counter()
+    rows = run_jobs(jobs, args.jobs)
+    print("\n| prompt | colour R-P | geometry R-P | shape score | margin | steps | wall s | it/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['prompt']} | {r.get('colour_r_precision', 0):.2f} | {r.get('geometry_r_precision', 0):.2f} | "
+              f"{r.get('shape_score', 0):.2f} | {r.get('shape_margin', 0):+.2f} | {r['steps']} | {r['wall_s']} | "
+              f"{r['its_per_s']} |")
+    summary = {**summarize(rows), "total_wall_s": round(time.perf_counter() - t0, 1), "steps_budget": args.steps,
+               "seconds_budget": args.seconds, "jobs": args.jobs}
+    print(json.dumps(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The SDS protocol of the embedded prior and the paper's Fig. 6 ablation, on the procedural world.
+
+One protocol run = a fresh field trained by SDS from a prompt under a step and a wall-clock budget, then
+scored by `engine.evaluate.evaluate` (toy R-Precision: colour on shaded renders, geometry on textureless
+ones, and the multi-view silhouette score). `bench/bench_sds_prompts.py` runs it over PROMPTS;
+`bench/bench_ablation.py` runs it under each of ABLATION's configurations.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from engine.config import Config, LiveParams, live_defaults, preset
+
+# Ten prompts spanning the vocabulary: every colour and every shape, cubes and the front-facing objects twice
+PROMPTS = ("a red cube", "a blue sphere", "a green cone", "a yellow cylinder", "a purple torus", "an orange mug",
+           "a white house", "a pink snowman", "a blue cube", "a red house")
+
+
+def _base(cfg: Config) -> None:
+    """(i) base: albedo only, the plain prompt, a narrow band of cameras (eye level, fixed distance and focal)."""
+    cfg.camera.elevation_range = (0.0, 30.0)
+    cfg.camera.distance_range = (1.25, 1.25)
+    cfg.camera.focal_range = (1.0, 1.0)
+    cfg.sds.view_dependent = False
+    cfg.shading.albedo_only_steps = 10**9
+
+
+def _view_aug(cfg: Config) -> None:
+    """(ii) + view augmentation: the paper's camera distribution (elevation -10..90, distance, focal)."""
+    _base(cfg)
+    fresh = Config().camera
+    cfg.camera.elevation_range, cfg.camera.distance_range = fresh.elevation_range, fresh.distance_range
+    cfg.camera.focal_range = fresh.focal_range
+
+
+def _view_dep(cfg: Config) -> None:
+    """(iii) + view-dependent prompts ("..., front view" etc. by camera)."""
+    _view_aug(cfg)
+    cfg.sds.view_dependent = True
+
+
+def _lighting(cfg: Config) -> None:
+    """(iv) + lighting: albedo and lambertian shading with a random point light, no textureless."""
+    _view_dep(cfg)
+    cfg.shading.albedo_only_steps = Config().shading.albedo_only_steps
+    cfg.shading.p_albedo, cfg.shading.p_lambertian, cfg.shading.p_textureless = 0.3, 0.7, 0.0
+
+
+def _textureless(cfg: Config) -> None:
+    """(v) + textureless shading: the full method (the defaults)."""
+
+
+ABLATION: dict[str, Callable[[Config], None]] = {
+    "base": _base, "+view aug": _view_aug, "+view-dependent prompts": _view_dep, "+lighting": _lighting,
+    "+textureless": _textureless,
+}
+
+
+def run_prompt(prompt: str, prior=None, *, cfg: Config | None = None, live: LiveParams | None = None,
+               max_steps: int = 2000, max_seconds: float = 300.0, seed: int = 0, n_views: int = 16,
+               device="cpu", log: Callable[[str], None] | None = None) -> dict:
+    """Train a fresh field on `prompt` with SDS from the prior's defaults until max_steps or max_seconds,
+    then score it. prior: a loaded prior (default: the embedded one). Returns the evaluation plus
+    steps, wall_s and its_per_s."""
+    from engine.evaluate import evaluate, trainer_render_fn
+    from engine.priors import load_prior
+    from engine.trainer import Trainer
+
+    prior = prior or load_prior("embedded", device=device)
+    cfg = cfg or preset(prior.name.split(":")[0], str(device))
+    cfg.seed = seed
+    live = live or live_defaults(cfg.prior, prompt=prompt, seed=seed)
+    trainer = Trainer(cfg, prior, device, live)
+    t0 = time.perf_counter()
+    while trainer.step_count < max_steps and time.perf_counter() - t0 < max_seconds:
+        trainer.step(live)
+        if log and trainer.step_count % 250 == 0:
+            log(f"{prompt}: step {trainer.step_count} {time.perf_counter() - t0:.0f} s")
+    wall = time.perf_counter() - t0
+    result = evaluate(trainer_render_fn(trainer), prompt, n_views=n_views, seed=seed + 1000)
+    result.update(steps=trainer.step_count, wall_s=round(wall, 1), its_per_s=round(trainer.step_count / wall, 2),
+                  skipped_steps=trainer.skipped_steps)
+    result["trainer"] = trainer  # callers that save previews pop it
+    return result
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Means over prompts of the colour and geometry R-Precision and of the silhouette score."""
+    def mean(key):
+        vals = [r[key] for r in rows if key in r]
+        return round(statistics.fmean(vals), 3) if vals else None
+
+    return {"prompts": len(rows), "colour_r_precision": mean("colour_r_precision"),
+            "geometry_r_precision": mean("geometry_r_precision"), "shape_score": mean("shape_score"),
+            "shape_margin": mean("shape_margin"), "its_per_s": mean("its_per_s"), "wall_s": mean("wall_s")}
+
+
+def _worker(job: dict) -> dict:
+    """One protocol run in a worker process (a job: prompt, ablation row name or None, budgets, preview path)."""
+    torch.set_num_threads(job.get("threads", 1))
+    cfg = None
+    if job.get("row"):
+        cfg = preset("embedded")
+        ABLATION[job["row"]](cfg)
+    prior = None
+    if job.get("prior"):
+        from engine.priors import load_prior
+
+        prior = load_prior(job["prior"])
+        if cfg is not None:
+            cfg.prior = job["prior"]
+    result = run_prompt(job["prompt"], prior, cfg=cfg, max_steps=job["steps"], max_seconds=job["seconds"],
+                        seed=job.get("seed", 0), n_views=job.get("views", 16))
+    trainer = result.pop("trainer")
+    if job.get("preview"):
+        from engine.cameras import preview_cameras
+        from engine.export import save_png, tile
+
+        shaded = trainer.render_views(preview_cameras("cpu"), 64, 64, "lambertian")
+        plain = trainer.render_views(preview_cameras("cpu"), 64, 64, "textureless")
+        save_png(tile(torch.cat([shaded.rgb, plain.rgb])), job["preview"])
+    result.pop("silhouette_iou", None)
+    return {**result, "row": job.get("row")}
+
+
+def run_jobs(jobs: list[dict], processes: int = 2, log: Callable[[str], None] = print) -> list[dict]:
+    """Run protocol jobs in `processes` spawned workers (one torch thread each); results in job order."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if processes <= 1:
+        return [_worker(j) for j in jobs]
+    out: list[dict | None] = [None] * len(jobs)
+    with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_worker, j): i for i, j in enumerate(jobs)}
+        from concurrent.futures import as_completed
+
+        for f in as_completed(futures):
+            i = futures[f]
+            out[i] = f.result()
+            r = out[i]
+            log(f"{r.get('row') or ''} {r['prompt']!r}: colour {r.get('colour_r_precision')} geometry "
+                f"{r.get('geometry_r_precision')} shape {r.get('shape_score', 0):.2f} "
+                f"({r['steps']} steps, {r['wall_s']} s)")
+    return out  # type: ignore[return-value]

@@ -1,0 +1,74 @@
+"""The SDS protocol and the Fig. 6 ablation's configurations (engine/protocol.py)."""
+
+import torch
+
+from engine import protocol
+from engine.config import Config, preset
+from engine.priors import load_prior
+from engine.shading import pick_shading
+
+
+def test_prompts_span_the_vocabulary():
+    from engine.evaluate import parse_prompt
+    from engine.world import COLORS, FRONT_SHAPES, SHAPES
+
+    parsed = [parse_prompt(p) for p in protocol.PROMPTS]
+    assert len(parsed) >= 10
+    assert {c for c, _ in parsed} == set(COLORS) and {s for _, s in parsed} == set(SHAPES)
+    assert sum(s == "cube" for _, s in parsed) >= 2 and set(FRONT_SHAPES) <= {s for _, s in parsed}
+
+
+def test_ablation_rows_add_one_component_each():
+    cfgs = {}
+    for name, apply in protocol.ABLATION.items():
+        cfg = preset("embedded")
+        apply(cfg)
+        cfgs[name] = cfg
+    base, aug, dep, light, full = cfgs.values()
+    assert not base.sds.view_dependent and base.camera.focal_range == (1.0, 1.0)
+    assert aug.camera == Config().camera and not aug.sds.view_dependent
+    assert dep.sds.view_dependent and dep.shading == base.shading
+    g = torch.Generator().manual_seed(0)
+    modes = lambda cfg: {pick_shading("random", cfg.shading, 500, g) for _ in range(200)}  # noqa: E731
+    assert modes(base) == {"albedo"} and modes(light) == {"albedo", "lambertian"}
+    assert modes(full) == {"albedo", "lambertian", "textureless"}
+    assert full.to_dict() == preset("embedded").to_dict()  # the last row is the product's defaults
+
+
+def test_run_prompt_trains_within_budget_and_scores(tmp_path):
+    prior = load_prior("oracle:sphere")
+    cfg = preset("oracle:sphere")
+    res = protocol.run_prompt("a red sphere", prior, cfg=cfg, max_steps=12, max_seconds=60, n_views=2)
+    trainer = res.pop("trainer")
+    assert res["steps"] == trainer.step_count == 12 and res["its_per_s"] > 0
+    assert 0 <= res["colour_r_precision"] <= 1 and 0 <= res["geometry_r_precision"] <= 1
+    res = protocol.run_prompt("a red sphere", prior, cfg=preset("oracle:sphere"), max_steps=10**6, max_seconds=1.0,
+                              n_views=2)
+    assert 1 <= res["steps"] < 10**6  # the wall-clock budget stops it
+    summary = protocol.summarize([res, {**res, "colour_r_precision": 0.0}])
+    assert summary["prompts"] == 2 and summary["colour_r_precision"] == round(res["colour_r_precision"] / 2, 3)
+
+
+def test_worker_writes_a_preview(tmp_path):
+    job = {"prompt": "a red sphere", "row": "base", "steps": 3, "seconds": 30, "prior": "oracle:sphere",
+           "views": 2, "preview": str(tmp_path / "p.png")}
+    (res,) = protocol.run_jobs([job], processes=1)
+    assert res["row"] == "base" and res["steps"] == 3 and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_ablation_table_is_written_between_markers(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_ablation", Path(__file__).parents[1] / "bench" / "bench_ablation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = {"colour_r_precision": 0.5, "geometry_r_precision": 0.25, "shape_score": 0.6, "shape_margin": -0.1}
+    text = bench.table({"base": row, "+textureless": row})
+    assert "| base | 0.50 | 0.25 | 0.60 | -0.10 |" in text
+    doc = tmp_path / "B.md"
+    doc.write_text("# Benchmarks\n\nother\n")
+    bench.write_benchmarks(text, doc)
+    bench.write_benchmarks(text.replace("0.50", "0.75"), doc)  # a second run replaces the first table
+    out = doc.read_text()
+    assert out.count(bench.START) == 1 and "0.75" in out and "0.50" not in out and "other" in out
