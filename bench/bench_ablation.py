@@ -57,10 +57,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     ap.add_argument("--prior", default=None, help="prior spec (default: the shipped embedded prior)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                    help='config / live overrides, e.g. sds.t_max_end=0.5 reg.entropy=0.1 live.guidance_scale=20')
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = ap.parse_args(argv)
     jobs = [{"prompt": p, "row": row, "steps": args.steps, "seconds": args.seconds, "seed": args.seed,
-             "prior": args.prior} for row in args.rows for p in args.prompts]
+             "prior": args.prior, "set": args.set} for row in args.rows for p in args.prompts]
     t0 = time.perf_counter()
     rows = run_jobs(jobs, args.jobs)
     results = {row: summarize([r for r in rows if r["row"] == row]) for row in args.rows}

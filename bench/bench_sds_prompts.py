@@ -31,12 +31,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     ap.add_argument("--prior", default=None, help="prior spec (default: the shipped embedded prior)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                    help='config / live overrides, e.g. sds.t_max_end=0.5 reg.entropy=0.1 live.guidance_scale=20')
     ap.add_argument("--out", default="runs/protocol", help="folder for previews (shaded row, textureless row)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [{"prompt": p, "steps": args.steps, "seconds": args.seconds, "seed": args.seed, "prior": args.prior,
+             "set": args.set,
              "preview": str(out / (p.replace(" ", "_") + ".png"))} for p in args.prompts]
     t0 = time.perf_counter()
     rows = run_jobs(jobs, args.jobs)

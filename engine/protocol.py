@@ -72,7 +72,7 @@ def run_prompt(prompt: str, prior=None, *, cfg: Config | None = None, live: Live
     from engine.trainer import Trainer
 
     prior = prior or load_prior("embedded", device=device)
-    cfg = cfg or preset(prior.name.split(":")[0], str(device))
+    cfg = cfg or preset(prior.name, str(device))
     cfg.seed = seed
     live = live or live_defaults(cfg.prior, prompt=prompt, seed=seed)
     trainer = Trainer(cfg, prior, device, live)
@@ -100,6 +100,31 @@ def summarize(rows: list[dict]) -> dict:
             "shape_margin": mean("shape_margin"), "its_per_s": mean("its_per_s"), "wall_s": mean("wall_s")}
 
 
+def apply_overrides(cfg: Config, live: LiveParams, overrides: list[str]) -> tuple[Config, LiveParams]:
+    """Apply "section.field=value" overrides (e.g. "sds.t_max_end=0.5", "live.guidance_scale=20"); values are
+    parsed as JSON when they parse (numbers, booleans, lists), else kept as strings."""
+    import json
+
+    changes = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {item!r} is not section.field=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if section == "live":
+            changes[name] = value
+            continue
+        sub = getattr(cfg, section, None)
+        if sub is None or not hasattr(sub, name):
+            raise ValueError(f"unknown config field {key!r}")
+        setattr(sub, name, tuple(value) if isinstance(value, list) else value)
+    return cfg, live.replace(**changes) if changes else live
+
+
 def _worker(job: dict) -> dict:
     """One protocol run in a worker process (a job: prompt, ablation row name or None, budgets, preview path)."""
     torch.set_num_threads(job.get("threads", 1))
@@ -107,14 +132,15 @@ def _worker(job: dict) -> dict:
     if job.get("row"):
         cfg = preset("embedded")
         ABLATION[job["row"]](cfg)
-    prior = None
-    if job.get("prior"):
-        from engine.priors import load_prior
+    from engine.priors import load_prior
 
-        prior = load_prior(job["prior"])
-        if cfg is not None:
-            cfg.prior = job["prior"]
-    result = run_prompt(job["prompt"], prior, cfg=cfg, max_steps=job["steps"], max_seconds=job["seconds"],
+    spec = job.get("prior") or "embedded"
+    prior = load_prior(spec)
+    cfg = cfg or preset(spec)
+    cfg.prior = spec
+    live = live_defaults(spec, prompt=job["prompt"], seed=job.get("seed", 0))
+    cfg, live = apply_overrides(cfg, live, job.get("set", []))
+    result = run_prompt(job["prompt"], prior, cfg=cfg, live=live, max_steps=job["steps"], max_seconds=job["seconds"],
                         seed=job.get("seed", 0), n_views=job.get("views", 16))
     trainer = result.pop("trainer")
     if job.get("preview"):

@@ -72,3 +72,18 @@ def test_ablation_table_is_written_between_markers(tmp_path):
     bench.write_benchmarks(text.replace("0.50", "0.75"), doc)  # a second run replaces the first table
     out = doc.read_text()
     assert out.count(bench.START) == 1 and "0.75" in out and "0.50" not in out and "other" in out
+
+
+def test_overrides_reach_config_and_live_params():
+    import pytest
+
+    from engine.config import LiveParams
+
+    cfg, live = protocol.apply_overrides(preset("embedded"), LiveParams(),
+                                         ["sds.t_max_end=0.4", "reg.entropy=0.1", "camera.focal_range=[1,1]",
+                                          "live.guidance_scale=20", "live.prompt=a blue cone"])
+    assert cfg.sds.t_max_end == 0.4 and cfg.reg.entropy == 0.1 and cfg.camera.focal_range == (1, 1)
+    assert live.guidance_scale == 20 and live.prompt == "a blue cone"
+    for bad in ("sds.nothing=1", "entropy=0.1", "live.guidance_scale=NaN"):
+        with pytest.raises(ValueError):
+            protocol.apply_overrides(preset("embedded"), LiveParams(), [bad])
