@@ -57,6 +57,8 @@ def status_markdown(st: dict) -> str:
     loss = "–" if st["loss"] is None else f"{st['loss']:.4g}"
     lines = [f"**{icon} {st['state']}** · step **{st['step']}** / {st['steps']} · **{st['its_per_s']:.2f}** it/s · "
              f"loss {loss} · prior `{st['prior']}`", ""]
+    if st.get("skipped_steps") or st.get("rollbacks"):
+        lines[0] += f" · skipped {st.get('skipped_steps', 0)} non-finite steps, {st.get('rollbacks', 0)} rollbacks"
     if st["error"]:
         lines.append(f"**Error:** {html.escape(st['error'], quote=False)}")
     elif st["message"]:

@@ -261,9 +261,12 @@ class Session:
         return (len(t) - 1) / max(t[-1] - t[0], 1e-9)
 
     def status(self) -> dict:
-        """JSON-ready: state, step, its_per_s, loss and the live parameters the last step used."""
-        loss = self.last_metrics.get("loss")
+        """JSON-ready: state, step, its_per_s, loss, skipped steps and rollbacks, and the live parameters the
+        last step used."""
+        loss, tr = self.last_metrics.get("loss"), self.trainer
         return {"state": self.state, "step": self.step, "steps": self.max_steps,
+                "skipped_steps": tr.skipped_steps if tr is not None else 0,  # non-finite steps skipped
+                "rollbacks": tr.rollbacks if tr is not None else 0,  # restores of the last good state
                 "its_per_s": round(self.its_per_s(), 3), "loss": loss, "message": self.message,
                 "error": self.error, "prior": self.prior_spec, "warnings": list(self.warnings),
                 "shading_used": self.last_metrics.get("shading"), **live_dict(self.used),

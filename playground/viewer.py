@@ -5,7 +5,8 @@ renderer): while the camera moves it sends low-resolution frames as fast as they
 camera has rested for `still_s` it sends one full-resolution frame; while training runs it refreshes
 that frame when the field has changed, at most as often as keeps the viewer's share of the CPU small.
 Frames are rendered from a frozen copy of the field (`Session.render_source`) under `torch.no_grad()`.
-A render error is logged and shown in the viewer's panel; the thread goes on.
+A render error is logged and shown in the viewer's panel; the thread goes on. An out-of-memory error (CUDA)
+halves that client's frame size instead (down to MIN_SIDE pixels): training keeps its memory and goes on.
 The point light is a gizmo the user can drag; it sets the fixed light the pane's controls show.
 """
 
@@ -32,6 +33,7 @@ MODE_LABELS = {"shaded": "lambertian", "albedo": "albedo", "normals": "normal", 
                "depth": "depth", "opacity": "opacity"}
 OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])  # flip y and z: viser looks down +z with y down
 assert set(MODE_LABELS.values()) == set(RENDER_MODES)
+MIN_SIDE = 32  # smallest long side the out-of-memory fallback goes down to
 
 
 def quat_to_matrix(wxyz) -> np.ndarray:
@@ -77,6 +79,8 @@ class ClientRenderer:
         self.sent: tuple | None = None  # (camera stamp, snapshot key, mode, resolution) of the last frame sent
         self.full_at, self.full_cost = 0.0, 0.0  # when the last full frame was sent and its render time
         self.frames, self.last_frame_s = 0, 0.0
+        self.scale = 1.0  # frame-size factor, halved on each out-of-memory error
+        self.errors = 0  # render errors shown to this client (out-of-memory ones included)
         self.log: collections.deque = collections.deque(maxlen=2000)  # (sent at, long side, render s) per frame
         self._stamp = 0
         self._wake = threading.Event()
@@ -113,12 +117,36 @@ class ClientRenderer:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            try:
-                self._render_once()
-            except Exception as err:  # shown in the viewer; the thread and the app go on
-                log.exception("viewer render failed")
-                self.info.content = f"**render error:** {type(err).__name__}: {err}"
-                time.sleep(0.5)
+            self.render_safely()
+
+    def render_safely(self) -> None:
+        """One turn of the loop; errors are reported to this client and never leave the thread."""
+        try:
+            self._render_once()
+        except torch.OutOfMemoryError:
+            self._out_of_memory()
+        except Exception as err:  # shown in the viewer; the thread and the app go on
+            self.errors += 1
+            log.exception("viewer render failed")
+            self.info.content = f"**render error:** {type(err).__name__}: {err}"
+            time.sleep(0.5)
+
+    def _out_of_memory(self) -> None:
+        """Halve this client's frame size and try again; training's memory is left alone."""
+        self.errors += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        side = round(self.viewer.full_res * self.scale)
+        if side <= MIN_SIDE:
+            log.error("viewer out of memory even at %d px", side)
+            self.info.content = f"**out of memory** even at {side} px: close other viewers or pause training"
+            time.sleep(1.0)
+            return
+        self.scale /= 2
+        log.warning("viewer out of memory: frames now at %.0f %% size", 100 * self.scale)
+        self.info.content = f"**out of memory:** frames lowered to {round(self.viewer.full_res * self.scale)} px"
+        self.sent = None  # render the current view again at the new size
+        self._wake.set()
 
     def _render_once(self) -> None:
         self.viewer.sync_scene()
@@ -131,7 +159,7 @@ class ClientRenderer:
         if res is None:
             return
         cam, stamp, mode = self.client.camera, self._stamp, self.mode.value
-        H, W = frame_size(res, cam.aspect)
+        H, W = frame_size(max(MIN_SIDE, round(res * self.scale)), cam.aspect)
         c2w = torch.from_numpy(viser_to_c2w(cam.position, cam.wxyz)).float()
         focal = (0.5 / math.tan(cam.fov / 2)) * H / W  # engine focal is in units of the image width
         t0 = time.perf_counter()

@@ -94,3 +94,23 @@ def test_shutdown_checkpoints_a_dirty_run_once(tmp_path):
     meta, _ = read_checkpoint(run_dir)
     assert meta["step"] == s.step
     assert s.save_if_dirty() is None  # clean now
+
+
+def test_session_status_counts_skipped_steps_and_rollbacks(tmp_path):
+    from playground.panel import status_markdown
+    from playground.session import Session
+    from tests.test_session import tiny_config, wait_for
+
+    cfg = tiny_config("oracle:cube")
+    cfg.sds.good_state_every, cfg.sds.rollback_after = 2, 3
+    s = Session(cfg, out_root=tmp_path)
+    s._priors["oracle:cube"] = FlakyPrior("cube", range(4, 7))  # steps 4-6 non-finite: 3 skipped, 1 rollback
+    try:
+        assert s.status()["skipped_steps"] == 0 and s.status()["rollbacks"] == 0
+        s.start()
+        wait_for(lambda: s.step >= 9, what="steps past the bad ones")
+        st = s.status()
+        assert st["skipped_steps"] == 3 and st["rollbacks"] == 1 and st["state"] == "running"
+        assert "skipped 3 non-finite steps, 1 rollbacks" in status_markdown(st)
+    finally:
+        s.stop()
