@@ -9,7 +9,10 @@ prior at a small size; meanwhile
    a random camera and render mode, JPEG) in a loop, and every ~20 s disconnect and connect again; each
    also opens and drops a WebSocket on the real viser server, so connects and disconnects mid-run happen.
 It reports steps done, the errors seen (exceptions, an error state, a refusal without a message), and the
-process's RSS at the start (after a 30 s warm-up), each minute and at the end.
+process's RSS: at launch (after a 30 s warm-up with no clients), each minute, at the start of the measured
+window (after --settle minutes under load, once the clients' threads, buffers and connections exist) and at
+the end. The growth figure (target <= 10 %) is end over start of that window: a leak keeps climbing through
+it, a warm-up does not.
 
     python bench/bench_soak.py                 # 30 minutes
     python bench/bench_soak.py --minutes 5
@@ -159,7 +162,9 @@ class Soak:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=30.0)
-    p.add_argument("--warmup", type=float, default=30.0, help="seconds of training before RSS at start")
+    p.add_argument("--warmup", type=float, default=30.0, help="seconds of training before the clients start")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="minutes under load before the measured window starts (0: measure from launch)")
     args = p.parse_args()
     import tempfile
 
@@ -185,11 +190,14 @@ def main() -> int:
 
     session.start()
     time.sleep(args.warmup)
-    rss0, steps0 = rss_mb(), session.step
-    trace, done = [], threading.Event()  # RSS every minute: a leak climbs, a warm-up levels off
+    rss_launch, steps0 = rss_mb(), session.step
+    trace, done, window = [], threading.Event(), {"rss0": rss_launch}  # RSS every minute
 
     def sample():
-        while not done.wait(60.0):
+        t0 = time.monotonic()
+        if args.settle > 0 and not done.wait(60.0 * args.settle):
+            window["rss0"] = rss_mb()
+        while not done.wait(60.0 - (time.monotonic() - t0) % 60.0):
             trace.append(round(rss_mb(), 1))
 
     threading.Thread(target=sample, daemon=True).start()
@@ -197,7 +205,9 @@ def main() -> int:
     done.set()
     rss1 = rss_mb()
     result["rss_mb_each_minute"] = trace
-    result.update({"rss_start_mb": round(rss0, 1), "rss_end_mb": round(rss1, 1),
+    rss0 = window["rss0"]
+    result.update({"rss_launch_mb": round(rss_launch, 1), "settle_minutes": args.settle,
+                   "rss_start_mb": round(rss0, 1), "rss_end_mb": round(rss1, 1),
                    "rss_growth_pct": round(100 * (rss1 - rss0) / rss0, 1), "state": session.state,
                    "total_steps": session.step - steps0})
     demo.close()

@@ -335,9 +335,12 @@ class Session:
         if self.trainer is None:
             raise ValueError("nothing to export yet: start a run first")
         future = self._pool.submit(self._export, kind, {**EXPORT_DEFAULTS.get(kind, {}), **kwargs})
-        future.add_done_callback(lambda f: self.exports.append(
-            f"{kind} failed: {f.exception()}" if f.exception() else
-            f"{kind}: " + ", ".join(str(p) for p in f.result().values())))
+        def done(f: concurrent.futures.Future) -> None:
+            self.exports.append(f"{kind} failed: {f.exception()}" if f.exception() else
+                                f"{kind}: " + ", ".join(str(p) for p in f.result().values()))
+            del self.exports[:-50]  # a long session keeps the last 50 lines, not all of them
+
+        future.add_done_callback(done)
         return future
 
     def _export(self, kind: str, kwargs: dict) -> dict:
