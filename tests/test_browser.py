@@ -116,6 +116,46 @@ def test_viewer_shows_the_object_and_orbits(playground_app, browser, shots):
     page.close()
 
 
+def drag(page, steps: int = 10) -> None:
+    page.mouse.move(320, 300)
+    page.mouse.down()
+    for i in range(1, steps + 1):
+        page.mouse.move(320 + 15 * i, 300 + 3 * i)
+        time.sleep(0.03)
+    page.mouse.up()
+
+
+def test_viewers_that_leave_mid_render_and_join_mid_run_are_fine(playground_app, browser, shots):
+    """Two browsers watch; one drags (frames rendering) and is closed at once; a third joins mid-run.
+    Training goes on, the app serves, and the others still get fresh frames."""
+    frame = "[...document.querySelectorAll('*')].some(e => /256×\\d+ shaded/.test(e.textContent))"
+    staying, leaving = (browser.new_page(viewport={"width": 640, "height": 480}) for _ in range(2))
+    for page in (staying, leaving):
+        page.goto(playground_app["viewer_url"])
+        page.wait_for_function(frame, timeout=60_000)
+    step = status(playground_app)["step"]
+    drag(leaving, steps=5)
+    leaving.close()  # mid-render: its low-resolution frames are still being made
+    joining = browser.new_page(viewport={"width": 640, "height": 480})
+    joining.goto(playground_app["viewer_url"])
+    joining.wait_for_function(frame, timeout=60_000)
+    before = canvas_image(staying)
+    drag(staying)
+    time.sleep(0.5)
+    staying.wait_for_function(frame, timeout=60_000)
+    time.sleep(0.3)
+    after = canvas_image(staying)
+    joining.screenshot(path=str(shots / "viewer_joined_mid_run.png"))
+    h, w, _ = after.shape
+    assert np.abs(before - after)[h // 4:3 * h // 4, w // 4:3 * w // 4].mean() > 2.0
+    assert centre_vs_border(canvas_image(joining)) > 30
+    st = status(playground_app)
+    assert st["state"] == "running" and st["error"] is None
+    wait_until(lambda: status(playground_app)["step"] > step + 5, timeout=60, what="training to go on")
+    staying.close()
+    joining.close()
+
+
 def test_ctrl_c_stops_cleanly_and_frees_both_ports(playground_app):
     proc = playground_app["proc"]
     proc.send_signal(signal.SIGINT)
