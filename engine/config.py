@@ -228,6 +228,14 @@ def _build(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+# The embedded prior's settings, one place for preset() and live_defaults(). Measured with
+# `python bench/bench_sds_prompts.py --steps 800 --prompts "a red cube" "a green cone" "an orange mug"
+# "a white house" --set ...` (BENCHMARKS.md, "SDS settings"): guidance 10 beat 5 and 20, learning rate 0.01
+# matched 0.02; annealing t_max 0.98 -> 0.5 and the opacity entropy 0.05 are the prototype's findings.
+EMBEDDED_DEFAULTS = {"guidance_scale": 10.0, "learning_rate": 0.01, "t_min": 0.02, "t_max": 0.98, "t_max_end": 0.5,
+                     "anneal_steps": 1000, "entropy": 0.05, "resolution": 32}
+
+
 def preset(prior: str = "embedded", device: str = "cpu") -> Config:
     """The run configuration tuned for a prior (its spec, e.g. "embedded", "oracle:cube", "sd:/models/x").
 
@@ -239,7 +247,9 @@ def preset(prior: str = "embedded", device: str = "cpu") -> Config:
     kind = (prior or "embedded").split(":", 1)[0].lower()
     cfg = Config(prior=prior or "embedded")
     if kind == "embedded":
-        cfg.sds.t_max_end, cfg.sds.anneal_steps = 0.5, 1000
+        d = EMBEDDED_DEFAULTS
+        cfg.sds.t_min, cfg.sds.t_max, cfg.sds.t_max_end = d["t_min"], d["t_max"], d["t_max_end"]
+        cfg.sds.anneal_steps, cfg.reg.entropy, cfg.render.resolution = d["anneal_steps"], d["entropy"], d["resolution"]
     elif kind in ("sd", "if"):
         cfg.render.resolution = 64
         cfg.camera.batch_size = 1
@@ -253,6 +263,7 @@ def preset(prior: str = "embedded", device: str = "cpu") -> Config:
 def live_defaults(prior: str = "embedded", **overrides) -> LiveParams:
     """Starting live parameters for a prior: its own guidance scale and learning rate."""
     kind = (prior or "embedded").split(":", 1)[0].lower()
-    base = {"sd": {"guidance_scale": 100.0}, "if": {"guidance_scale": 20.0},
+    embedded = {k: EMBEDDED_DEFAULTS[k] for k in ("guidance_scale", "learning_rate")}
+    base = {"embedded": embedded, "sd": {"guidance_scale": 100.0}, "if": {"guidance_scale": 20.0},
             "oracle": {"learning_rate": 0.03}}.get(kind, {})
     return LiveParams(**{**base, **overrides}).validated()

@@ -19,21 +19,21 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from engine import world
+from engine.config import EMBEDDED_DEFAULTS
 from engine.priors.base import PromptEmbedding, SDSContext
 from engine.sds import VIEWS, add_noise, classifier_free_guidance, sample_timesteps, sds_weight
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_WEIGHTS = ASSETS / "embedded_prior.safetensors"
-TRAIN_COMMAND = "python -m engine.priors.train_embedded --out runs/embedded --steps 9000 --minutes 115 --seed 0 --export assets"
+TRAIN_COMMAND = ("python -m engine.priors.train_embedded --out runs/embedded --steps 6500 --minutes 115 --seed 0 "
+                 "--threads 1 --export assets")
 VOCABULARY = world.VOCABULARY
 MODEL_CONFIG = {  # the shipped model's architecture; the .json next to the weights overrides it
     "resolution": 32, "block_out_channels": [16, 32, 96], "layers_per_block": 1, "text_dim": 64,
     "max_tokens": 8, "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
 }
-# SDS settings recommended for this prior (the prototype's: CFG 7.5-20 worked, 100 did not; annealing t_max
-# 0.98 -> 0.5 and an opacity-entropy term helped). The trainer's config holds the values in use.
-DEFAULTS = {"guidance_scale": 10.0, "t_min": 0.02, "t_max": 0.98, "t_max_end": 0.5, "anneal_steps": 1000,
-            "entropy": 0.05}
+# SDS settings tuned for this prior (engine.config.preset / live_defaults use them; see EMBEDDED_DEFAULTS there)
+DEFAULTS = EMBEDDED_DEFAULTS
 
 
 def vocabulary() -> list[str]:

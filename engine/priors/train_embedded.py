@@ -1,6 +1,6 @@
 """Train the embedded prior from scratch on the procedural world; resumable, reproducible from a seed.
 
-    python -m engine.priors.train_embedded --out runs/embedded --steps 9000 --minutes 115 --seed 0 --export assets
+    python -m engine.priors.train_embedded --out runs/embedded --steps 6500 --minutes 115 --seed 0 --threads 1 --export assets
 
 Rendering costs about as much as a training step on this CPU, so images live in a pool that is
 refreshed a few renders per step (every image is seen ~10 times, each time with fresh noise, a fresh
@@ -122,8 +122,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/embedded", help="checkpoint folder (resumed if it holds one)")
     ap.add_argument("--minutes", type=float, default=75.0, help="wall-clock budget of this invocation")
-    ap.add_argument("--steps", type=int, default=9000,
-                    help="stop at this total step count; the learning rate decays (cosine) over it")
+    ap.add_argument("--steps", type=int, default=6500, help="stop at this total step count")
+    ap.add_argument("--lr-steps", type=int, default=None,
+                    help="length of the cosine learning-rate decay (default: --steps); set it to re-run a run that "
+                         "--minutes stopped early, step for step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (200-step warm-up, cosine to 10 %%)")
@@ -180,7 +182,7 @@ def run(args) -> dict:
             at = torch.randint(args.pool, (args.refresh,), generator=g).tolist()
             _replace(pool, render_batch(args.refresh, g), at)
         for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, args.lr, args.steps)
+            pg["lr"] = lr_at(step, args.lr, args.lr_steps or args.steps)
         losses.append(train_step(model, opt, pool, args.batch, g, alphas, args.snr_gamma))
         ema_update(ema, model, step)
         step += 1
@@ -195,7 +197,7 @@ def run(args) -> dict:
         save()
     meta = {"steps": step, "batch": args.batch, "train_minutes": round(elapsed / 60, 1), "seed": args.seed,
             "threads": args.threads, "pool": args.pool, "refresh": args.refresh, "lr": args.lr,
-            "lr_schedule": f"warm-up 200, cosine to 10 % at step {args.steps}", "snr_gamma": args.snr_gamma}
+            "lr_schedule": f"warm-up 200, cosine to 10 % at step {args.lr_steps or args.steps}", "snr_gamma": args.snr_gamma}
     if args.export:
         export(ema, Path(args.export), meta, args.grid_steps)
     print(f"done: step {step}, {elapsed / 60:.1f} min", flush=True)
