@@ -3,7 +3,7 @@
 import torch
 
 from engine import protocol
-from engine.config import Config, preset
+from engine.config import preset
 from engine.priors import load_prior
 from engine.shading import pick_shading
 
@@ -26,7 +26,7 @@ def test_ablation_rows_add_one_component_each():
         cfgs[name] = cfg
     base, aug, dep, light, full = cfgs.values()
     assert not base.sds.view_dependent and base.camera.focal_range == (1.0, 1.0)
-    assert aug.camera == Config().camera and not aug.sds.view_dependent
+    assert aug.camera == preset("embedded").camera and not aug.sds.view_dependent
     assert dep.sds.view_dependent and dep.shading == base.shading
     g = torch.Generator().manual_seed(0)
     modes = lambda cfg: {pick_shading("random", cfg.shading, 500, g) for _ in range(200)}  # noqa: E731
