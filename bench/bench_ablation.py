@@ -7,7 +7,7 @@ method). Every row trains the same prompts under the same budget; the table give
 R-Precision (colour on shaded renders, geometry on textureless ones) and silhouette score.
 `--write` puts the table into BENCHMARKS.md between the ablation markers.
 
-    python bench/bench_ablation.py --steps 1000 --seconds 180 --write
+    python bench/bench_ablation.py --write          # 3 prompts x 5 rows, <= 600 steps / 120 s each, ~10 min
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.protocol import ABLATION, run_jobs, summarize  # noqa: E402
+from engine.protocol import ABLATION, add_run_args, run_jobs, summarize  # noqa: E402
 
-PROMPTS = ("a red cube", "a green cone", "an orange mug", "a white house")
+PROMPTS = ("a red cube", "a green cone", "an orange mug")
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 
@@ -50,15 +50,8 @@ def write_benchmarks(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", nargs="+", default=list(PROMPTS))
+    add_run_args(ap, PROMPTS, steps=600, seconds=120.0)
     ap.add_argument("--rows", nargs="+", default=list(ABLATION), choices=list(ABLATION))
-    ap.add_argument("--steps", type=int, default=1000, help="step budget per run")
-    ap.add_argument("--seconds", type=float, default=180.0, help="wall-clock budget per run")
-    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
-    ap.add_argument("--prior", default=None, help="prior spec (default: the shipped embedded prior)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
-                    help='config / live overrides, e.g. sds.t_max_end=0.5 reg.entropy=0.1 live.guidance_scale=20')
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = ap.parse_args(argv)
     jobs = [{"prompt": p, "row": row, "steps": args.steps, "seconds": args.seconds, "seed": args.seed,

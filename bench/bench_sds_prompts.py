@@ -20,19 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.protocol import PROMPTS, run_jobs, summarize  # noqa: E402
+from engine.protocol import PROMPTS, add_run_args, run_jobs, summarize  # noqa: E402
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", nargs="+", default=list(PROMPTS))
-    ap.add_argument("--steps", type=int, default=2000, help="step budget per prompt")
-    ap.add_argument("--seconds", type=float, default=300.0, help="wall-clock budget per prompt")
-    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
-    ap.add_argument("--prior", default=None, help="prior spec (default: the shipped embedded prior)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
-                    help='config / live overrides, e.g. sds.t_max_end=0.5 reg.entropy=0.1 live.guidance_scale=20')
+    add_run_args(ap, PROMPTS, steps=2000, seconds=300.0)
     ap.add_argument("--out", default="runs/protocol", help="folder for previews (shaded row, textureless row)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)

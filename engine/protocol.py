@@ -125,6 +125,18 @@ def apply_overrides(cfg: Config, live: LiveParams, overrides: list[str]) -> tupl
     return cfg, live.replace(**changes) if changes else live
 
 
+def add_run_args(ap, prompts, steps: int, seconds: float) -> None:
+    """The command-line options the protocol's bench scripts share (argparse parser `ap`)."""
+    ap.add_argument("--prompts", nargs="+", default=list(prompts))
+    ap.add_argument("--steps", type=int, default=steps, help="step budget per run")
+    ap.add_argument("--seconds", type=float, default=seconds, help="wall-clock budget per run")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    ap.add_argument("--prior", default=None, help="prior spec (default: the shipped embedded prior)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="config / live overrides, e.g. sds.t_max_end=0.5 reg.entropy=0.1 live.guidance_scale=20")
+
+
 def _worker(job: dict) -> dict:
     """One protocol run in a worker process (a job: prompt, ablation row name or None, budgets, preview path)."""
     torch.set_num_threads(job.get("threads", 1))
