@@ -62,7 +62,7 @@ def occupied(estimator: nerfacc.OccGridEstimator, x: Tensor) -> Tensor:
     lo, hi = estimator.aabbs[0, :3], estimator.aabbs[0, 3:]
     idx = ((x - lo) * (n / (hi - lo))).clamp_(0, n - 1).long()
     flat = (idx[..., 0] * n + idx[..., 1]) * n + idx[..., 2]
-    return grid.reshape(-1)[flat]
+    return grid.reshape(-1).index_select(0, flat.reshape(-1)).view(flat.shape)
 
 
 def occupied_box(estimator: nerfacc.OccGridEstimator) -> tuple[Tensor, Tensor] | None:
@@ -82,10 +82,17 @@ def box_intersect(o: Tensor, d: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor,
     return torch.minimum(t1, t2).amax(-1), torch.maximum(t1, t2).amin(-1)
 
 
+def take(t: Tensor, idx: Tensor) -> Tensor:
+    """t[idx] along dim 0 through index_select: on CPU ~10x faster than advanced indexing, and its
+    backward is an index_add rather than an index_put."""
+    return t.index_select(0, idx)
+
+
 def _shade_samples(query, x: Tensor, d: Tensor, view: Tensor, mode: str, light: Light):
     """Field and shading at flat samples x [M, 3] with ray dirs d [M, 3] and view index [M]."""
     s = query(x)
-    rgb = shade(mode, s.albedo, s.normal, x, light.position[view], light.color[view], light.ambient[view, None])
+    rgb = shade(mode, s.albedo, s.normal, x, take(light.position, view), take(light.color, view),
+                take(light.ambient, view)[:, None])
     orient = (s.normal * d).sum(-1).clamp(min=0.0) ** 2
     return s.density, torch.cat([rgb, s.albedo, s.normal, orient[:, None]], -1)  # values: [M, 10]
 
@@ -99,10 +106,10 @@ def _composite_batched(query, o, d, view, near, far, hit, cfg: RenderConfig, rad
     if generator is not None:  # draw the jitter for every ray, so the random stream does not depend on hits
         u_all = torch.rand(R, cfg.num_samples, generator=generator, device=generator.device).to(o)
     if rays.numel() < R:
-        u = u_all[rays] if generator is not None else None
-        acc, opacity, depth, n = _composite_rays(query, o[rays], d[rays], view[rays], near[rays], far[rays], cfg,
-                                                 mode, light, estimator, u)
-        out = [torch.zeros(R, t.shape[1], device=o.device, dtype=t.dtype).index_put((rays,), t)
+        u = take(u_all, rays) if generator is not None else None
+        acc, opacity, depth, n = _composite_rays(query, take(o, rays), take(d, rays), take(view, rays),
+                                                 take(near, rays), take(far, rays), cfg, mode, light, estimator, u)
+        out = [torch.zeros(R, t.shape[1], device=o.device, dtype=t.dtype).index_copy(0, rays, t)
                for t in (acc, opacity, depth)]
         return (*out, n)
     return _composite_rays(query, o, d, view, near, far, cfg, mode, light, estimator,
@@ -119,11 +126,12 @@ def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light
     x = o[:, None, :] + d[:, None, :] * tm[..., None]  # [R, S, 3]
     # only occupied samples are evaluated and shaded
     keep = occupied(estimator, x) if estimator is not None else torch.ones(R, S, dtype=torch.bool, device=o.device)
-    ray_idx, smp_idx = keep.nonzero(as_tuple=True)
-    sig, val = _shade_samples(query, x[ray_idx, smp_idx], d[ray_idx], view[ray_idx], mode, light)
-    sigma = torch.zeros(R, S, device=o.device, dtype=sig.dtype).index_put((ray_idx, smp_idx), sig)
+    flat = keep.view(-1).nonzero().squeeze(1)  # occupied samples, as ray * S + sample
+    ray_idx = flat // S
+    sig, val = _shade_samples(query, take(x.view(-1, 3), flat), take(d, ray_idx), take(view, ray_idx), mode, light)
+    sigma = torch.zeros(R * S, device=o.device, dtype=sig.dtype).index_copy(0, flat, sig).view(R, S)
     weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sigma)  # batched: runs on CPU
-    w = weights[ray_idx, smp_idx]
+    w = take(weights.reshape(-1), flat)
     acc = nerfacc.accumulate_along_rays(w, val, ray_indices=ray_idx, n_rays=R)  # packed sum: index_add
     opacity = nerfacc.accumulate_along_rays(weights, None)
     depth = nerfacc.accumulate_along_rays(weights, tm[..., None])
@@ -144,8 +152,8 @@ def _composite_packed(query, o, d, view, near, far, hit, cfg: RenderConfig, radi
         o, d, sigma_fn=sigma_fn, t_min=near, t_max=torch.where(hit, far, near),
         render_step_size=cfg.render_step_size, stratified=generator is not None, alpha_thre=0.0)
     tm = (t0 + t1) / 2
-    xs = o[ray_indices] + d[ray_indices] * tm[:, None]
-    sig, val = _shade_samples(query, xs, d[ray_indices], view[ray_indices], mode, light)
+    xs = take(o, ray_indices) + take(d, ray_indices) * tm[:, None]
+    sig, val = _shade_samples(query, xs, take(d, ray_indices), take(view, ray_indices), mode, light)
     weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sig, ray_indices=ray_indices, n_rays=R)
     acc = nerfacc.accumulate_along_rays(weights, val, ray_indices=ray_indices, n_rays=R)
     opacity = nerfacc.accumulate_along_rays(weights, None, ray_indices=ray_indices, n_rays=R)

@@ -120,6 +120,19 @@ class Trainer:
             finally:
                 torch.set_num_threads(threads)
 
+    def _step_background(self) -> torch.Tensor | None:
+        """This step's solid background colour, or None for the configured background.
+
+        With probability `grey_prob` a random grey (0.25-1) stands in: an object that matches the usual
+        backdrop (a white house on white) cannot then pass for one by fading into it (stable-dreamfusion
+        and threestudio swap in random backgrounds the same way)."""
+        bc, g = self.cfg.background, self.generator
+        if bc.grey_prob > 0 and float(torch.rand((), generator=g)) < bc.grey_prob:
+            return (0.25 + 0.75 * torch.rand((), generator=g)).expand(3).to(self.device)
+        if bc.kind == "random":
+            return torch.rand(3, generator=g).to(self.device)
+        return None
+
     def step(self, live: LiveParams) -> StepResult:
         """One optimisation step with the live parameters `live` (validated by the caller)."""
         cfg, g, res = self.cfg, self.generator, self.resolution
@@ -131,7 +144,7 @@ class Trainer:
         cams = cam.sample_cameras(cfg.camera, cfg.camera.batch_size, g, self.device)
         light = cam.make_light(cams, live, cfg.camera, g)
         shading = pick_shading(live.shading, cfg.shading, self.step_count, g)
-        bg_color = torch.rand(3, generator=g).to(self.device) if cfg.background.kind == "random" else None
+        bg_color = self._step_background()
         # 2. render
         self._update_occupancy()
         use_grid = self.estimator is not None and self.step_count >= cfg.render.occupancy_warmup

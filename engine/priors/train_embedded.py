@@ -24,7 +24,7 @@ from engine import world
 from engine.priors.embedded import EmbeddedModel, sample
 from engine.sds import view_labels
 
-SHAPE_WEIGHTS = {"cube": 1.5, "house": 1.2}  # boxy shapes came out lumpy in the prototype: show more of them
+SHAPE_WEIGHTS = {"cube": 1.5, "house": 1.2, "mug": 1.5}  # boxy shapes came out lumpy, mugs lost their handle: show more of them
 
 
 def render_batch(n: int, g: torch.Generator) -> dict:
