@@ -124,18 +124,23 @@ def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light
     t0, t1 = edges[:, :-1], edges[:, 1:]
     tm = t0 + (t1 - t0) * (u if u is not None else 0.5)
     x = o[:, None, :] + d[:, None, :] * tm[..., None]  # [R, S, 3]
-    # only occupied samples are evaluated and shaded
-    keep = occupied(estimator, x) if estimator is not None else torch.ones(R, S, dtype=torch.bool, device=o.device)
-    flat = keep.view(-1).nonzero().squeeze(1)  # occupied samples, as ray * S + sample
-    ray_idx = flat // S
-    sig, val = _shade_samples(query, take(x.view(-1, 3), flat), take(d, ray_idx), take(view, ray_idx), mode, light)
-    sigma = torch.zeros(R * S, device=o.device, dtype=sig.dtype).index_copy(0, flat, sig).view(R, S)
-    weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sigma)  # batched: runs on CPU
-    w = take(weights.reshape(-1), flat)
-    acc = nerfacc.accumulate_along_rays(w, val, ray_indices=ray_idx, n_rays=R)  # packed sum: index_add
+    if estimator is None:  # dense: every sample, no gathers or scatters
+        n = R * S
+        sig, val = _shade_samples(query, x.view(-1, 3), d.repeat_interleave(S, 0), view.repeat_interleave(S), mode,
+                                  light)
+        weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sig.view(R, S))
+        acc = nerfacc.accumulate_along_rays(weights, val.view(R, S, val.shape[-1]))
+    else:  # only occupied samples are evaluated and shaded
+        flat = occupied(estimator, x).view(-1).nonzero().squeeze(1)  # as ray * S + sample
+        ray_idx, n = flat // S, flat.numel()
+        sig, val = _shade_samples(query, take(x.view(-1, 3), flat), take(d, ray_idx), take(view, ray_idx), mode,
+                                  light)
+        sigma = torch.zeros(R * S, device=o.device, dtype=sig.dtype).index_copy(0, flat, sig).view(R, S)
+        weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sigma)  # batched: runs on CPU
+        acc = nerfacc.accumulate_along_rays(take(weights.reshape(-1), flat), val, ray_indices=ray_idx,
+                                            n_rays=R)  # packed sum: index_add
     opacity = nerfacc.accumulate_along_rays(weights, None)
     depth = nerfacc.accumulate_along_rays(weights, tm[..., None])
-    n = int(ray_idx.numel())
     return acc, opacity, depth, n
 
 
