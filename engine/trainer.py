@@ -124,8 +124,8 @@ class Trainer:
         """This step's solid background colour, or None for the configured background.
 
         With probability `grey_prob` a random grey (0.25-1) stands in: an object that matches the usual
-        backdrop (a white house on white) cannot then pass for one by fading into it (stable-dreamfusion
-        and threestudio swap in random backgrounds the same way)."""
+        backdrop (a white house on white) cannot then pass for one by fading into it. threestudio's
+        backgrounds have the same switch (`random_aug`, `random_aug_prob`), with random colours."""
         bc, g = self.cfg.background, self.generator
         if bc.grey_prob > 0 and float(torch.rand((), generator=g)) < bc.grey_prob:
             return (0.25 + 0.75 * torch.rand((), generator=g)).expand(3).to(self.device)
