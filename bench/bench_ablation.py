@@ -8,6 +8,7 @@ R-Precision (colour on shaded renders, geometry on textureless ones) and silhoue
 `--write` puts the table into BENCHMARKS.md between the ablation markers.
 
     python bench/bench_ablation.py --write          # 3 prompts x 5 rows, <= 600 steps / 120 s each, ~10 min
+    python bench/bench_ablation.py --seeds 2 --prompts ... --write   # more runs per row: smaller s.e.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| row | colour R-P | geometry R-P | shape score | shape margin |", "|---|---|---|---|---|"]
+    lines = ["| row | colour R-P | geometry R-P (± s.e.) | shape score | shape margin |", "|---|---|---|---|---|"]
     for row, s in results.items():
-        lines.append(f"| {row} | {s['colour_r_precision']:.2f} | {s['geometry_r_precision']:.2f} | "
+        se = f" ± {s['geometry_se']:.2f}" if s.get("geometry_se") is not None else ""
+        lines.append(f"| {row} | {s['colour_r_precision']:.2f} | {s['geometry_r_precision']:.2f}{se} | "
                      f"{s['shape_score']:.2f} | {s['shape_margin']:+.2f} |")
     return "\n".join(lines)
 
@@ -52,17 +54,20 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_args(ap, PROMPTS, steps=600, seconds=120.0)
     ap.add_argument("--rows", nargs="+", default=list(ABLATION), choices=list(ABLATION))
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per prompt: --seed, --seed + 1, ...")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = ap.parse_args(argv)
-    jobs = [{"prompt": p, "row": row, "steps": args.steps, "seconds": args.seconds, "seed": args.seed,
-             "prior": args.prior, "set": args.set} for row in args.rows for p in args.prompts]
+    seeds = range(args.seed, args.seed + max(1, args.seeds))
+    jobs = [{"prompt": p, "row": row, "steps": args.steps, "seconds": args.seconds, "seed": seed,
+             "prior": args.prior, "set": args.set} for row in args.rows for p in args.prompts for seed in seeds]
     t0 = time.perf_counter()
     rows = run_jobs(jobs, args.jobs)
     results = {row: summarize([r for r in rows if r["row"] == row]) for row in args.rows}
     text = table(results)
     wall = time.perf_counter() - t0
     cmd = "python bench/bench_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    note = (f"\nPrompts: {', '.join(args.prompts)}; ≤ {args.steps} steps / {args.seconds:.0f} s each, seed {args.seed}; "
+    note = (f"\nPrompts: {', '.join(args.prompts)}; ≤ {args.steps} steps / {args.seconds:.0f} s each, "
+            f"seeds {seeds.start}–{seeds.stop - 1}; "
             f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} single-thread workers; {wall / 60:.0f} min. "
             f"Command: `{cmd.strip()}`")
     print(text + "\n" + note)

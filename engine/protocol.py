@@ -90,13 +90,17 @@ def run_prompt(prompt: str, prior=None, *, cfg: Config | None = None, live: Live
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Means over prompts of the colour and geometry R-Precision and of the silhouette score."""
+    """Means over runs (prompts, seeds) of the colour and geometry R-Precision and of the silhouette score,
+    and the standard error of the geometry mean (how far apart two rows must be to mean something)."""
     def mean(key):
         vals = [r[key] for r in rows if key in r]
         return round(statistics.fmean(vals), 3) if vals else None
 
+    geo = [r["geometry_r_precision"] for r in rows if "geometry_r_precision" in r]
+    se = statistics.stdev(geo) / len(geo) ** 0.5 if len(geo) > 1 else None  # standard error of the mean
     return {"prompts": len(rows), "colour_r_precision": mean("colour_r_precision"),
-            "geometry_r_precision": mean("geometry_r_precision"), "shape_score": mean("shape_score"),
+            "geometry_r_precision": mean("geometry_r_precision"),
+            "geometry_se": None if se is None else round(se, 3), "shape_score": mean("shape_score"),
             "shape_margin": mean("shape_margin"), "its_per_s": mean("its_per_s"), "wall_s": mean("wall_s")}
 
 

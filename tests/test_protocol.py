@@ -64,8 +64,9 @@ def test_ablation_table_is_written_between_markers(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     row = {"colour_r_precision": 0.5, "geometry_r_precision": 0.25, "shape_score": 0.6, "shape_margin": -0.1}
-    text = bench.table({"base": row, "+textureless": row})
+    text = bench.table({"base": row, "+textureless": {**row, "geometry_se": 0.125}})
     assert "| base | 0.50 | 0.25 | 0.60 | -0.10 |" in text
+    assert "| +textureless | 0.50 | 0.25 ± 0.12 | 0.60 | -0.10 |" in text
     doc = tmp_path / "B.md"
     doc.write_text("# Benchmarks\n\nother\n")
     bench.write_benchmarks(text, doc)
@@ -87,3 +88,11 @@ def test_overrides_reach_config_and_live_params():
     for bad in ("sds.nothing=1", "entropy=0.1", "live.guidance_scale=NaN"):
         with pytest.raises(ValueError):
             protocol.apply_overrides(preset("embedded"), LiveParams(), [bad])
+
+
+def test_summary_gives_the_standard_error_of_geometry():
+    rows = [{"geometry_r_precision": g, "colour_r_precision": 1.0} for g in (0.25, 0.75, 0.5, 0.5)]
+    s = protocol.summarize(rows)
+    assert s["geometry_r_precision"] == 0.5 and s["prompts"] == 4
+    assert abs(s["geometry_se"] - (1 / 24) ** 0.5 / 2) < 1e-3  # stdev sqrt(1/24) over sqrt(4) runs
+    assert protocol.summarize(rows[:1])["geometry_se"] is None
