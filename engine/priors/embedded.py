@@ -25,8 +25,8 @@ from engine.sds import VIEWS, add_noise, classifier_free_guidance, sample_timest
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_WEIGHTS = ASSETS / "embedded_prior.safetensors"
-TRAIN_COMMAND = ("python -m engine.priors.train_embedded --out runs/embedded --steps 6500 --minutes 115 --seed 0 "
-                 "--threads 1 --export assets")
+TRAIN_COMMAND = ("python -m engine.priors.train_embedded --out runs/embedded --steps 9500 --minutes 108 --seed 0 "
+                 "--threads 2 --export assets")
 VOCABULARY = world.VOCABULARY
 MODEL_CONFIG = {  # the shipped model's architecture; the .json next to the weights overrides it
     "resolution": 32, "block_out_channels": [16, 32, 96], "layers_per_block": 1, "text_dim": 64,
