@@ -9,17 +9,21 @@ object has formed.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
-from engine.cameras import fixed_views
-from engine.config import Config, LiveParams
-from engine.priors import load_prior
-from engine.priors.analytic import AnalyticField
-from engine.trainer import Trainer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+from engine.cameras import fixed_views  # noqa: E402
+from engine.config import Config, LiveParams  # noqa: E402
+from engine.priors import load_prior  # noqa: E402
+from engine.priors.analytic import AnalyticField  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
 
 
 def formed(trainer: Trainer, solid: str = "cube", iters: int = 300) -> None:

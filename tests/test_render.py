@@ -2,7 +2,6 @@
 
 import torch
 
-from engine import world
 from engine.cameras import fixed_views, make_light
 from engine.config import BackgroundConfig, CameraConfig, FieldConfig, LiveParams, RenderConfig
 from engine.field import Background, make_field
@@ -114,19 +113,3 @@ def test_grid_field_skips_empty_lattice_points_without_changing_the_render():
     assert skip.samples < dense.samples / 2  # fewer evaluations, though the box packs samples denser
     assert (skip.rgb - dense.rgb).abs().max() < 0.01
 
-
-def test_oracle_target_is_the_world_render_and_agrees_with_a_volume_render():
-    from engine.priors.analytic import OraclePrior
-    from engine.priors.base import SDSContext
-
-    field = AnalyticField("cube", world.COLORS["red"], sigma_max=200.0, eps=0.01)
-    cams, light, bg = _setup(field)
-    ctx = SDSContext(view_weights=cams.view_weights(), cameras=cams, light=light, shading="lambertian")
-    target = OraclePrior("cube").target(ctx, "a red cube", (32, 32))
-    with torch.no_grad():
-        vol = render(field, bg, cams, 32, 32, shading="lambertian", light=light,
-                     cfg=RenderConfig(num_samples=256, occupancy=False)).rgb
-    assert target.shape == vol.shape == (2, 3, 32, 32)
-    assert (target - vol).abs().mean() < 0.03  # they differ only along silhouette edges (no supersampling)
-    assert ((target - vol).abs().amax(1) > 0.1).float().mean() < 0.08
-    assert target.std() > 0.1  # an object, not a blank frame

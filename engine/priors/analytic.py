@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine import sds, world
-from engine.config import FieldConfig
-from engine.field import Field, FieldSamples
+from engine.config import BackgroundConfig, FieldConfig, RenderConfig
+from engine.field import Background, Field, FieldSamples
 from engine.priors.base import PromptEmbedding, SDSContext
 
 
@@ -103,30 +103,50 @@ def prompt_color(prompt: str, default=(0.8, 0.8, 0.8)):
 
 
 class OraclePrior(_Analytic):
-    """Knows the true render of `solid` (coloured by the prompt's colour word) for each sampled view.
-
-    The target is the procedural world's exact render (sphere tracing, `engine.world.render`), not a
-    volume render of the solid: it is the ground truth itself and, at 64x64, a quarter of the cost.
-    """
+    """Knows the true render of `solid` (coloured by the prompt's colour word) for each sampled view."""
 
     resolution = 32
 
-    def __init__(self, solid: str = "sphere", device="cpu"):
+    def __init__(self, solid: str = "sphere", device="cpu", num_samples: int = 64):
         super().__init__(device)
         world.solid_sdf(solid, torch.zeros(1, 3))
         self.solid = solid
         self.name = f"oracle:{solid}"
+        self.render_cfg = RenderConfig(num_samples=num_samples, occupancy=False)
+        self.background = Background(BackgroundConfig(kind="solid", color=(1.0, 1.0, 1.0))).to(self.device)
+        self._fields: dict = {}
+        self._occupancy = None
+
+    def field_for(self, prompt: str) -> AnalyticField:
+        color = prompt_color(prompt)
+        if color not in self._fields:
+            self._fields[color] = AnalyticField(self.solid, color).to(self.device)
+        return self._fields[color]
+
+    def occupancy(self):
+        """An occupancy grid of the static solid, made once, so target renders skip empty space."""
+        if self._occupancy is None:
+            from engine.render import make_occupancy
+
+            field = self.field_for("")
+            est = make_occupancy(field.cfg.radius, 64, self.device)
+            inflate = 2.0 / 64 * 1.8  # keep cells within ~one cell diagonal of the surface
+            with torch.random.fork_rng(devices=[]):  # nerfacc jitters with the global RNG: keep it fixed
+                torch.manual_seed(0)
+                est.update_every_n_steps(0, occ_eval_fn=lambda x: (field.sdf(x) < inflate).float(), occ_thre=0.5,
+                                         n=1, warmup_steps=1)
+            self._occupancy = est
+        return self._occupancy
 
     def target(self, ctx: SDSContext, prompt: str, size: tuple[int, int]) -> Tensor:
-        """The true render x0* [B, 3, H, W] for the step's cameras, light and shading (white background)."""
-        if size[0] != size[1]:
-            raise ValueError(f"the oracle prior renders square images, got {size[0]}x{size[1]}")
-        cams, light = ctx.cameras.to("cpu"), ctx.light.to("cpu")
-        colors = torch.tensor(prompt_color(prompt)).expand(len(cams), 3)
-        # 1e-4: rays that close to the surface stop marching (the image moves by < 1e-4, the cost by 2-3x)
-        img, _ = world.render([self.solid] * len(cams), colors, cams, light, ctx.shading, size=size[0],
-                              supersample=1, tol=1e-4)
-        return img.to(self.device)
+        """The true render x0* [B, 3, H, W] for the step's cameras, light and shading."""
+        from engine.render import render
+
+        with torch.no_grad():
+            out = render(self.field_for(prompt), self.background, ctx.cameras.to(self.device), size[0], size[1],
+                         shading=ctx.shading, light=ctx.light.to(self.device), cfg=self.render_cfg,
+                         estimator=self.occupancy(), packed=False)
+        return out.rgb
 
     def sds_grad(self, images, emb, ctx, *, guidance_scale, t_range, weighting, generator):
         if ctx.cameras is None or ctx.light is None:
