@@ -146,11 +146,8 @@ def solid_albedo(name: str, x: Tensor, color: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _trace(name: str, o: Tensor, d: Tensor, iters: int = 48, tol: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Sphere-trace rays o, d [N, 3] against a solid. Returns hit points [N, 3] and a hit mask [N].
-
-    tol > 0 also stops rays closer than tol to the surface (faster; 0 keeps the training data's exact
-    marching)."""
+def _trace(name: str, o: Tensor, d: Tensor, iters: int = 48) -> tuple[Tensor, Tensor]:
+    """Sphere-trace rays o, d [N, 3] against a solid. Returns hit points [N, 3] and a hit mask [N]."""
     # start where the ray enters the bounding sphere of radius 1 (solids fit in 0.75)
     b = (o * d).sum(-1)
     disc = b * b - (o * o).sum(-1) + 1.0
@@ -164,10 +161,7 @@ def _trace(name: str, o: Tensor, d: Tensor, iters: int = 48, tol: float = 0.0) -
         tl = tl + sd * 0.9  # 0.9: the bound SDFs (cone, roof) overshoot
         t.index_copy_(0, live, tl)
         if i % 8 == 7:  # a ray past its exit from the unit sphere only moves away: it cannot hit
-            keep = tl <= t_exit.index_select(0, live)
-            if tol > 0:
-                keep &= sd.abs() > tol
-            live = live[keep]
+            live = live[tl <= t_exit.index_select(0, live)]
     p = o + t[:, None] * d
     hit = alive & (solid_sdf(name, p).abs() < 4e-3) & (p.norm(dim=-1) < 1.0)
     return p, hit
@@ -181,8 +175,7 @@ def _normals(name: str, p: Tensor, eps: float = 2e-3) -> Tensor:
 
 @torch.no_grad()
 def render(shapes: list[str], colors: Tensor, cams: Cameras, light: Light, shading: str | list[str],
-           size: int = 32, supersample: int = 2, background: Tensor | None = None,
-           tol: float = 0.0) -> tuple[Tensor, Tensor]:
+           size: int = 32, supersample: int = 2, background: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Render one solid per camera.
 
     shapes: B names; colors: [B, 3] albedo; shading: one mode or B modes (engine.shading); background:
@@ -196,7 +189,7 @@ def render(shapes: list[str], colors: Tensor, cams: Cameras, light: Light, shadi
     mask = torch.zeros(n, s, s)
     for name in sorted(set(shapes)):
         idx = [i for i in range(n) if shapes[i] == name]
-        p, hit = _trace(name, o[idx].reshape(-1, 3), d[idx].reshape(-1, 3), tol=tol)
+        p, hit = _trace(name, o[idx].reshape(-1, 3), d[idx].reshape(-1, 3))
         nrm = _normals(name, p)
 
         def per_ray(t: Tensor, idx=idx) -> Tensor:  # per-image values [B, k] -> per-ray [len(idx) * s * s, k]
