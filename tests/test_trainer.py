@@ -97,3 +97,15 @@ def test_cli_run_writes_metrics_checkpoint_and_preview(tmp_path, capsys):
     assert "unknown prior" in capsys.readouterr().err
     assert main(["run", "--prior", "oracle:cube", "--steps", "0", "--out", str(tmp_path / "y")]) == 2
     assert main(["run", "--prompt", "", "--prior", "oracle:cube", "--out", str(tmp_path / "z")]) == 2
+
+
+def test_grey_background_swap_draws_greys_at_its_rate():
+    cfg = small_config()
+    tr = Trainer(cfg, load_prior(cfg.prior))
+    assert all(tr._step_background() is None for _ in range(20))  # off by default: the learned background
+    tr.cfg.background.grey_prob = 0.5
+    picks = [tr._step_background() for _ in range(400)]
+    greys = torch.stack([p for p in picks if p is not None])
+    assert 0.4 < len(greys) / len(picks) < 0.6
+    assert torch.all(greys[:, 0:1] == greys) and greys.min() >= 0.25 and greys.max() <= 1.0
+    assert greys[:, 0].std() > 0.15  # spread over 0.25-1, not one fixed grey
