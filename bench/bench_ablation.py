@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
     results = {row: summarize([r for r in rows if r["row"] == row]) for row in args.rows}
     text = table(results)
     wall = time.perf_counter() - t0
-    cmd = "python bench/bench_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python bench/bench_ablation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     note = (f"\nPrompts: {', '.join(args.prompts)}; ≤ {args.steps} steps / {args.seconds:.0f} s each, "
             f"seeds {seeds.start}–{seeds.stop - 1}; "
             f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} single-thread workers; {wall / 60:.0f} min. "
