@@ -120,6 +120,7 @@ class RenderConfig:
     occupancy_warmup: int = 64  # steps before the grid is first used to skip samples
     render_step_size: float = 0.01  # marching step of the CUDA occupancy sampler (scene units)
     chunk: int = 16384  # rays per chunk when rendering large images without gradients
+    shade_threshold: float = 1e-4  # renders without gradients shade only samples of larger weight
 
 
 @dataclass

@@ -215,7 +215,7 @@ def evaluate_run(run_dir: str | Path, n_views: int = 16, seed: int = 0, prompt: 
 
 
 @torch.no_grad()
-def prior_sample_accuracy(model, n_per_caption: int = 2, guidance_scale: float = 3.0, steps: int = 50,
+def prior_sample_accuracy(model, n_per_caption: int = 2, guidance_scale: float = 2.0, steps: int = 25,
                           seed: int = 0, classifier: Classifier | None = None, grid: Path | None = None) -> dict:
     """Sample the prior for every "a <colour> <shape>" and classify the samples (colour and shape both right)."""
     from engine.priors.embedded import sample
@@ -238,7 +238,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Train the evaluation classifier or score the embedded prior")
     ap.add_argument("command", choices=["train-classifier", "prior-samples"])
     ap.add_argument("--n", type=int, default=2, help="prior-samples: samples per caption")
-    ap.add_argument("--cfg", type=float, default=3.0, help="prior-samples: guidance scale")
+    ap.add_argument("--cfg", type=float, default=2.0, help="prior-samples: guidance scale")
     ap.add_argument("--steps", type=int, default=25, help="prior-samples: DDIM steps")
     ap.add_argument("--weights", default=None, help="prior-samples: embedded prior weights (default: shipped)")
     ap.add_argument("--grid", default=None, help="prior-samples: write a sample grid PNG here")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.config import BackgroundConfig, FieldConfig
+from engine.ops import norm, normalize
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Field(nn.Module):
     cfg: FieldConfig
 
     def activate_density(self, raw: Tensor, x: Tensor) -> Tensor:
-        raw = raw + self.cfg.blob_density * (1.0 - x.norm(dim=-1) / self.cfg.blob_radius)
+        raw = raw + self.cfg.blob_density * (1.0 - norm(x) / self.cfg.blob_radius)
         if self.cfg.density_activation == "exp":
             return torch.exp(raw.clamp(max=15.0))
         return F.softplus(raw)
@@ -64,7 +65,7 @@ class Field(nn.Module):
 
     def query_density(self, x: Tensor) -> Tensor:
         """sigma at points x [N, 3] (zero outside the bounding sphere)."""
-        inside = x.norm(dim=-1) <= self.cfg.radius
+        inside = norm(x) <= self.cfg.radius
         return self.prepare()(x).density * inside
 
 
@@ -125,9 +126,15 @@ class GridField(Field):
             s = F.grid_sample(grid, coords, mode="bilinear", padding_mode="border", align_corners=True)
             s = s.view(7, -1).t()  # [N, 7]
             grad = s[:, 4:7]
-            normal = -grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+            normal = -normalize(grad)
             return FieldSamples(s[:, 0].clamp(min=0.0), s[:, 1:4], normal)
 
+        def density(x: Tensor) -> Tensor:  # sigma alone: one channel of the grid
+            coords = (x / radius).view(1, 1, 1, -1, 3)
+            s = F.grid_sample(grid[:, :1], coords, mode="bilinear", padding_mode="border", align_corners=True)
+            return s.view(-1).clamp(min=0.0)
+
+        query.density = density  # the renderer's two-pass path for renders without gradients
         return query
 
 
@@ -202,9 +209,13 @@ class HashField(Field):
                 (grad,) = torch.autograd.grad(sigma.sum(), xg, create_graph=torch.is_grad_enabled() and self.training)
             if not self.training or not torch.is_grad_enabled():
                 sigma, albedo, grad = sigma.detach(), albedo.detach(), grad.detach()
-            normal = -grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+            normal = -normalize(grad)
             return FieldSamples(sigma, albedo, normal)
 
+        def density(x: Tensor) -> Tensor:
+            return self._density_albedo(x)[0]
+
+        query.density = density  # the renderer's two-pass path for renders without gradients
         return query
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from engine.config import ShadingConfig
+from engine.ops import dot, normalize
 
 MODES = ("albedo", "lambertian", "textureless", "normal")
 
@@ -28,8 +29,7 @@ def shade(mode: str, albedo: Tensor, normal: Tensor, points: Tensor, light_pos: 
     if mode not in ("lambertian", "textureless"):
         raise ValueError(f"unknown shading mode {mode!r}; choose from {', '.join(MODES)}")
     to_light = light_pos - points
-    to_light = to_light / to_light.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-    diffuse = (normal * to_light).sum(-1, keepdim=True).clamp(min=0.0)
+    diffuse = dot(normal, normalize(to_light), keepdim=True).clamp(min=0.0)
     rho = torch.ones_like(albedo) if mode == "textureless" else albedo
     return rho * (light_color * diffuse + ambient)
 

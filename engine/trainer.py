@@ -17,6 +17,7 @@ import torch
 from engine import cameras as cam
 from engine.config import Config, LiveParams
 from engine.field import Background, make_field
+from engine.ops import norm
 from engine.priors.base import Prior, PromptEmbedding, SDSContext
 from engine.render import RenderOutput, make_occupancy, render
 from engine.sds import sds_loss, view_labels
@@ -102,7 +103,7 @@ class Trainer:
         def occ_eval(x):
             nonlocal query
             query = query or self.field.prepare()
-            inside = x.norm(dim=-1) <= self.cfg.field.radius
+            inside = norm(x) <= self.cfg.field.radius
             return query(x).density * inside * cell * math.sqrt(3)
 
         # nerfacc samples cells and jitters points with the global RNG; seeding a forked global RNG from the

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.cameras import Cameras, Light
+from engine.ops import dot, max3, norm, normalize, sumsq
 from engine.shading import shade
 
 COLORS: dict[str, tuple[float, float, float]] = {
@@ -37,23 +38,23 @@ ACCENT_COLOR = (1.00, 0.45, 0.05)  # the snowman's carrot nose
 
 
 def sdf_sphere(x: Tensor, r: float = 0.55) -> Tensor:
-    return x.norm(dim=-1) - r
+    return norm(x) - r
 
 
 def sdf_box(x: Tensor, half: tuple[float, float, float] = (0.42, 0.42, 0.42)) -> Tensor:
     q = x.abs() - torch.tensor(half, dtype=x.dtype, device=x.device)
-    return q.clamp(min=0).norm(dim=-1) + q.max(dim=-1).values.clamp(max=0)
+    return norm(q.clamp(min=0)) + max3(q).clamp(max=0)
 
 
 def sdf_cylinder(x: Tensor, r: float = 0.4, h: float = 0.5) -> Tensor:
-    d = torch.stack([x[..., :2].norm(dim=-1) - r, x[..., 2].abs() - h], dim=-1)
-    return d.clamp(min=0).norm(dim=-1) + d.max(dim=-1).values.clamp(max=0)
+    d = torch.stack([norm(x[..., :2]) - r, x[..., 2].abs() - h], dim=-1)
+    return norm(d.clamp(min=0)) + torch.maximum(d[..., 0], d[..., 1]).clamp(max=0)
 
 
 def sdf_cone(x: Tensor, r: float = 0.5, h: float = 1.0) -> Tensor:
     """A cone with its base (radius r) at z = -h/2 and its apex at z = +h/2."""
     z = x[..., 2] + h / 2  # 0 at the base, h at the apex
-    q = x[..., :2].norm(dim=-1)
+    q = norm(x[..., :2])
     # distance to the slanted side in the (q, z) half-plane; the side line goes from (r, 0) to (0, h)
     n = torch.tensor([h, r], dtype=x.dtype, device=x.device) / (h * h + r * r) ** 0.5
     side = (q - r) * n[0] + z * n[1]
@@ -61,8 +62,8 @@ def sdf_cone(x: Tensor, r: float = 0.5, h: float = 1.0) -> Tensor:
 
 
 def sdf_torus(x: Tensor, R: float = 0.42, r: float = 0.17) -> Tensor:
-    q = torch.stack([x[..., :2].norm(dim=-1) - R, x[..., 2]], dim=-1)
-    return q.norm(dim=-1) - r
+    q = torch.stack([norm(x[..., :2]) - R, x[..., 2]], dim=-1)
+    return norm(q) - r
 
 
 def _shift(x: Tensor, c: tuple[float, float, float]) -> Tensor:
@@ -75,8 +76,8 @@ def _mug_parts(x: Tensor) -> list[Tensor]:
     body = torch.maximum(outer, -cavity)
     # handle: a torus in the y-z plane (axis along x) centred on the +y wall, its inner half cut away
     h = _shift(x, (0.0, 0.36, 0.0))
-    ring = torch.stack([torch.stack([h[..., 1], h[..., 2]], -1).norm(dim=-1) - 0.22, h[..., 0]], -1)
-    handle = torch.maximum(ring.norm(dim=-1) - 0.06, -outer)
+    ring = torch.stack([norm(h[..., 1:3]) - 0.22, h[..., 0]], -1)
+    handle = torch.maximum(norm(ring) - 0.06, -outer)
     return [torch.minimum(body, handle)]
 
 
@@ -149,8 +150,8 @@ def solid_albedo(name: str, x: Tensor, color: Tensor) -> Tensor:
 def _trace(name: str, o: Tensor, d: Tensor, iters: int = 48) -> tuple[Tensor, Tensor]:
     """Sphere-trace rays o, d [N, 3] against a solid. Returns hit points [N, 3] and a hit mask [N]."""
     # start where the ray enters the bounding sphere of radius 1 (solids fit in 0.75)
-    b = (o * d).sum(-1)
-    disc = b * b - (o * o).sum(-1) + 1.0
+    b = dot(o, d)
+    disc = b * b - sumsq(o) + 1.0
     t = (-b - disc.clamp(min=0).sqrt()).clamp(min=0)
     t_exit = -b + disc.clamp(min=0).sqrt()
     alive = disc > 0
@@ -163,14 +164,14 @@ def _trace(name: str, o: Tensor, d: Tensor, iters: int = 48) -> tuple[Tensor, Te
         if i % 8 == 7:  # a ray past its exit from the unit sphere only moves away: it cannot hit
             live = live[tl <= t_exit.index_select(0, live)]
     p = o + t[:, None] * d
-    hit = alive & (solid_sdf(name, p).abs() < 4e-3) & (p.norm(dim=-1) < 1.0)
+    hit = alive & (solid_sdf(name, p).abs() < 4e-3) & (norm(p) < 1.0)
     return p, hit
 
 
 def _normals(name: str, p: Tensor, eps: float = 2e-3) -> Tensor:
     e = torch.eye(3, dtype=p.dtype, device=p.device) * eps
     g = torch.stack([solid_sdf(name, p + e[i]) - solid_sdf(name, p - e[i]) for i in range(3)], -1)
-    return g / g.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    return normalize(g, eps=1e-8)
 
 
 @torch.no_grad()

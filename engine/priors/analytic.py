@@ -18,6 +18,7 @@ from torch import Tensor
 from engine import sds, world
 from engine.config import BackgroundConfig, FieldConfig, RenderConfig
 from engine.field import Background, Field, FieldSamples
+from engine.ops import normalize
 from engine.priors.base import PromptEmbedding, SDSContext
 
 
@@ -86,9 +87,13 @@ class AnalyticField(Field):
                 d = self.sdf(xg)
                 (g,) = torch.autograd.grad(d.sum(), xg)
             sigma = self.sigma_max * torch.sigmoid(-d.detach() / self.eps)
-            normal = g / g.norm(dim=-1, keepdim=True).clamp(min=1e-6)  # -grad(sigma) is along +grad(sdf)
+            normal = normalize(g)  # -grad(sigma) is along +grad(sdf)
             return FieldSamples(sigma, self.color.to(x).expand(x.shape[0], 3), normal)
 
+        def density(x: Tensor) -> Tensor:
+            return self.sigma_max * torch.sigmoid(-self.sdf(x) / self.eps)
+
+        query.density = density  # the renderer's two-pass path for renders without gradients
         return query
 
     def inside(self, x: Tensor) -> Tensor:

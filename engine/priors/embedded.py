@@ -130,10 +130,16 @@ class EmbeddedModel(nn.Module):
         return model.eval().requires_grad_(False)
 
 
+SAMPLE_CFG = 2.0  # guidance of plain sampling (the sample grid, the sample score), not of SDS
+
 @torch.no_grad()
-def sample(model: EmbeddedModel, captions: list[str], guidance_scale: float = 3.0, steps: int = 50,
+def sample(model: EmbeddedModel, captions: list[str], guidance_scale: float = SAMPLE_CFG, steps: int = 25,
            generator: torch.Generator | None = None) -> Tensor:
-    """DDIM samples for captions; returns images [B, 3, R, R] in [0, 1]."""
+    """DDIM samples for captions; returns images [B, 3, R, R] in [0, 1].
+
+    Sampling wants far less guidance than SDS does: the shipped weights' samples are classified right
+    0.75 / 0.85 / 0.91 / 0.88 / 0.85 / 0.73 / 0.52 / 0.22 of the time at CFG 1 / 1.5 / 2 / 2.5 / 3 / 4 / 5 /
+    7.5 (MODEL_CARD.md), so SAMPLE_CFG is 2."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(model.scheduler().config)

@@ -1,0 +1,32 @@
+"""engine.ops: the fast forms of sums, norms and maxima over a trailing dim equal the plain ones."""
+
+import pytest
+import torch
+
+from engine import ops
+
+
+@pytest.mark.parametrize("shape", [(50, 3), (4, 7, 3), (20, 2)])
+def test_ops_match_the_plain_forms_with_gradients(shape):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    pairs = [(ops.dot(a, b), (a * b).sum(-1)), (ops.dot(a, b, keepdim=True), (a * b).sum(-1, keepdim=True)),
+             (ops.sumsq(a), (a * a).sum(-1)), (ops.norm(a), a.norm(dim=-1)),
+             (ops.norm(a, keepdim=True, eps=1e-3), a.norm(dim=-1, keepdim=True).clamp(min=1e-3)),
+             (ops.normalize(a), a / a.norm(dim=-1, keepdim=True).clamp(min=1e-6))]
+    if shape[-1] == 3:
+        pairs += [(ops.max3(a), a.max(-1).values), (ops.min3(a), a.min(-1).values)]
+    for fast, plain in pairs:
+        assert fast.shape == plain.shape
+        assert torch.allclose(fast, plain)
+        w = torch.randn(plain.shape, generator=g, dtype=torch.float64)
+        ga = torch.autograd.grad((fast * w).sum(), a, retain_graph=True)[0]
+        gp = torch.autograd.grad((plain * w).sum(), a, retain_graph=True)[0]
+        assert torch.allclose(ga, gp)
+
+
+def test_clamped_norm_has_a_finite_gradient_at_zero():
+    x = torch.zeros(4, 3, requires_grad=True)
+    ops.normalize(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
