@@ -28,12 +28,14 @@ def main(argv=None) -> dict:
     add_run_args(ap, PROMPTS, steps=2000, seconds=300.0)
     ap.add_argument("--out", default="runs/protocol", help="folder for previews (shaded row, textureless row)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--save-runs", action="store_true", help="also save each run's checkpoint in OUT/<prompt>/")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [{"prompt": p, "steps": args.steps, "seconds": args.seconds, "seed": args.seed, "prior": args.prior,
              "set": args.set,
-             "preview": str(out / (p.replace(" ", "_") + ".png"))} for p in args.prompts]
+             "preview": str(out / (p.replace(" ", "_") + ".png")),
+             "save": str(out / p.replace(" ", "_")) if args.save_runs else None} for p in args.prompts]
     t0 = time.perf_counter()
     rows = run_jobs(jobs, args.jobs)
     print("\n| prompt | colour R-P | geometry R-P | shape score | margin | steps | wall s | it/s |")

@@ -129,7 +129,8 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from engine.evaluate import evaluate_run
 
-    result = evaluate_run(args.run, n_views=args.views, seed=args.seed, prompt=args.prompt)
+    result = evaluate_run(args.run, n_views=args.views, seed=args.seed, prompt=args.prompt,
+                          classifier=args.classifier)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--views", type=int, default=16, help="random views to score")
     v.add_argument("--seed", type=int, default=0, help="seed of the views")
     v.add_argument("--prompt", default=None, help="score against this prompt instead of the run's")
+    v.add_argument("--classifier", default=None, metavar="FILE",
+                   help="classifier weights (default: assets/classifier.safetensors)")
     v.set_defaults(fn=cmd_eval)
     return p
 

@@ -78,19 +78,31 @@ class Classifier(nn.Module):
 def load_classifier(path: str | Path = CLASSIFIER) -> Classifier:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} not found; train it with: python -m engine.evaluate train-classifier")
-    model = Classifier()
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    model = Classifier(width=state["features.0.weight"].shape[0])
+    model.load_state_dict(state)
     return model.eval().requires_grad_(False)
 
 
-def _augment(x: Tensor, g: torch.Generator) -> Tensor:
-    """Flips, small shifts, blur and noise: the classifier must also read soft, noisy volume renders."""
+def _augment(x: Tensor, g: torch.Generator, strong: bool = False) -> Tensor:
+    """Flips, small shifts, blur and noise: the classifier must also read soft, noisy volume renders.
+
+    `strong` adds what a NeRF's renders have and the world's do not: blotchy shading (a smooth random
+    gain field, as from uneven normals), per-image brightness and contrast, and stronger blur."""
     flip = torch.rand(len(x), generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
     x = torch.roll(x, (dy, dx), (2, 3))
     if torch.rand((), generator=g) < 0.3:
         x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    if strong:
+        B, _, H, W = x.shape
+        r = int(torch.randint(4, 17, (), generator=g))  # the gain field's resolution: 4x4 (smooth) .. 16x16
+        gain = 1 + 0.25 * torch.rand(B, 1, 1, 1, generator=g) * torch.randn(B, 1, r, r, generator=g)
+        x = x * F.interpolate(gain, size=(H, W), mode="bilinear", align_corners=False)
+        mean = x.mean((1, 2, 3), keepdim=True)
+        contrast = 0.7 + 0.6 * torch.rand(B, 1, 1, 1, generator=g)
+        x = (x - mean) * contrast + mean + 0.1 * (torch.rand(B, 1, 1, 1, generator=g) - 0.5)
     return (x + 0.03 * torch.rand((), generator=g) * torch.randn(x.shape, generator=g)).clamp(0, 1)
 
 
@@ -113,19 +125,20 @@ def classifier_data(n_images: int, seed: int, cache: Path | None = None) -> tupl
 
 
 def train_classifier(n_images: int = 8192, epochs: int = 6, seed: int = 1, out: Path | None = CLASSIFIER,
-                     batch: int = 64, cache: Path | None = None) -> tuple[Classifier, dict]:
+                     batch: int = 64, cache: Path | None = None, width: int = 32,
+                     strong_aug: bool = False) -> tuple[Classifier, dict]:
     """Train on fresh world renders (seed differs from the prior's); returns the model and held-out accuracy."""
     imgs, colors, shapes, has_color = classifier_data(n_images, seed, cache)
     g = torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed)
     n_val = max(1, n_images // 10)
-    model = Classifier()
+    model = Classifier(width)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     steps = epochs * (n_images - n_val) // batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=max(1, steps))
     for _ in range(steps):
         idx = torch.randint(n_val, n_images, (batch,), generator=g)
-        lc, ls = model(_augment(imgs[idx], g))
+        lc, ls = model(_augment(imgs[idx], g, strong_aug))
         loss = F.cross_entropy(ls, shapes[idx])
         loss = loss + (F.cross_entropy(lc, colors[idx], reduction="none") * has_color[idx]).mean()
         opt.zero_grad()
@@ -136,7 +149,8 @@ def train_classifier(n_images: int = 8192, epochs: int = 6, seed: int = 1, out: 
     with torch.no_grad():
         lc, ls = model(imgs[:n_val])
     m = has_color[:n_val]
-    acc = {"shape": (ls.argmax(1) == shapes[:n_val]).float().mean().item(),
+    right = ls.argmax(1) == shapes[:n_val]
+    acc = {"shape": right.float().mean().item(), "shape_textureless": right[~m].float().mean().item(),
            "color": (lc.argmax(1) == colors[:n_val])[m].float().mean().item()}
     if out is not None:
         save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(out))
@@ -205,13 +219,14 @@ def trainer_render_fn(trainer, size: int = 32) -> RenderFn:
 
 
 def evaluate_run(run_dir: str | Path, n_views: int = 16, seed: int = 0, prompt: str | None = None,
-                 size: int = 32) -> dict:
+                 size: int = 32, classifier: str | Path | None = None) -> dict:
     """evaluate() of the run saved in run_dir (prompt: the run's own unless given); what `engine eval` prints."""
     from engine.checkpoint import restore
     from engine.priors.analytic import GaussianPrior
 
     trainer, live = restore(run_dir, prior=GaussianPrior())  # rendering needs no prior: skip loading the run's
-    return evaluate(trainer_render_fn(trainer, size), prompt or live.prompt, n_views, seed)
+    clf = load_classifier(classifier) if classifier else None
+    return evaluate(trainer_render_fn(trainer, size), prompt or live.prompt, n_views, seed, clf)
 
 
 @torch.no_grad()

@@ -159,6 +159,10 @@ def _worker(job: dict) -> dict:
     result = run_prompt(job["prompt"], prior, cfg=cfg, live=live, max_steps=job["steps"], max_seconds=job["seconds"],
                         seed=job.get("seed", 0), n_views=job.get("views", 16))
     trainer = result.pop("trainer")
+    if job.get("save"):  # the run itself, to score again later (`python -m engine eval --run DIR`)
+        from engine.checkpoint import save_checkpoint
+
+        save_checkpoint(trainer, job["save"], live)
     if job.get("preview"):
         from engine.cameras import preview_cameras
         from engine.export import save_png, tile

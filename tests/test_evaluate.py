@@ -25,12 +25,23 @@ def test_silhouette_score_prefers_the_prompted_solid():
     assert empty["shape_score"] == 0.0 and "colour_r_precision" not in empty
 
 
-def test_classifier_trains_and_saves(tmp_path):
-    model, acc = ev.train_classifier(n_images=48, epochs=1, out=tmp_path / "c.safetensors", batch=16)
-    assert 0.0 <= acc["shape"] <= 1.0 and (tmp_path / "c.safetensors").exists()
-    again = ev.load_classifier(tmp_path / "c.safetensors")
+@pytest.mark.parametrize("width,strong", [(32, False), (16, True)])
+def test_classifier_trains_and_saves(tmp_path, width, strong):
+    model, acc = ev.train_classifier(n_images=48, epochs=1, out=tmp_path / "c.safetensors", batch=16, width=width,
+                                     strong_aug=strong)
+    assert 0.0 <= acc["shape"] <= 1.0 and 0.0 <= acc["shape_textureless"] <= 1.0
+    again = ev.load_classifier(tmp_path / "c.safetensors")  # the width is read from the weights
+    assert again.features[0].out_channels == width
     x = torch.rand(2, 3, 48, 48)
     assert torch.allclose(model(x)[1], again(x)[1], atol=0.05)
+
+
+def test_strong_augmentation_changes_shading_but_keeps_range():
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+    y = ev._augment(x.clone(), torch.Generator().manual_seed(1), strong=True)
+    z = ev._augment(x.clone(), torch.Generator().manual_seed(1), strong=False)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert not torch.allclose(y, z)  # the gain field, contrast and brightness did something
 
 
 def test_save_grid(tmp_path):

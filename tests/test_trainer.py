@@ -93,6 +93,16 @@ def test_cli_run_writes_metrics_checkpoint_and_preview(tmp_path, capsys):
     scores = json.loads(capsys.readouterr().out)
     assert scores["prompt"] == "a green cube" and 0 <= scores["geometry_r_precision"] <= 1
     assert set(scores["silhouette_iou"]) >= {"cube", "sphere", "torus"}
+    from safetensors.torch import save_file
+
+    from engine.evaluate import Classifier
+
+    save_file(Classifier(width=8).state_dict(), str(tmp_path / "clf.safetensors"))  # another classifier's verdict
+    assert main(["eval", "--run", str(out), "--views", "2", "--classifier", str(tmp_path / "clf.safetensors")]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["shape_score"] == scores["shape_score"]  # the silhouettes do not depend on the classifier
+    assert main(["eval", "--run", str(out), "--classifier", str(tmp_path / "none.safetensors")]) != 0
+    assert "none.safetensors not found" in capsys.readouterr().err
     assert main(["run", "--prior", "nope", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
     assert "unknown prior" in capsys.readouterr().err
     assert main(["run", "--prior", "oracle:cube", "--steps", "0", "--out", str(tmp_path / "y")]) == 2
