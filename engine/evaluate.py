@@ -257,15 +257,20 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=25, help="prior-samples: DDIM steps")
     ap.add_argument("--weights", default=None, help="prior-samples: embedded prior weights (default: shipped)")
     ap.add_argument("--grid", default=None, help="prior-samples: write a sample grid PNG here")
-    ap.add_argument("--images", type=int, default=8192, help="train-classifier: renders to train on")
+    # the defaults reproduce the shipped classifier
+    ap.add_argument("--images", type=int, default=6144, help="train-classifier: renders to train on")
     ap.add_argument("--epochs", type=int, default=20, help="train-classifier: passes over the renders")
+    ap.add_argument("--width", type=int, default=32, help="train-classifier: channels of the first conv stage")
+    ap.add_argument("--strong-aug", action=argparse.BooleanOptionalAction, default=False,
+                    help="train-classifier: also augment with blotchy shading, contrast and brightness")
     ap.add_argument("--cache", default=None, help="train-classifier: keep the renders in this .pt file")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     if args.command == "train-classifier":
-        _, res = train_classifier(args.images, args.epochs, cache=Path(args.cache) if args.cache else None)
+        _, res = train_classifier(args.images, args.epochs, cache=Path(args.cache) if args.cache else None,
+                                  width=args.width, strong_aug=args.strong_aug)
     else:
         from engine.priors.embedded import EmbeddedPrior
 
