@@ -148,3 +148,18 @@ def test_renders_without_gradients_shade_only_the_samples_that_count():
     assert torch.allclose(two.depth, full.depth, atol=1e-5)
     assert (two.rgb - full.rgb.detach()).abs().max() < cfg.num_samples * cfg.shade_threshold
     assert (two.rgb - full.rgb.detach()).abs().max() > 0  # it did drop something
+
+
+def test_occupancy_lookup_matches_integer_cell_indexing():
+    """`occupied` computes the flat cell index in float; it must name the same cell as integer arithmetic,
+    also at the box's faces and outside it (clamped), for grid sizes up to 128."""
+    g = torch.Generator().manual_seed(0)
+    for res in (32, 128):
+        est = make_occupancy(1.0, res)
+        est.binaries[0] = torch.rand(res, res, res, generator=g) < 0.5
+        x = torch.cat([torch.rand(20000, 3, generator=g) * 2.4 - 1.2,
+                       torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, -1.0, 0.999]])])
+        idx = ((x + 1.0) * (res / 2.0)).clamp(0, res - 1).long()
+        expect = est.binaries[0][idx[:, 0], idx[:, 1], idx[:, 2]]
+        assert torch.equal(occupied_cells(est, x), expect)
+        assert occupied_cells(est, x[:20000].view(100, 200, 3)).shape == (100, 200)  # any leading shape
