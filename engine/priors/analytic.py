@@ -112,7 +112,9 @@ class OraclePrior(_Analytic):
 
     resolution = 32
 
-    def __init__(self, solid: str = "sphere", device="cpu", num_samples: int = 64):
+    def __init__(self, solid: str = "sphere", device="cpu", num_samples: int = 48):
+        # 48 samples per ray, as the engine's own renders: 12 % faster steps at 64² than 64 samples, and
+        # every solid still reaches IoU 0.9 (in fewer steps, BENCHMARKS.md)
         super().__init__(device)
         world.solid_sdf(solid, torch.zeros(1, 3))
         self.solid = solid
