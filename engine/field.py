@@ -121,18 +121,19 @@ class GridField(Field):
         grid = self.grid(None if occupied_fn is None else self.active_lattice(occupied_fn))
         radius = self.cfg.radius
 
-        def query(x: Tensor) -> FieldSamples:
+        def sample(g: Tensor, x: Tensor) -> Tensor:  # channels of grid g at points x [N, 3] -> [C, N]
             coords = (x / radius).view(1, 1, 1, -1, 3)
-            s = F.grid_sample(grid, coords, mode="bilinear", padding_mode="border", align_corners=True)
-            s = s.view(7, -1).t()  # [N, 7]
+            s = F.grid_sample(g, coords, mode="bilinear", padding_mode="border", align_corners=True)
+            return s.view(g.shape[1], -1)
+
+        def query(x: Tensor) -> FieldSamples:
+            s = sample(grid, x).t()  # [N, 7]
             grad = s[:, 4:7]
             normal = -normalize(grad)
             return FieldSamples(s[:, 0].clamp(min=0.0), s[:, 1:4], normal)
 
         def density(x: Tensor) -> Tensor:  # sigma alone: one channel of the grid
-            coords = (x / radius).view(1, 1, 1, -1, 3)
-            s = F.grid_sample(grid[:, :1], coords, mode="bilinear", padding_mode="border", align_corners=True)
-            return s.view(-1).clamp(min=0.0)
+            return sample(grid[:, :1], x)[0].clamp(min=0.0)
 
         query.density = density  # the renderer's two-pass path for renders without gradients
         return query

@@ -152,9 +152,9 @@ def test_renders_without_gradients_shade_only_the_samples_that_count():
 
 def test_occupancy_lookup_matches_integer_cell_indexing():
     """`occupied` computes the flat cell index in float; it must name the same cell as integer arithmetic,
-    also at the box's faces and outside it (clamped), for grid sizes up to 128."""
+    also at the box's faces and outside it (clamped), for small and large grids."""
     g = torch.Generator().manual_seed(0)
-    for res in (32, 128):
+    for res in (32, 128, 300):  # 300: past float32's exact range, the float64 branch
         est = make_occupancy(1.0, res)
         est.binaries[0] = torch.rand(res, res, res, generator=g) < 0.5
         x = torch.cat([torch.rand(20000, 3, generator=g) * 2.4 - 1.2,

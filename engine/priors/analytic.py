@@ -81,17 +81,20 @@ class AnalyticField(Field):
         return world.solid_sdf(self.solid, x)
 
     def prepare(self, occupied_fn=None):
+        def density_of(sdf: Tensor) -> Tensor:
+            return self.sigma_max * torch.sigmoid(-sdf / self.eps)
+
         def query(x: Tensor) -> FieldSamples:
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)
                 d = self.sdf(xg)
                 (g,) = torch.autograd.grad(d.sum(), xg)
-            sigma = self.sigma_max * torch.sigmoid(-d.detach() / self.eps)
+            sigma = density_of(d.detach())
             normal = normalize(g)  # -grad(sigma) is along +grad(sdf)
             return FieldSamples(sigma, self.color.to(x).expand(x.shape[0], 3), normal)
 
         def density(x: Tensor) -> Tensor:
-            return self.sigma_max * torch.sigmoid(-self.sdf(x) / self.eps)
+            return density_of(self.sdf(x))
 
         query.density = density  # the renderer's two-pass path for renders without gradients
         return query
