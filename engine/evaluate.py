@@ -88,7 +88,7 @@ def _augment(x: Tensor, g: torch.Generator, strong: bool = False) -> Tensor:
     """Flips, small shifts, blur and noise: the classifier must also read soft, noisy volume renders.
 
     `strong` adds what a NeRF's renders have and the world's do not: blotchy shading (a smooth random
-    gain field, as from uneven normals), per-image brightness and contrast, and stronger blur."""
+    gain field, as from uneven normals), per-image brightness and contrast."""
     flip = torch.rand(len(x), generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()

@@ -29,10 +29,13 @@ def sumsq(x: Tensor, keepdim: bool = False) -> Tensor:
 
 
 def norm(x: Tensor, keepdim: bool = False, eps: float = 0.0) -> Tensor:
-    """max(|x|, eps) over the last dim. With eps > 0 its gradient is finite at x = 0 (the clamp comes
-    before the square root); with eps = 0 use it on tensors that need no gradient at 0."""
+    """max(|x|, eps) over the last dim. Its gradient at x = 0 is 0, as torch.norm's (the clamp, or the
+    mask, comes before the square root, whose own gradient at 0 is infinite)."""
     s = sumsq(x, keepdim)
-    return (s.clamp(min=eps * eps) if eps > 0 else s).sqrt()
+    if eps > 0:
+        return s.clamp(min=eps * eps).sqrt()
+    pos = s > 0
+    return torch.where(pos, torch.where(pos, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
 
 
 def normalize(x: Tensor, eps: float = 1e-6) -> Tensor:

@@ -26,7 +26,21 @@ def test_ops_match_the_plain_forms_with_gradients(shape):
         assert torch.allclose(ga, gp)
 
 
-def test_clamped_norm_has_a_finite_gradient_at_zero():
+def test_norms_have_a_finite_gradient_at_zero():
     x = torch.zeros(4, 3, requires_grad=True)
     ops.normalize(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+    y = torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]], requires_grad=True)
+    ops.norm(y).sum().backward()
+    assert torch.equal(y.grad, torch.tensor([[0.0, 0.0, 0.0], [0.6, 0.8, 0.0]]))  # as torch.norm's
+
+
+def test_world_sdfs_have_finite_gradients_on_their_axes():
+    """Points on a solid's axis make a 2-vector of zeros inside the SDF; the oracle's normals need its gradient."""
+    from engine import world
+
+    x = torch.tensor([[0.1, 0.2, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.3], [0.0, 0.0, 0.0]], requires_grad=True)
+    for solid in world.SHAPES:
+        x.grad = None
+        world.solid_sdf(solid, x).sum().backward()
+        assert torch.isfinite(x.grad).all(), solid
