@@ -228,12 +228,18 @@ def caption(shape: str, color: str | None = None, view: str | None = None) -> st
     return f"{text}, {view} view" if view else text
 
 
+CONTRAST_GREY = (0.25, 0.65)  # backdrop range for white and textureless objects under contrast=True
+
+
 def sample_scenes(n: int, generator: torch.Generator, camera_cfg=None, shading_probs=(0.3, 0.45, 0.25),
-                  shape_weights: dict[str, float] | None = None) -> dict:
+                  shape_weights: dict[str, float] | None = None, contrast: bool = False) -> dict:
     """n random scenes from DreamFusion's camera distribution: shape, colour, camera, light, shading, background.
 
     shading_probs: probabilities of albedo, lambertian, textureless. Backgrounds are white half of the
     time, else a random grey, so a prior learns the object apart from a plain backdrop of any brightness.
+    contrast: white objects and textureless renders (white albedo) get a grey in CONTRAST_GREY instead, never
+    white: on a white backdrop they vanish, and a prior trained on them learns that "a white house" may be
+    an empty image (SDS then dissolves the object). Off by default: the shipped classifier's data.
     """
     from engine.cameras import make_light, sample_cameras
     from engine.config import CameraConfig, LiveParams
@@ -247,8 +253,13 @@ def sample_scenes(n: int, generator: torch.Generator, camera_cfg=None, shading_p
     light = make_light(cams, LiveParams(), cfg, g)
     modes = torch.multinomial(torch.tensor(shading_probs), n, replacement=True, generator=g)
     grey = 0.25 + 0.75 * torch.rand(n, generator=g)
-    bg = torch.where(torch.rand(n, generator=g) < 0.5, torch.ones(n), grey)[:, None].expand(n, 3).clone()
+    bg = torch.where(torch.rand(n, generator=g) < 0.5, torch.ones(n), grey)
     names = list(COLORS)
+    if contrast:
+        lo, hi = CONTRAST_GREY
+        pale = (color_idx == names.index("white")) | (modes == 2)
+        bg = torch.where(pale, lo + (hi - lo) * torch.rand(n, generator=g), bg)
+    bg = bg[:, None].expand(n, 3).clone()
     return {
         "shapes": [SHAPES[i] for i in shape_idx.tolist()],
         "colors": [names[i] for i in color_idx.tolist()],

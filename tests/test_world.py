@@ -91,3 +91,15 @@ def test_tracer_early_outs_do_not_change_hits():
         p_ref, hit_ref = _plain_trace(name, o, d)
         p, hit = world._trace(name, o, d)  # dropping missed and escaped rays: exact
         assert hit.any() and torch.equal(hit, hit_ref) and torch.equal(p[hit], p_ref[hit])
+
+
+def test_contrast_keeps_white_and_textureless_objects_off_white_backdrops():
+    plain = world.sample_scenes(600, torch.Generator().manual_seed(0))
+    sc = world.sample_scenes(600, torch.Generator().manual_seed(0), contrast=True)
+    pale = torch.tensor([c == "white" or s == "textureless" for c, s in zip(sc["colors"], sc["shading"], strict=True)])
+    bg = sc["background"][:, 0]
+    lo, hi = world.CONTRAST_GREY
+    assert pale.sum() > 100 and ((bg[pale] >= lo) & (bg[pale] <= hi)).all()
+    assert (plain["background"][pale, 0] == 1.0).float().mean() > 0.3  # the old rule put them on white
+    assert (bg[~pale] == 1.0).float().mean() > 0.3  # the others still see white half of the time
+    assert sc["shapes"] == plain["shapes"] and sc["colors"] == plain["colors"]  # same scenes, other backdrops

@@ -29,7 +29,7 @@ SHAPE_WEIGHTS = {"cube": 1.5, "house": 1.2, "mug": 1.5}  # boxy shapes came out 
 
 def render_batch(n: int, g: torch.Generator) -> dict:
     """n fresh world renders with what their captions are drawn from (uint8 images keep the pool small)."""
-    sc = world.sample_scenes(n, g, shape_weights=SHAPE_WEIGHTS)
+    sc = world.sample_scenes(n, g, shape_weights=SHAPE_WEIGHTS, contrast=True)
     img, _ = world.render_scenes(sc, size=32)
     return {"img": (img * 255).round().to(torch.uint8), "shape": sc["shapes"], "color": sc["colors"],
             "view": view_labels(sc["cameras"].view_weights()), "shading": sc["shading"]}
