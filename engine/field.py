@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.config import BackgroundConfig, FieldConfig
-from engine.ops import norm, normalize
+from engine.ops import grid_sample_3d, norm, normalize
 
 
 @dataclass
@@ -122,9 +122,7 @@ class GridField(Field):
         radius = self.cfg.radius
 
         def sample(g: Tensor, x: Tensor) -> Tensor:  # channels of grid g at points x [N, 3] -> [C, N]
-            coords = (x / radius).view(1, 1, 1, -1, 3)
-            s = F.grid_sample(g, coords, mode="bilinear", padding_mode="border", align_corners=True)
-            return s.view(g.shape[1], -1)
+            return grid_sample_3d(g, x / radius)
 
         def query(x: Tensor) -> FieldSamples:
             s = sample(grid, x).t()  # [N, 7]

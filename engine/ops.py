@@ -9,6 +9,7 @@ so they go through here. Results equal the plain forms up to float rounding.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -53,3 +54,30 @@ def min3(x: Tensor) -> Tensor:
     """x.min(-1).values for a trailing dim of size 3."""
     a, b, c = x.unbind(-1)
     return torch.minimum(torch.minimum(a, b), c)
+
+
+def grid_sample_3d(grid: Tensor, x: Tensor) -> Tensor:
+    """Trilinear samples of grid [1, C, D, H, W] at points x [N, 3] in [-1, 1] (x along W, y along H, z along
+    D), as `F.grid_sample(..., mode="bilinear", padding_mode="border", align_corners=True)`: [C, N].
+
+    On CPU the 3D kernel's backward is ~5x its forward (25 of 30 ms for 32k samples of a 32^3 x 7 grid, one
+    thread) while the 2D kernel is vectorized. So the D slices are stacked into one tall image
+    [C, D * H, W], each point is sampled bilinearly in the two slices around it, and the two are blended
+    along z: the same values up to float rounding of the row coordinate (~1e-4 of a cell), fwd+bwd ~1.7x
+    faster. Elsewhere the 3D kernel is used as is.
+    """
+    if grid.device.type != "cpu":
+        out = F.grid_sample(grid, x.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border", align_corners=True)
+        return out.view(grid.shape[1], -1)
+    _, C, D, H, W = grid.shape
+    tall = grid.reshape(1, C, D * H, W)
+    z = ((x[:, 2] + 1) * (0.5 * (D - 1))).clamp(0, D - 1)
+    z0 = z.floor().clamp(max=max(D - 2, 0))
+    y = ((x[:, 1] + 1) * (0.5 * (H - 1))).clamp(0, H - 1)
+    row = z0 * H + y  # in slice z0; the same point in slice z0 + 1 is H rows further
+    rows = torch.cat([row, row + H]) * (2.0 / max(D * H - 1, 1)) - 1.0
+    coords = torch.stack([x[:, 0].repeat(2), rows], -1).view(1, 1, -1, 2)
+    s = F.grid_sample(tall, coords, mode="bilinear", padding_mode="border", align_corners=True).view(C, 2, -1)
+    if D == 1:
+        return s[:, 0]
+    return torch.lerp(s[:, 0], s[:, 1], (z - z0)[None])

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine import ops
 
@@ -44,3 +45,20 @@ def test_world_sdfs_have_finite_gradients_on_their_axes():
         x.grad = None
         world.solid_sdf(solid, x).sum().backward()
         assert torch.isfinite(x.grad).all(), solid
+
+
+@pytest.mark.parametrize("shape", [(7, 32, 32, 32), (3, 8, 16, 12), (1, 2, 5, 3)])
+def test_grid_sample_3d_matches_torch_values_and_gradients(shape):
+    g = torch.Generator().manual_seed(0)
+    grid = torch.randn(1, *shape, generator=g, requires_grad=True)
+    x = torch.rand(5000, 3, generator=g) * 2.4 - 1.2  # some points outside [-1, 1]: border padding
+    x[:8] = torch.tensor([[-1.0, -1, -1], [1, 1, 1], [1, -1, 1], [-1, 1, 1], [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    ref = F.grid_sample(grid, x.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border", align_corners=True)
+    ref = ref.view(shape[0], -1)
+    out = ops.grid_sample_3d(grid, x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=0)  # ~2e-4 of a cell in position: float rounding of the row
+    w = torch.randn(ref.shape, generator=g)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), grid)
+    (g_out,) = torch.autograd.grad((out * w).sum(), grid)
+    torch.testing.assert_close(g_out, g_ref, atol=2e-3, rtol=0)
