@@ -4,7 +4,8 @@ Two backbones share one interface. `prepare()` returns a function `x [N, 3] -> F
 render calls once per batch of points; the field itself keeps no state between renders.
 
 - `GridField` ("grid", the CPU default): a small Fourier-feature MLP *generates* a dense grid of
-  density, albedo and density gradient every render, and samples are read from it with `grid_sample`.
+  density, albedo and density gradient every render, and samples are read from it trilinearly
+  (`engine.ops.grid_sample_3d`).
   Weight sharing through the MLP keeps SDS's noisy per-voxel gradients from drifting (a raw voxel grid
   fills the sphere), while the per-sample cost is that of a texture lookup.
 - `HashField` ("hash"): a multi-resolution hash encoding (Instant-NGP) in pure torch, or tiny-cuda-nn's
