@@ -25,7 +25,7 @@ from engine.sds import VIEWS, add_noise, classifier_free_guidance, sample_timest
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_WEIGHTS = ASSETS / "embedded_prior.safetensors"
-TRAIN_COMMAND = ("python -m engine.priors.train_embedded --out runs/embedded --steps 9500 --minutes 108 --seed 0 "
+TRAIN_COMMAND = ("python -m engine.priors.train_embedded --out runs/embedded --steps 7200 --minutes 106 --seed 0 "
                  "--threads 2 --export assets")
 VOCABULARY = world.VOCABULARY
 MODEL_CONFIG = {  # the shipped model's architecture; the .json next to the weights overrides it

@@ -1,6 +1,6 @@
 """Train the embedded prior from scratch on the procedural world; resumable, reproducible from a seed.
 
-    python -m engine.priors.train_embedded --out runs/embedded --steps 9500 --minutes 108 --seed 0 --threads 2 --export assets
+    python -m engine.priors.train_embedded --out runs/embedded --steps 7200 --minutes 106 --seed 0 --threads 2 --export assets
 
 Rendering costs about as much as a training step on this CPU, so images live in a pool that is
 refreshed a few renders per step (every image is seen ~10 times, each time with fresh noise, a fresh
@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/embedded", help="checkpoint folder (resumed if it holds one)")
     ap.add_argument("--minutes", type=float, default=75.0, help="wall-clock budget of this invocation")
-    ap.add_argument("--steps", type=int, default=9500, help="stop at this total step count")
+    ap.add_argument("--steps", type=int, default=7200, help="stop at this total step count")
     ap.add_argument("--lr-steps", type=int, default=None,
                     help="length of the cosine learning-rate decay (default: --steps); set it to re-run a run that "
                          "--minutes stopped early, step for step")
