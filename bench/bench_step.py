@@ -1,6 +1,6 @@
 """Training-step speed: its/s and ms per phase (render, prior, backward+optimizer) per backbone and
 resolution with the oracle prior, and the speedup of empty-space skipping over dense sampling once the
-object has formed.
+object has formed (dense and skipping measured in alternating blocks of steps).
 
     python bench/bench_step.py               # full table
     python bench/bench_step.py --quick       # fewer steps (smoke)
@@ -57,6 +57,24 @@ def time_steps(trainer: Trainer, live: LiveParams, steps: int) -> dict:
     return {"its_per_s": steps / wall, **med}
 
 
+def time_interleaved(trainers, live: LiveParams, rounds: int, steps: int) -> list[dict]:
+    """`time_steps` for several trainers in alternating blocks of `steps` steps, so that this machine's
+    drift in speed (±15-40 % over minutes on a shared 2-core CPU) falls on all of them alike."""
+    for tr in trainers:  # warm-up
+        for _ in range(2):
+            tr.step(live)
+    rows, walls = [[] for _ in trainers], [0.0] * len(trainers)
+    for _ in range(rounds):
+        for i, tr in enumerate(trainers):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                rows[i].append(tr.step(live).metrics)
+            walls[i] += time.perf_counter() - t0
+    keys = ("ms_render", "ms_prior", "ms_backward", "samples")
+    return [{"its_per_s": len(r) / w, **{k: statistics.median(x[k] for x in r) for k in keys}}
+            for r, w in zip(rows, walls)]
+
+
 def make(backbone: str, res: int, occupancy: bool) -> Trainer:
     cfg = Config(prior="oracle:cube")
     cfg.field.backbone = backbone
@@ -90,8 +108,7 @@ def main() -> None:
         formed(skip)
         dense.field.load_state_dict(skip.field.state_dict())
         dense.step_count = skip.step_count = 10**6
-        steps = 5 if args.quick else 20
-        rd, rs = time_steps(dense, live, steps), time_steps(skip, live, steps)
+        rd, rs = time_interleaved((dense, skip), live, rounds=2 if args.quick else 6, steps=4 if args.quick else 5)
         # engine = render + backward + optimizer: what skipping changes (the prior's time is the same in both)
         ed, es = rd["ms_render"] + rd["ms_backward"], rs["ms_render"] + rs["ms_backward"]
         print(f"| | {res}² | {rd['its_per_s']:.2f} | {rs['its_per_s']:.2f} | {rs['its_per_s'] / rd['its_per_s']:.2f}× | "
@@ -99,13 +116,14 @@ def main() -> None:
     print("\n| formed cube, one 256² frame (viewer / video), no grad | dense ms | skipping ms | speedup |")
     print("|---|---|---|---|")
     cam = fixed_views([30.0], [20.0])
-    times = []
+    times = [0.0, 0.0]
     for tr in (dense, skip):
         tr.render_views(cam, 256, 256, "lambertian")
-        t0 = time.perf_counter()
-        for _ in range(3):
+    for _ in range(4):  # alternating, as above
+        for i, tr in enumerate((dense, skip)):
+            t0 = time.perf_counter()
             tr.render_views(cam, 256, 256, "lambertian")
-        times.append((time.perf_counter() - t0) / 3 * 1e3)
+            times[i] += (time.perf_counter() - t0) / 4 * 1e3
     print(f"| | {times[0]:.0f} | {times[1]:.0f} | {times[0] / times[1]:.2f}× |")
 
 

@@ -55,7 +55,8 @@ def trainer_tensors(trainer) -> dict[str, torch.Tensor]:
 
 def checkpoint_state(trainer, live: LiveParams, extra: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(meta, tensors) of a trainer, copied: take it under the session lock, write it after releasing."""
-    meta = {"step": trainer.step_count, "skipped_steps": trainer.skipped_steps, "prior": trainer.prior.name,
+    meta = {"step": trainer.step_count, "skipped_steps": trainer.skipped_steps,
+            "early_stop_on": bool(trainer.early_stop_on), "prior": trainer.prior.name,
             "prompt": live.prompt, "seed": trainer.cfg.seed, "config": trainer.cfg.to_dict(),
             "live": dataclasses.asdict(live), **(extra or {})}
     return meta, {k: v.clone() for k, v in trainer_tensors(trainer).items()}
@@ -119,6 +120,7 @@ def load_into(trainer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         trainer.generator.set_state(tensors["generator"])
     trainer.step_count = int(meta["step"])
     trainer.skipped_steps = int(meta.get("skipped_steps", 0))
+    trainer.early_stop_on = bool(meta.get("early_stop_on", False))
 
 
 def live_from_meta(meta: dict) -> LiveParams:

@@ -121,6 +121,9 @@ class RenderConfig:
     render_step_size: float = 0.01  # marching step of the CUDA occupancy sampler (scene units)
     chunk: int = 16384  # rays per chunk when rendering large images without gradients
     shade_threshold: float = 1e-4  # renders without gradients shade only samples of larger weight
+    early_stop: float = 1e-4  # CPU training renders may drop samples behind transmittance below this (0: never)
+    early_stop_min_pruned: float = 0.2  # ... and do while that drops at least this share of occupied samples
+    early_stop_probe_every: int = 32  # steps between trials while it does not
 
 
 @dataclass

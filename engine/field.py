@@ -118,8 +118,20 @@ class GridField(Field):
             occ = F.max_pool3d(occ, kernel_size=k, stride=1, padding=p)
         return occ[0, 0] > 0
 
+    def _active(self, occupied_fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """`active_lattice`, reused while `occupied_fn.stamp` (when it has one) is unchanged: the occupancy
+        grid is updated every few steps, not every render."""
+        stamp = getattr(occupied_fn, "stamp", None)
+        cached = self.__dict__.get("_active_cache")
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1]
+        active = self.active_lattice(occupied_fn)
+        if stamp is not None:
+            self.__dict__["_active_cache"] = (stamp, active)
+        return active
+
     def prepare(self, occupied_fn: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], FieldSamples]:
-        grid = self.grid(None if occupied_fn is None else self.active_lattice(occupied_fn))
+        grid = self.grid(None if occupied_fn is None else self._active(occupied_fn))
         radius = self.cfg.radius
 
         def sample(g: Tensor, x: Tensor) -> Tensor:  # channels of grid g at points x [N, 3] -> [C, N]

@@ -11,6 +11,7 @@ Two samplers, one compositing:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ class RenderOutput:
     albedo: Tensor  # [B, 3, H, W] accumulated albedo
     orientation: Tensor  # [B, H, W] sum_i w_i max(0, n_i . d)^2 (Ref-NeRF's orientation penalty)
     samples: int = 0  # field evaluations made
+    occupied_samples: int = 0  # samples in occupied space (more than `samples` when rays stopped early)
 
 
 def sphere_intersect(o: Tensor, d: Tensor, radius: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,14 +71,53 @@ def occupied(estimator: nerfacc.OccGridEstimator, x: Tensor) -> Tensor:
     return grid.reshape(-1).index_select(0, cell.reshape(-1).long()).view(cell.shape)
 
 
+_STAMPS = itertools.count(1)
+
+
+def occupancy_stamp(estimator: nerfacc.OccGridEstimator) -> int:
+    """A number that changes exactly when the estimator's occupied cells may have changed.
+
+    nerfacc replaces `binaries` with a new tensor on every update, and in-place writes (a checkpoint
+    load) bump the tensor's version counter, so (tensor, version) identifies the grid's content. Stamps
+    are unique across estimators, so what is derived from one grid (its box, a field's active lattice) is
+    computed once per occupancy update instead of once per render.
+    """
+    binaries = estimator.binaries
+    cached = estimator.__dict__.get("_occupancy_stamp")
+    if cached is None or cached[0] is not binaries or cached[1] != binaries._version:
+        cached = (binaries, binaries._version, next(_STAMPS))
+        estimator.__dict__["_occupancy_stamp"] = cached
+        estimator.__dict__.pop("_occupied_box", None)
+    return cached[2]
+
+
 def occupied_box(estimator: nerfacc.OccGridEstimator) -> tuple[Tensor, Tensor] | None:
-    """Corners of the box bounding all occupied cells, or None when nothing is occupied."""
+    """Corners of the box bounding all occupied cells, or None when nothing is occupied (cached per
+    occupancy update)."""
+    stamp = occupancy_stamp(estimator)
+    cached = estimator.__dict__.get("_occupied_box")
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
     cells = estimator.binaries[0].nonzero()
-    if cells.numel() == 0:
-        return None
-    lo, hi = estimator.aabbs[0, :3], estimator.aabbs[0, 3:]
-    size = (hi - lo) / estimator.binaries.shape[1]
-    return lo + cells.min(0).values * size, lo + (cells.max(0).values + 1) * size
+    box = None
+    if cells.numel() > 0:
+        lo, hi = estimator.aabbs[0, :3], estimator.aabbs[0, 3:]
+        size = (hi - lo) / estimator.binaries.shape[1]
+        box = lo + cells.min(0).values * size, lo + (cells.max(0).values + 1) * size
+    estimator.__dict__["_occupied_box"] = (stamp, box)
+    return box
+
+
+class OccupiedFn:
+    """`occupied(estimator, x)` as a callable for `Field.prepare`; `stamp` lets a field reuse what it
+    derived from the same occupancy grid (see `occupancy_stamp`)."""
+
+    def __init__(self, estimator: nerfacc.OccGridEstimator):
+        self.estimator = estimator
+        self.stamp = occupancy_stamp(estimator)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return occupied(self.estimator, x)
 
 
 def box_intersect(o: Tensor, d: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,26 +143,30 @@ def _shade_samples(query, x: Tensor, d: Tensor, view: Tensor, mode: str, light: 
 
 
 def _composite_batched(query, o, d, view, near, far, hit, cfg: RenderConfig, radius, mode, light,
-                       estimator, generator):
+                       estimator, generator, early_stop=0.0):
     """CPU path: only rays that meet the (occupied part of the) sphere are sampled, S samples each.
-    Returns per-ray values [R, 10], opacity [R, 1], depth [R, 1] and the number of field samples."""
+    Returns per-ray values [R, 10], opacity [R, 1], depth [R, 1], the number of field samples and the
+    number of occupied samples (more than the field samples where early termination dropped some)."""
     R = o.shape[0]
     rays = hit.nonzero(as_tuple=True)[0]
     if generator is not None:  # draw the jitter for every ray, so the random stream does not depend on hits
         u_all = torch.rand(R, cfg.num_samples, generator=generator, device=generator.device).to(o)
     if rays.numel() < R:
         u = take(u_all, rays) if generator is not None else None
-        acc, opacity, depth, n = _composite_rays(query, take(o, rays), take(d, rays), take(view, rays),
-                                                 take(near, rays), take(far, rays), cfg, mode, light, estimator, u)
+        acc, opacity, depth, n, n_occ = _composite_rays(query, take(o, rays), take(d, rays), take(view, rays),
+                                                        take(near, rays), take(far, rays), cfg, mode, light,
+                                                        estimator, u, early_stop)
         out = [torch.zeros(R, t.shape[1], device=o.device, dtype=t.dtype).index_copy(0, rays, t)
                for t in (acc, opacity, depth)]
-        return (*out, n)
+        return (*out, n, n_occ)
     return _composite_rays(query, o, d, view, near, far, cfg, mode, light, estimator,
-                           u_all if generator is not None else None)
+                           u_all if generator is not None else None, early_stop)
 
 
-def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light, estimator, u):
-    """Samples, occupancy mask, shading and nerfacc's batched compositing for rays that all hit."""
+def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light, estimator, u, early_stop=0.0):
+    """Samples, occupancy mask, shading and nerfacc's batched compositing for rays that all hit.
+    `early_stop` > 0 (renders with gradients): drop the samples behind the point where the ray's
+    transmittance falls below it."""
     R, S = o.shape[0], cfg.num_samples
     steps = torch.arange(S + 1, device=o.device, dtype=o.dtype) / S
     edges = near[:, None] + (far - near)[:, None] * steps  # [R, S+1]
@@ -134,11 +179,12 @@ def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light
                                   light)
         weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sig.view(R, S))
         acc = nerfacc.accumulate_along_rays(weights, val.view(R, S, val.shape[-1]))
+        n_occ = n
     elif not torch.is_grad_enabled() and hasattr(query, "density"):  # viewer, video, oracle target
         # two passes: density at the occupied samples, then field and shading only where the weight
         # counts (opacity and depth stay exact; colour loses at most S * shade_threshold)
         flat = occupied(estimator, x).view(-1).nonzero().squeeze(1)
-        n = flat.numel()  # density evaluations; the shaded ones are a subset
+        n = n_occ = flat.numel()  # density evaluations; the shaded ones are a subset
         sigma = torch.zeros(R * S, device=o.device, dtype=x.dtype)
         sigma.index_copy_(0, flat, query.density(take(x.view(-1, 3), flat)).to(x.dtype))
         weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sigma.view(R, S))
@@ -151,6 +197,17 @@ def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light
         acc = nerfacc.accumulate_along_rays(w, val, ray_indices=ray_idx, n_rays=R)
     else:  # only occupied samples are evaluated and shaded
         flat = occupied(estimator, x).view(-1).nonzero().squeeze(1)  # as ray * S + sample
+        n_occ = flat.numel()
+        if early_stop > 0 and flat.numel() and hasattr(query, "density"):
+            # as nerfacc's CUDA sampler with a sigma_fn: a density pass without a graph finds where each
+            # ray's transmittance falls below `early_stop`; samples behind that carry no weight and no
+            # gradient, so they are dropped before the field, shading and backward see them
+            with torch.no_grad():
+                sig0 = torch.zeros(R * S, device=o.device, dtype=x.dtype)
+                sig0.index_copy_(0, flat, query.density(take(x.view(-1, 3), flat)).to(x.dtype))
+                trans, _ = nerfacc.render_transmittance_from_density(t0, t1, sig0.view(R, S))
+                reached = (take(trans.reshape(-1), flat) > early_stop).nonzero().squeeze(1)
+            flat = take(flat, reached)
         ray_idx, n = flat // S, flat.numel()
         sig, val = _shade_samples(query, take(x.view(-1, 3), flat), take(d, ray_idx), take(view, ray_idx), mode,
                                   light)
@@ -160,7 +217,7 @@ def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light
                                             n_rays=R)  # packed sum: index_add
     opacity = nerfacc.accumulate_along_rays(weights, None)
     depth = nerfacc.accumulate_along_rays(weights, tm[..., None])
-    return acc, opacity, depth, n
+    return acc, opacity, depth, n, n_occ
 
 
 def _composite_packed(query, o, d, view, near, far, hit, cfg: RenderConfig, radius, mode, light,
@@ -182,17 +239,19 @@ def _composite_packed(query, o, d, view, near, far, hit, cfg: RenderConfig, radi
     acc = nerfacc.accumulate_along_rays(weights, val, ray_indices=ray_indices, n_rays=R)
     opacity = nerfacc.accumulate_along_rays(weights, None, ray_indices=ray_indices, n_rays=R)
     depth = nerfacc.accumulate_along_rays(weights, tm[:, None], ray_indices=ray_indices, n_rays=R)
-    return acc, opacity, depth, int(ray_indices.numel())
+    return acc, opacity, depth, int(ray_indices.numel()), int(ray_indices.numel())
 
 
 def render(field: Field, background: Background, cams: Cameras, height: int, width: int, *, shading: str,
            light: Light, cfg: RenderConfig, estimator: nerfacc.OccGridEstimator | None = None,
            generator: torch.Generator | None = None, bg_color: Tensor | None = None,
-           packed: bool | None = None) -> RenderOutput:
+           packed: bool | None = None, early_stop: float = 0.0) -> RenderOutput:
     """Render B views of the field. `generator` jitters samples (training); None renders deterministically.
 
     `estimator` enables empty-space skipping. `packed` picks nerfacc's CUDA sampler (default: when the
-    field is on CUDA and an estimator is given).
+    field is on CUDA and an estimator is given); it stops rays early as nerfacc does (transmittance
+    below 1e-4). `early_stop` > 0 does the same on the CPU path for renders with gradients, at the cost of
+    a density pass (renders without gradients always take two passes, see `_composite_rays`).
     """
     global _CUDA_SAMPLER_BROKEN
     B = len(cams)
@@ -208,7 +267,7 @@ def render(field: Field, background: Background, cams: Cameras, height: int, wid
         b_near, b_far = box_intersect(o, d, *box)
         near, far = torch.maximum(near, b_near), torch.minimum(far, b_far)
         hit = hit & (far > near)
-    query = field.prepare(None if estimator is None else lambda x: occupied(estimator, x))
+    query = field.prepare(None if estimator is None else OccupiedFn(estimator))
     if packed is None:
         packed = o.is_cuda and estimator is not None and not _CUDA_SAMPLER_BROKEN
     chunk = o.shape[0] if torch.is_grad_enabled() else max(cfg.chunk, 1)
@@ -224,7 +283,7 @@ def render(field: Field, background: Background, cams: Cameras, height: int, wid
             except (RuntimeError, ImportError, OSError) as err:  # nerfacc's JIT CUDA build failed
                 _CUDA_SAMPLER_BROKEN, packed = True, False
                 log.warning("nerfacc CUDA sampling unavailable (%s); using the batched renderer", err)
-        parts.append(_composite_batched(*args))
+        parts.append(_composite_batched(*args, early_stop=early_stop if torch.is_grad_enabled() else 0.0))
     acc, opacity, depth = (torch.cat([p[k] for p in parts]) for k in range(3))
     bg = background(d, bg_color)
     rgb = acc[:, 0:3] + (1.0 - opacity) * bg
@@ -234,4 +293,4 @@ def render(field: Field, background: Background, cams: Cameras, height: int, wid
 
     return RenderOutput(rgb=img(rgb), opacity=img(opacity), depth=img(depth), normal=img(acc[:, 6:9]),
                         albedo=img(acc[:, 3:6]), orientation=acc[:, 9].view(B, height, width),
-                        samples=sum(p[3] for p in parts))
+                        samples=sum(p[3] for p in parts), occupied_samples=sum(p[4] for p in parts))

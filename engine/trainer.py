@@ -69,6 +69,7 @@ class Trainer:
         self.step_count = 0
         self.skipped_steps = 0
         self.rollbacks = 0  # times repeated non-finite steps restored the last good state
+        self.early_stop_on = False  # whether training renders stop rays early (see _early_stop)
         self._nonfinite_run = 0  # consecutive skipped steps
         self._good: dict | None = None  # last good state (see _keep_good_state), taken after a good step
         self._good_age = 0  # good steps since it was taken
@@ -150,8 +151,12 @@ class Trainer:
         self._update_occupancy()
         use_grid = self.estimator is not None and self.step_count >= cfg.render.occupancy_warmup
         self.field.train()
+        early_stop = self._early_stop(use_grid)
         out = render(self.field, self.background, cams, res, res, shading=shading, light=light, cfg=cfg.render,
-                     estimator=self.estimator if use_grid else None, generator=g, bg_color=bg_color)
+                     estimator=self.estimator if use_grid else None, generator=g, bg_color=bg_color,
+                     early_stop=early_stop)
+        if early_stop:  # keep stopping early while it drops enough samples to pay for its density pass
+            self.early_stop_on = out.samples <= (1.0 - cfg.render.early_stop_min_pruned) * out.occupied_samples
         t1 = time.perf_counter()
         # 3. the prior's SDS gradient in image space (no backprop through the prior)
         ctx = SDSContext(view_weights=cams.view_weights(), cameras=cams, light=light, shading=shading,
@@ -186,9 +191,25 @@ class Trainer:
                    **{f"loss_{k}": float(v.detach()) for k, v in losses.items()},
                    "t": info.get("t", []), "t_max": t_range[1], "guidance_scale": live.guidance_scale,
                    "shading": shading, "views": view_labels(ctx.view_weights), "skipped": not finite,
-                   "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks, "samples": out.samples, **timings}
+                   "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks, "samples": out.samples,
+                   "occupied_samples": out.occupied_samples, "early_stop": bool(early_stop), **timings}
         self.step_count += 1
         return StepResult(metrics, cams, out.rgb.detach())
+
+    def _early_stop(self, use_grid: bool) -> float:
+        """The transmittance below which this step's render stops rays (0: not at all).
+
+        Early termination costs a density pass over the occupied samples and pays only once the object is
+        opaque (a formed solid: ~40 % of the samples dropped, the engine ~25 % faster at 64²); SDS fields
+        that are still translucent lose a few percent to it. So it stays on while it drops at least
+        `early_stop_min_pruned` of the samples and is tried again every `early_stop_probe_every` steps;
+        the flag is part of the checkpoint, so resumed runs decide the same way.
+        """
+        rc = self.cfg.render
+        if not use_grid or rc.early_stop <= 0:
+            return 0.0
+        probe = self.step_count % max(rc.early_stop_probe_every, 1) == 0
+        return rc.early_stop if self.early_stop_on or probe else 0.0
 
     # -- recovery from non-finite steps ------------------------------------------------------------------
     def _keep_good_state(self) -> None:

@@ -6,7 +6,7 @@ from engine.cameras import fixed_views, make_light
 from engine.config import BackgroundConfig, CameraConfig, FieldConfig, LiveParams, RenderConfig
 from engine.field import Background, make_field
 from engine.priors.analytic import AnalyticField
-from engine.render import make_occupancy, render, sphere_intersect
+from engine.render import OccupiedFn, make_occupancy, occupancy_stamp, occupied_box, render, sphere_intersect
 from engine.render import occupied as occupied_cells
 
 
@@ -115,6 +115,49 @@ def test_grid_field_skips_empty_lattice_points_without_changing_the_render():
 
 
 
+def test_occupancy_derived_state_is_cached_until_the_grid_changes():
+    """The occupied box and the grid field's active lattice are computed once per occupancy update; an
+    update, an in-place load or a copy of the estimator gives them fresh, and renders stay the same as
+    without any cache."""
+    import copy
+
+    field = make_field(FieldConfig())
+    cams, light, bg = _setup(field)
+    est = make_occupancy(1.0, 32)
+
+    def update(scale):
+        est.update_every_n_steps(0, occ_eval_fn=lambda x: field.query_density(x) * scale, occ_thre=1e-3, n=1,
+                                 warmup_steps=1, ema_decay=0.0)
+
+    update(0.1)
+    stamp = occupancy_stamp(est)
+    assert occupancy_stamp(est) == stamp and occupied_box(est) is occupied_box(est)  # reused, not recomputed
+    fn = OccupiedFn(est)
+    assert fn.stamp == stamp and torch.equal(fn(field.lattice), occupied_cells(est, field.lattice))
+    assert field._active(fn) is field._active(OccupiedFn(est))
+    box_small = occupied_box(est)
+    update(100.0)  # more of the blob is occupied: a new grid tensor
+    assert occupancy_stamp(est) != stamp
+    box_big = occupied_box(est)
+    assert (box_big[0] < box_small[0]).all() and (box_big[1] > box_small[1]).all()
+    assert field._active(OccupiedFn(est)).sum() > field.active_lattice(lambda x: occupied_cells(est, x)).sum() - 1
+    state = copy.deepcopy(est.state_dict())
+    before = occupancy_stamp(est)
+    est.binaries.zero_()  # an in-place write
+    assert occupancy_stamp(est) != before and occupied_box(est) is None
+    est.load_state_dict(state)  # in place again (a checkpoint load)
+    assert torch.equal(torch.stack(occupied_box(est)), torch.stack(box_big))
+    twin = copy.deepcopy(est)  # a copy (the viewer's) never serves a stale cache
+    assert torch.equal(torch.stack(occupied_box(twin)), torch.stack(occupied_box(est)))
+    cfg = RenderConfig(num_samples=32)
+    with torch.no_grad():
+        cached = render(field, bg, cams, 16, 16, shading="lambertian", light=light, cfg=cfg, estimator=est)
+        est.__dict__.pop("_occupancy_stamp")  # forget every cache: recomputed from scratch
+        field.__dict__.pop("_active_cache")
+        fresh = render(field, bg, cams, 16, 16, shading="lambertian", light=light, cfg=cfg, estimator=est)
+    assert torch.equal(cached.rgb, fresh.rgb) and cached.samples == fresh.samples
+
+
 def test_renders_without_gradients_shade_only_the_samples_that_count():
     """The no-grad path (viewer, videos, the oracle's target) computes density first and shades only
     samples of weight > shade_threshold: same opacity and depth, colour within S * threshold."""
@@ -163,3 +206,28 @@ def test_occupancy_lookup_matches_integer_cell_indexing():
         expect = est.binaries[0][idx[:, 0], idx[:, 1], idx[:, 2]]
         assert torch.equal(occupied_cells(est, x), expect)
         assert occupied_cells(est, x[:20000].view(100, 200, 3)).shape == (100, 200)  # any leading shape
+
+
+def test_early_ray_termination_keeps_the_image_and_its_gradients():
+    """Training renders that stop rays once transmittance < 1e-4 (as nerfacc's CUDA sampler does) drop the
+    samples behind opaque surfaces, and the image and the field's gradients stay the same."""
+    field = make_field(FieldConfig(blob_density=80.0))  # an opaque centre blob
+    cams, light, bg = _setup(field)
+    est = make_occupancy(1.0, 32)
+    est.update_every_n_steps(0, occ_eval_fn=lambda x: field.query_density(x) * 0.1, occ_thre=1e-3, n=1,
+                             warmup_steps=1)
+    cfg = RenderConfig(num_samples=48)
+    weights = torch.rand(len(cams), 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    results = []
+    for early_stop in (0.0, 1e-4):
+        field.zero_grad()
+        out = render(field, bg, cams, 24, 24, shading="lambertian", light=light, cfg=cfg, estimator=est,
+                     generator=torch.Generator().manual_seed(0), early_stop=early_stop)
+        ((out.rgb * weights).sum() + out.orientation.sum()).backward()
+        results.append((out, torch.cat([p.grad.flatten() for p in field.parameters()])))
+    (full, g_full), (stop, g_stop) = results
+    assert full.samples == full.occupied_samples == stop.occupied_samples
+    assert stop.samples < 0.85 * stop.occupied_samples  # the blob's far side is never evaluated
+    assert (full.rgb - stop.rgb).abs().max() < 1e-3
+    assert (full.opacity - stop.opacity).abs().max() < 1e-3
+    assert (g_full - g_stop).norm() < 1e-3 * g_full.norm()

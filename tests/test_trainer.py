@@ -119,3 +119,26 @@ def test_grey_background_swap_draws_greys_at_its_rate():
     assert 0.4 < len(greys) / len(picks) < 0.6
     assert torch.all(greys[:, 0:1] == greys) and greys.min() >= 0.25 and greys.max() <= 1.0
     assert greys[:, 0].std() > 0.15  # spread over 0.25-1, not one fixed grey
+
+
+@pytest.mark.parametrize("blob, stays_on", [(80.0, True), (2.0, False)])
+def test_early_stop_is_kept_only_while_it_pays(blob, stays_on, tmp_path):
+    """Training renders try early ray termination every `early_stop_probe_every` steps and keep it while it
+    drops enough samples: on for an opaque field, off (tried on probe steps only) for a translucent one.
+    The decision is part of the checkpoint."""
+    from engine.checkpoint import restore, save_checkpoint
+
+    cfg = small_config()
+    cfg.field.blob_density = blob
+    cfg.render.early_stop_probe_every = 4
+    tr = Trainer(cfg, load_prior(cfg.prior))
+    live = LiveParams(prompt="a red sphere")
+    used = [tr.step(live).metrics for _ in range(11)]
+    tried = [m["step"] for m in used if m["early_stop"]]
+    assert tried == ([4, 5, 6, 7, 8, 9, 10] if stays_on else [4, 8])  # from the occupancy warm-up on
+    assert all(m["samples"] < m["occupied_samples"] for m in used if m["early_stop"]) == stays_on
+    assert tr.early_stop_on == stays_on
+    save_checkpoint(tr, tmp_path, live)
+    resumed, _ = restore(tmp_path, prior=tr.prior)
+    assert resumed.early_stop_on == stays_on
+    assert resumed.step(live).metrics["early_stop"] == stays_on  # step 11: not a probe step
