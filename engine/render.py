@@ -71,6 +71,20 @@ def occupied(estimator: nerfacc.OccGridEstimator, x: Tensor) -> Tensor:
     return grid.reshape(-1).index_select(0, cell.reshape(-1).long()).view(cell.shape)
 
 
+def occupied_along(estimator: nerfacc.OccGridEstimator, o: Tensor, d: Tensor, t: Tensor) -> Tensor:
+    """`occupied(estimator, o + t d)` for rays o, d [R, 3] at distances t [R, S], as [R, S] bool, without
+    forming the points: the cell coordinates are (o - lo) k + t (d k), one fused op over [R, S, 3]."""
+    grid = estimator.binaries[0]
+    n = grid.shape[0]
+    if n**3 >= 2**24:  # the float32 index would not be exact
+        return occupied(estimator, o[:, None, :] + d[:, None, :] * t[..., None])
+    lo, hi = estimator.aabbs[0, :3], estimator.aabbs[0, 3:]
+    k = n / (hi - lo)
+    g = torch.addcmul(((o - lo) * k)[:, None, :], (d * k)[:, None, :], t[..., None])
+    cell = g.clamp_(0, n - 1).floor_() @ torch.tensor([n * n, n, 1.0], device=o.device, dtype=g.dtype)
+    return grid.reshape(-1).index_select(0, cell.reshape(-1).long()).view(cell.shape)
+
+
 _STAMPS = itertools.count(1)
 
 
@@ -172,45 +186,48 @@ def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light
     edges = near[:, None] + (far - near)[:, None] * steps  # [R, S+1]
     t0, t1 = edges[:, :-1], edges[:, 1:]
     tm = t0 + (t1 - t0) * (u if u is not None else 0.5)
-    x = o[:, None, :] + d[:, None, :] * tm[..., None]  # [R, S, 3]
     if estimator is None:  # dense: every sample, no gathers or scatters
-        n = R * S
+        x = torch.addcmul(o[:, None, :], d[:, None, :], tm[..., None])  # [R, S, 3]
+        n = n_occ = R * S
         sig, val = _shade_samples(query, x.view(-1, 3), d.repeat_interleave(S, 0), view.repeat_interleave(S), mode,
                                   light)
         weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sig.view(R, S))
         acc = nerfacc.accumulate_along_rays(weights, val.view(R, S, val.shape[-1]))
-        n_occ = n
-    elif not torch.is_grad_enabled() and hasattr(query, "density"):  # viewer, video, oracle target
+        opacity = nerfacc.accumulate_along_rays(weights, None)
+        depth = nerfacc.accumulate_along_rays(weights, tm[..., None])
+        return acc, opacity, depth, n, n_occ
+    # only samples in occupied cells are evaluated: their flat indices (ray * S + sample) and positions
+    flat = occupied_along(estimator, o, d, tm).view(-1).nonzero().squeeze(1)
+    n_occ = flat.numel()
+    ray_idx = flat // S
+    x = torch.addcmul(take(o, ray_idx), take(d, ray_idx), take(tm.reshape(-1), flat)[:, None])  # [M, 3]
+    if not torch.is_grad_enabled() and hasattr(query, "density"):  # viewer, video, oracle target
         # two passes: density at the occupied samples, then field and shading only where the weight
         # counts (opacity and depth stay exact; colour loses at most S * shade_threshold)
-        flat = occupied(estimator, x).view(-1).nonzero().squeeze(1)
-        n = n_occ = flat.numel()  # density evaluations; the shaded ones are a subset
+        n = n_occ  # density evaluations; the shaded ones are a subset
         sigma = torch.zeros(R * S, device=o.device, dtype=x.dtype)
-        sigma.index_copy_(0, flat, query.density(take(x.view(-1, 3), flat)).to(x.dtype))
+        sigma.index_copy_(0, flat, query.density(x).to(x.dtype))
         weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sigma.view(R, S))
         w = take(weights.reshape(-1), flat)
         keep = (w > cfg.shade_threshold).nonzero().squeeze(1)
-        flat, w = take(flat, keep), take(w, keep)
+        flat, w, x = take(flat, keep), take(w, keep), take(x, keep)
         ray_idx = flat // S
-        _, val = _shade_samples(query, take(x.view(-1, 3), flat), take(d, ray_idx), take(view, ray_idx), mode,
-                                light)
+        _, val = _shade_samples(query, x, take(d, ray_idx), take(view, ray_idx), mode, light)
         acc = nerfacc.accumulate_along_rays(w, val, ray_indices=ray_idx, n_rays=R)
-    else:  # only occupied samples are evaluated and shaded
-        flat = occupied(estimator, x).view(-1).nonzero().squeeze(1)  # as ray * S + sample
-        n_occ = flat.numel()
-        if early_stop > 0 and flat.numel() and hasattr(query, "density"):
+    else:
+        if early_stop > 0 and n_occ and hasattr(query, "density"):
             # as nerfacc's CUDA sampler with a sigma_fn: a density pass without a graph finds where each
             # ray's transmittance falls below `early_stop`; samples behind that carry no weight and no
             # gradient, so they are dropped before the field, shading and backward see them
             with torch.no_grad():
                 sig0 = torch.zeros(R * S, device=o.device, dtype=x.dtype)
-                sig0.index_copy_(0, flat, query.density(take(x.view(-1, 3), flat)).to(x.dtype))
+                sig0.index_copy_(0, flat, query.density(x).to(x.dtype))
                 trans, _ = nerfacc.render_transmittance_from_density(t0, t1, sig0.view(R, S))
                 reached = (take(trans.reshape(-1), flat) > early_stop).nonzero().squeeze(1)
-            flat = take(flat, reached)
-        ray_idx, n = flat // S, flat.numel()
-        sig, val = _shade_samples(query, take(x.view(-1, 3), flat), take(d, ray_idx), take(view, ray_idx), mode,
-                                  light)
+            flat, x = take(flat, reached), take(x, reached)
+            ray_idx = flat // S
+        n = flat.numel()
+        sig, val = _shade_samples(query, x, take(d, ray_idx), take(view, ray_idx), mode, light)
         sigma = torch.zeros(R * S, device=o.device, dtype=sig.dtype).index_copy(0, flat, sig).view(R, S)
         weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sigma)  # batched: runs on CPU
         acc = nerfacc.accumulate_along_rays(take(weights.reshape(-1), flat), val, ray_indices=ray_idx,

@@ -6,7 +6,15 @@ from engine.cameras import fixed_views, make_light
 from engine.config import BackgroundConfig, CameraConfig, FieldConfig, LiveParams, RenderConfig
 from engine.field import Background, make_field
 from engine.priors.analytic import AnalyticField
-from engine.render import OccupiedFn, make_occupancy, occupancy_stamp, occupied_box, render, sphere_intersect
+from engine.render import (
+    OccupiedFn,
+    make_occupancy,
+    occupancy_stamp,
+    occupied_along,
+    occupied_box,
+    render,
+    sphere_intersect,
+)
 from engine.render import occupied as occupied_cells
 
 
@@ -231,3 +239,18 @@ def test_early_ray_termination_keeps_the_image_and_its_gradients():
     assert (full.rgb - stop.rgb).abs().max() < 1e-3
     assert (full.opacity - stop.opacity).abs().max() < 1e-3
     assert (g_full - g_stop).norm() < 1e-3 * g_full.norm()
+
+
+def test_occupancy_along_rays_matches_the_lookup_of_the_points():
+    field = AnalyticField("torus", (0.2, 0.5, 0.9), sigma_max=80.0, eps=0.02)
+    est = make_occupancy(1.0, 32)
+    est.update_every_n_steps(0, occ_eval_fn=lambda x: field.query_density(x) * 0.1, occ_thre=1e-3, n=1,
+                             warmup_steps=1)
+    g = torch.Generator().manual_seed(0)
+    o = torch.randn(500, 3, generator=g) * 2
+    d = torch.nn.functional.normalize(-o + torch.randn(500, 3, generator=g) * 0.3, dim=-1)
+    t = torch.rand(500, 64, generator=g).sort(-1).values * 4
+    along = occupied_along(est, o, d, t)
+    points = occupied_cells(est, o[:, None, :] + d[:, None, :] * t[..., None])
+    assert along.shape == (500, 64) and 0.02 < points.float().mean() < 0.5
+    assert (along != points).float().mean() < 1e-3  # only float rounding at cell faces may differ
