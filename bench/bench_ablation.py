@@ -25,18 +25,22 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.protocol import ABLATION, add_run_args, run_jobs, summarize  # noqa: E402
+from engine.protocol import ABLATION, add_run_args, paired_steps, run_jobs, summarize  # noqa: E402
 
 PROMPTS = ("a red cube", "a green cone", "an orange mug")
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 
 
-def table(results: dict[str, dict]) -> str:
-    lines = ["| row | colour R-P | geometry R-P (± s.e.) | shape score | shape margin |", "|---|---|---|---|---|"]
+def table(results: dict[str, dict], steps: dict[str, dict] | None = None) -> str:
+    steps = steps or {}
+    lines = ["| row | colour R-P | geometry R-P (± s.e.) | geometry change from the row before, paired (± s.e.) "
+             "| shape score | shape margin |", "|---|---|---|---|---|---|"]
     for row, s in results.items():
         se = f" ± {s['geometry_se']:.2f}" if s.get("geometry_se") is not None else ""
-        lines.append(f"| {row} | {s['colour_r_precision']:.2f} | {s['geometry_r_precision']:.2f}{se} | "
+        st = steps.get(row)
+        step = "" if st is None else f"{st['mean']:+.2f}" + (f" ± {st['se']:.2f}" if st["se"] is not None else "")
+        lines.append(f"| {row} | {s['colour_r_precision']:.2f} | {s['geometry_r_precision']:.2f}{se} | {step} | "
                      f"{s['shape_score']:.2f} | {s['shape_margin']:+.2f} |")
     return "\n".join(lines)
 
@@ -57,18 +61,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", nargs="+", default=list(ABLATION), choices=list(ABLATION))
     ap.add_argument("--seeds", type=int, default=1, help="seeds per prompt: --seed, --seed + 1, ...")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    ap.add_argument("--out", default=None, help="also write every run's scores to this JSON file")
     args = ap.parse_args(argv)
     seeds = range(args.seed, args.seed + max(1, args.seeds))
     jobs = [{"prompt": p, "row": row, "steps": args.steps, "seconds": args.seconds, "seed": seed,
-             "prior": args.prior, "set": args.set} for row in args.rows for p in args.prompts for seed in seeds]
+             "prior": args.prior, "set": args.set, "views": args.views}
+            for row in args.rows for p in args.prompts for seed in seeds]
     t0 = time.perf_counter()
     rows = run_jobs(jobs, args.jobs)
     results = {row: summarize([r for r in rows if r["row"] == row]) for row in args.rows}
-    text = table(results)
+    steps = paired_steps(rows, args.rows)
+    text = table(results, steps)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"runs": rows, "rows": results, "steps": steps}, indent=1))
     wall = time.perf_counter() - t0
     cmd = "python bench/bench_ablation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     note = (f"\nPrompts: {', '.join(args.prompts)}; ≤ {args.steps} steps / {args.seconds:.0f} s each, "
-            f"seeds {seeds.start}–{seeds.stop - 1}; "
+            f"seeds {seeds.start}–{seeds.stop - 1}, {args.views} views per score; "
             f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} single-thread workers; {wall / 60:.0f} min. "
             f"Command: `{cmd.strip()}`")
     print(text + "\n" + note)

@@ -104,6 +104,21 @@ def summarize(rows: list[dict]) -> dict:
             "shape_margin": mean("shape_margin"), "its_per_s": mean("its_per_s"), "wall_s": mean("wall_s")}
 
 
+def paired_steps(rows: list[dict], order: list[str], key: str = "geometry_r_precision") -> dict[str, dict]:
+    """For each row of `order` after the first: the mean change of `key` from the row before over the runs
+    both share (same prompt and seed), with its standard error. Pairing removes what prompts and seeds
+    add to both rows alike, so a step is judged by its own noise rather than by two rows' spreads."""
+    by = {(r["row"], r["prompt"], r.get("seed", 0)): r[key] for r in rows if key in r}
+    out = {}
+    for prev, row in zip(order, order[1:]):
+        diffs = [by[(row, p, s)] - v for (rw, p, s), v in by.items() if rw == prev and (row, p, s) in by]
+        if diffs:
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+            out[row] = {"mean": round(statistics.fmean(diffs), 3), "se": None if se is None else round(se, 3),
+                        "n": len(diffs)}
+    return out
+
+
 def apply_overrides(cfg: Config, live: LiveParams, overrides: list[str]) -> tuple[Config, LiveParams]:
     """Apply "section.field=value" overrides (e.g. "sds.t_max_end=0.5", "live.guidance_scale=20"); values are
     parsed as JSON when they parse (numbers, booleans, lists), else kept as strings."""
@@ -137,6 +152,7 @@ def add_run_args(ap, prompts, steps: int, seconds: float) -> None:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     ap.add_argument("--prior", default=None, help="prior spec (default: the shipped embedded prior)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--views", type=int, default=16, help="random views each run is scored on")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                     help="config / live overrides, e.g. sds.t_max_end=0.5 reg.entropy=0.1 live.guidance_scale=20")
 
@@ -171,7 +187,7 @@ def _worker(job: dict) -> dict:
         plain = trainer.render_views(preview_cameras("cpu"), 64, 64, "textureless")
         save_png(tile(torch.cat([shaded.rgb, plain.rgb])), job["preview"])
     result.pop("silhouette_iou", None)
-    return {**result, "row": job.get("row")}
+    return {**result, "row": job.get("row"), "seed": job.get("seed", 0)}
 
 
 def run_jobs(jobs: list[dict], processes: int = 2, log: Callable[[str], None] = print) -> list[dict]:

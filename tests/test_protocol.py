@@ -64,9 +64,10 @@ def test_ablation_table_is_written_between_markers(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     row = {"colour_r_precision": 0.5, "geometry_r_precision": 0.25, "shape_score": 0.6, "shape_margin": -0.1}
-    text = bench.table({"base": row, "+textureless": {**row, "geometry_se": 0.125}})
-    assert "| base | 0.50 | 0.25 | 0.60 | -0.10 |" in text
-    assert "| +textureless | 0.50 | 0.25 ± 0.12 | 0.60 | -0.10 |" in text
+    text = bench.table({"base": row, "+textureless": {**row, "geometry_se": 0.125}},
+                       {"+textureless": {"mean": 0.125, "se": 0.0625, "n": 4}})
+    assert "| base | 0.50 | 0.25 |  | 0.60 | -0.10 |" in text
+    assert "| +textureless | 0.50 | 0.25 ± 0.12 | +0.12 ± 0.06 | 0.60 | -0.10 |" in text
     doc = tmp_path / "B.md"
     doc.write_text("# Benchmarks\n\nother\n")
     bench.write_benchmarks(text, doc)
@@ -96,3 +97,15 @@ def test_summary_gives_the_standard_error_of_geometry():
     assert s["geometry_r_precision"] == 0.5 and s["prompts"] == 4
     assert abs(s["geometry_se"] - (1 / 24) ** 0.5 / 2) < 1e-3  # stdev sqrt(1/24) over sqrt(4) runs
     assert protocol.summarize(rows[:1])["geometry_se"] is None
+
+
+def test_paired_steps_compare_rows_run_by_run():
+    """Each row's change from the row before is taken over runs with the same prompt and seed, so what a
+    prompt adds to both rows cancels: here the prompts differ by 0.5 and every run gains exactly 0.25."""
+    rows = [{"row": row, "prompt": p, "seed": s, "geometry_r_precision": base + gain}
+            for row, gain in (("a", 0.0), ("b", 0.25)) for p, base in (("x", 0.0), ("y", 0.5)) for s in (0, 1)]
+    rows.append({"row": "c", "prompt": "x", "seed": 0, "geometry_r_precision": 0.0})  # one shared run
+    steps = protocol.paired_steps(rows, ["a", "b", "c"])
+    assert steps["b"] == {"mean": 0.25, "se": 0.0, "n": 4}
+    assert steps["c"] == {"mean": -0.25, "se": None, "n": 1}
+    assert protocol.summarize([r for r in rows if r["row"] == "b"])["geometry_se"] > 0.1  # unpaired: large
