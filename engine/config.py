@@ -161,6 +161,7 @@ class SDSConfig:
     t_max_end: float = 0.98  # upper end after annealing (equal to t_max: no annealing)
     anneal_steps: int = 1000  # steps over which t_max goes linearly to t_max_end
     view_dependent: bool = True  # add "front/side/back/overhead view" to the prompt by camera (paper 3.2)
+    view_blend: str = "interpolate"  # between views: "interpolate" their prompts by camera, or the "nearest" one
     weighting: str = "sigma2"  # w(t): "sigma2" (paper: sigma_t^2 = 1 - alphabar_t), "sqrt_alpha_sigma2", "uniform"
     skip_nonfinite: bool = True  # skip a step whose gradient or loss is not finite
     good_state_every: int = 50  # good steps between copies of the field/background/optimizer state (0: never)

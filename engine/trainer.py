@@ -54,6 +54,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, prior: Prior, device="cpu", live: LiveParams | None = None):
         self.cfg, self.prior, self.device = cfg, prior, torch.device(device)
+        if cfg.sds.view_blend not in ("interpolate", "nearest"):
+            raise ValueError(f"unknown sds.view_blend {cfg.sds.view_blend!r}; choose 'interpolate' or 'nearest'")
         live = live or LiveParams(seed=cfg.seed)
         torch.manual_seed(cfg.seed)  # network initialisation
         self.field = make_field(cfg.field, self.device)
@@ -159,7 +161,7 @@ class Trainer:
             self.early_stop_on = out.samples <= (1.0 - cfg.render.early_stop_min_pruned) * out.occupied_samples
         t1 = time.perf_counter()
         # 3. the prior's SDS gradient in image space (no backprop through the prior)
-        ctx = SDSContext(view_weights=cams.view_weights(), cameras=cams, light=light, shading=shading,
+        ctx = SDSContext(view_weights=self._view_weights(cams), cameras=cams, light=light, shading=shading,
                          view_dependent=cfg.sds.view_dependent,
                          step=self.step_count)
         t_range = (cfg.sds.t_min, t_max_at(cfg.sds, self.step_count))
@@ -195,6 +197,14 @@ class Trainer:
                    "occupied_samples": out.occupied_samples, "early_stop": bool(early_stop), **timings}
         self.step_count += 1
         return StepResult(metrics, cams, out.rgb.detach())
+
+    def _view_weights(self, cams: cam.Cameras) -> torch.Tensor:
+        """The cameras' weights over the view prompts: interpolated, or one-hot on the nearest view
+        (`sds.view_blend`), as the prior was trained: a blend of two view prompts is a text it never saw."""
+        w = cams.view_weights()
+        if self.cfg.sds.view_blend == "nearest":
+            w = torch.nn.functional.one_hot(w.argmax(-1), w.shape[-1]).to(w.dtype)
+        return w
 
     def _early_stop(self, use_grid: bool) -> float:
         """The transmittance below which this step's render stops rays (0: not at all).

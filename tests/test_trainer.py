@@ -142,3 +142,19 @@ def test_early_stop_is_kept_only_while_it_pays(blob, stays_on, tmp_path):
     resumed, _ = restore(tmp_path, prior=tr.prior)
     assert resumed.early_stop_on == stays_on
     assert resumed.step(live).metrics["early_stop"] == stays_on  # step 11: not a probe step
+
+
+def test_view_blend_interpolates_or_takes_the_nearest_view():
+    from engine.cameras import fixed_views
+
+    cams = fixed_views([0.0, 30.0, 60.0, 170.0], [10.0, 10.0, 50.0, 80.0])
+    cfg = small_config()
+    soft = Trainer(cfg, load_prior(cfg.prior))._view_weights(cams)
+    cfg.sds.view_blend = "nearest"
+    hard = Trainer(cfg, load_prior(cfg.prior))._view_weights(cams)
+    assert torch.allclose(soft.sum(-1), torch.ones(4)) and (soft.max(-1).values < 1).any()  # blends
+    assert torch.equal(hard, torch.nn.functional.one_hot(soft.argmax(-1), 4).float())
+    assert [int(i) for i in hard.argmax(-1)] == [0, 0, 1, 3]  # front, front, side (60° az), overhead
+    cfg.sds.view_blend = "closest"
+    with pytest.raises(ValueError, match="view_blend"):
+        Trainer(cfg, load_prior(cfg.prior))
