@@ -176,6 +176,7 @@ class RegularizerConfig:
     entropy: float = 0.05  # weight of the binary entropy of pixel opacity (pushes rays to 0 or 1)
     orientation: float = 0.01  # final weight of the orientation loss (normals facing away from the camera)
     orientation_ramp_steps: int = 500  # steps over which the orientation weight ramps up from zero
+    normal_smoothness: float = 0.0  # weight of the squared differences of neighbouring pixels' rendered normals
 
 
 @dataclass

@@ -40,6 +40,14 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.log() + (1 - p) * (1 - p).log())
 
 
+def normal_smoothness(normal: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between neighbouring pixels of a rendered normal map [B, 3, H, W] (the
+    opacity-weighted normals, so the background is zero): penalises ribbed or bumpy surfaces, as
+    threestudio's 2D normal smoothness does."""
+    return ((normal[..., 1:, :] - normal[..., :-1, :]).square().mean()
+            + (normal[..., :, 1:] - normal[..., :, :-1]).square().mean())
+
+
 @dataclass
 class StepResult:
     """What one step did; `metrics` is JSON-ready."""
@@ -264,6 +272,8 @@ class Trainer:
         w = orientation_weight(reg, self.step_count)
         if w > 0:
             losses["orientation"] = w * out.orientation.mean()
+        if reg.normal_smoothness > 0:
+            losses["normal_smoothness"] = reg.normal_smoothness * normal_smoothness(out.normal)
         return losses
 
     # -- rendering for people ----------------------------------------------------------------------------

@@ -158,3 +158,18 @@ def test_view_blend_interpolates_or_takes_the_nearest_view():
     cfg.sds.view_blend = "closest"
     with pytest.raises(ValueError, match="view_blend"):
         Trainer(cfg, load_prior(cfg.prior))
+
+
+def test_normal_smoothness_penalises_ribbed_normals_and_trains():
+    from engine.trainer import normal_smoothness
+
+    flat = torch.zeros(1, 3, 16, 16)
+    flat[:, 2] = 1.0
+    ribbed = flat.clone()
+    ribbed[:, 0, :, ::2] = 0.5  # stripes, as on the boxy SDS failures
+    assert normal_smoothness(flat) == 0  # one channel of three jumps by 0.5 between every pair of columns:
+    assert abs(normal_smoothness(ribbed) - 0.25 / 3) < 1e-6
+    cfg = small_config()
+    cfg.reg.normal_smoothness = 0.5
+    m = run(cfg, 3).step(LiveParams(prompt="a red sphere")).metrics
+    assert m["loss_normal_smoothness"] > 0 and not m["skipped"]
