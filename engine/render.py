@@ -103,7 +103,6 @@ def occupancy_stamp(estimator: nerfacc.OccGridEstimator) -> int:
     if cached is None or cached[0] is not binaries or cached[1] != binaries._version:
         cached = (binaries, binaries._version, next(_STAMPS))
         estimator.__dict__["_occupancy_stamp"] = cached
-        estimator.__dict__.pop("_occupied_box", None)
     return cached[2]
 
 
@@ -179,6 +178,13 @@ def _composite_batched(query, o, d, view, near, far, hit, cfg: RenderConfig, rad
                            u_all if generator is not None else None, early_stop)
 
 
+def _density_pass(query, x: Tensor, flat: Tensor, R: int, S: int) -> Tensor:
+    """sigma [R, S] from the field's density alone at the samples x [M, 3] of flat indices `flat` (zero
+    elsewhere): the first pass of renders without gradients and of early ray termination."""
+    sigma = torch.zeros(R * S, device=x.device, dtype=x.dtype)
+    return sigma.index_copy_(0, flat, query.density(x).to(x.dtype)).view(R, S)
+
+
 def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light, estimator, u, early_stop=0.0):
     """Samples, occupancy mask, shading and nerfacc's batched compositing for rays that all hit.
     `early_stop` > 0 (renders with gradients): drop the samples behind the point where the ray's
@@ -207,9 +213,7 @@ def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light
         # two passes: density at the occupied samples, then field and shading only where the weight
         # counts (opacity and depth stay exact; colour loses at most S * shade_threshold)
         n = n_occ  # density evaluations; the shaded ones are a subset
-        sigma = torch.zeros(R * S, device=o.device, dtype=x.dtype)
-        sigma.index_copy_(0, flat, query.density(x).to(x.dtype))
-        weights, _, _ = nerfacc.render_weight_from_density(t0, t1, sigma.view(R, S))
+        weights, _, _ = nerfacc.render_weight_from_density(t0, t1, _density_pass(query, x, flat, R, S))
         w = take(weights.reshape(-1), flat)
         keep = (w > cfg.shade_threshold).nonzero().squeeze(1)
         flat, w, x = take(flat, keep), take(w, keep), take(x, keep)
@@ -222,9 +226,7 @@ def _composite_rays(query, o, d, view, near, far, cfg: RenderConfig, mode, light
             # ray's transmittance falls below `early_stop`; samples behind that carry no weight and no
             # gradient, so they are dropped before the field, shading and backward see them
             with torch.no_grad():
-                sig0 = torch.zeros(R * S, device=o.device, dtype=x.dtype)
-                sig0.index_copy_(0, flat, query.density(x).to(x.dtype))
-                trans, _ = nerfacc.render_transmittance_from_density(t0, t1, sig0.view(R, S))
+                trans, _ = nerfacc.render_transmittance_from_density(t0, t1, _density_pass(query, x, flat, R, S))
                 reached = (take(trans.reshape(-1), flat) > early_stop).nonzero().squeeze(1)
             flat, x = take(flat, reached), take(x, reached)
             ray_idx = flat // S
