@@ -119,6 +119,7 @@ def load_into(trainer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     if "generator" in tensors:
         trainer.generator.set_state(tensors["generator"])
     trainer.step_count = int(meta["step"])
+    trainer.field.progress = trainer.step_count
     trainer.skipped_steps = int(meta.get("skipped_steps", 0))
     trainer.early_stop_on = bool(meta.get("early_stop_on", False))
 

@@ -86,6 +86,7 @@ class FieldConfig:
     radius: float = 1.0  # radius of the bounding sphere; the field is zero outside it
     grid_resolution: int = 32  # lattice size of the generated grid ("grid" backbone)
     fourier_bands: int = 6  # Fourier feature octaves of the generator MLP's input ("grid" backbone)
+    band_anneal_steps: int = 0  # steps over which the octaves open coarse to fine (Nerfies' window; 0: all at once)
     hidden: int = 64  # width of the MLPs
     hash_levels: int = 16  # levels of the hash encoding ("hash" backbone)
     hash_log2_size: int = 16  # log2 of each level's table size ("hash" backbone)
@@ -177,6 +178,7 @@ class RegularizerConfig:
     orientation: float = 0.01  # final weight of the orientation loss (normals facing away from the camera)
     orientation_ramp_steps: int = 500  # steps over which the orientation weight ramps up from zero
     normal_smoothness: float = 0.0  # weight of the squared differences of neighbouring pixels' rendered normals
+    density_tv: float = 0.0  # weight of the total variation of the generated grid's cell opacity ("grid" backbone)
 
 
 @dataclass

@@ -63,6 +63,7 @@ class RenderSource:
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if module is not None and state:
                 module.load_state_dict(state)
+        field.progress = int(meta["step"])  # the field's schedules (the grid's band window) at the saved step
         return cls(*(_frozen_copy(m) for m in (field, background, est)), cfg=cfg, step=int(meta["step"]),
                    device=torch.device(device))
 

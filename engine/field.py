@@ -40,6 +40,15 @@ def fourier_features(x: Tensor, bands: int) -> Tensor:
     return torch.cat([x, xb.sin().flatten(-2), xb.cos().flatten(-2)], dim=-1)
 
 
+def band_window(bands: int, alpha: float) -> Tensor:
+    """Weights [3 + 6 * bands] of `fourier_features`' columns at window position alpha in [0, bands]
+    (Nerfies, Park et al. 2021): octave k fades in as (1 - cos(pi * clamp(alpha - k, 0, 1))) / 2."""
+    k = torch.arange(bands, dtype=torch.float32)
+    w = (1.0 - torch.cos(math.pi * (alpha - k).clamp(0.0, 1.0))) / 2.0
+    w = w[:, None].expand(bands, 3).flatten()
+    return torch.cat([torch.ones(3), w, w])
+
+
 def mlp(n_in: int, hidden: int, n_out: int, layers: int = 2) -> nn.Sequential:
     mods: list[nn.Module] = []
     for i in range(layers):
@@ -52,6 +61,7 @@ class Field(nn.Module):
     """Common parts: density activation, the initial centre blob, and the dense query helpers."""
 
     cfg: FieldConfig
+    progress: int = 0  # the trainer's step: schedules inside the field (the grid's band window) follow it
 
     def activate_density(self, raw: Tensor, x: Tensor) -> Tensor:
         raw = raw + self.cfg.blob_density * (1.0 - norm(x) / self.cfg.blob_radius)
@@ -85,18 +95,28 @@ class GridField(Field):
         self.register_buffer("features", fourier_features(lattice / cfg.radius, cfg.fourier_bands), persistent=False)
         self.net = mlp(3 + 6 * cfg.fourier_bands, cfg.hidden, 4)
 
+    def _window(self) -> Tensor | None:
+        """The band window at the current progress, or None when every octave is fully open."""
+        steps, bands = self.cfg.band_anneal_steps, self.cfg.fourier_bands
+        if steps <= 0 or self.progress >= steps:
+            return None
+        return band_window(bands, bands * self.progress / steps).to(self.features)
+
     def grid(self, active: Tensor | None = None) -> Tensor:
         """The generated grid [1, 7, D, H, W]: density, albedo (3), density gradient (3).
 
         `active` [D, H, W] bool limits the MLP to those lattice points (the rest is empty space: zero
         density), which is where empty-space skipping saves most on the CPU path.
         """
+        window = self._window()
         if active is None:
-            raw = self.net(self.features)  # [D, H, W, 4]
+            feats = self.features if window is None else self.features * window
+            raw = self.net(feats)  # [D, H, W, 4]
             sigma = self.activate_density(raw[..., 0], self.lattice)
         else:  # index_select / index_copy on flat views: much faster on CPU than advanced indexing
             idx = active.view(-1).nonzero().squeeze(1)
-            part = self.net(self.features.reshape(-1, self.features.shape[-1]).index_select(0, idx))  # [M, 4]
+            feats = self.features.reshape(-1, self.features.shape[-1]).index_select(0, idx)
+            part = self.net(feats if window is None else feats * window)  # [M, 4]
             raw = torch.zeros(active.numel(), 4, device=part.device, dtype=part.dtype).index_copy(0, idx, part)
             raw = raw.view(*active.shape, 4)
             sig = self.activate_density(part[:, 0], self.lattice.reshape(-1, 3).index_select(0, idx))
@@ -132,6 +152,8 @@ class GridField(Field):
 
     def prepare(self, occupied_fn: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], FieldSamples]:
         grid = self.grid(None if occupied_fn is None else self._active(occupied_fn))
+        if self.training and torch.is_grad_enabled():  # for regularisers of the grid itself (`grid_tv`)
+            self.__dict__["last_grid"] = grid
         radius = self.cfg.radius
 
         def sample(g: Tensor, x: Tensor) -> Tensor:  # channels of grid g at points x [N, 3] -> [C, N]

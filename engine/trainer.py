@@ -40,6 +40,18 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.log() + (1 - p) * (1 - p).log())
 
 
+def grid_tv(density: torch.Tensor, cell: float) -> torch.Tensor:
+    """Total variation of a density grid [D, H, W], on cell opacity 1 - exp(-sigma * cell) so that it is
+    bounded and scale-free: isotropic forward differences, summed over lattice points and divided by the
+    points' count. A solid with flat faces pays about its surface area; ribs, waffles and floaters pay more
+    (Plenoxels and DVGO regularise their grids with a TV term too)."""
+    a = 1.0 - torch.exp(-density.clamp(min=0.0) * cell)
+    dx = a[:-1, :-1, 1:] - a[:-1, :-1, :-1]
+    dy = a[:-1, 1:, :-1] - a[:-1, :-1, :-1]
+    dz = a[1:, :-1, :-1] - a[:-1, :-1, :-1]
+    return (dx.square() + dy.square() + dz.square() + 1e-8).sqrt().sum() / density.numel()
+
+
 def normal_smoothness(normal: torch.Tensor) -> torch.Tensor:
     """Mean squared difference between neighbouring pixels of a rendered normal map [B, 3, H, W] (the
     opacity-weighted normals, so the background is zero): penalises ribbed or bumpy surfaces, as
@@ -161,6 +173,7 @@ class Trainer:
         self._update_occupancy()
         use_grid = self.estimator is not None and self.step_count >= cfg.render.occupancy_warmup
         self.field.train()
+        self.field.progress = self.step_count
         early_stop = self._early_stop(use_grid)
         out = render(self.field, self.background, cams, res, res, shading=shading, light=light, cfg=cfg.render,
                      estimator=self.estimator if use_grid else None, generator=g, bg_color=bg_color,
@@ -274,6 +287,10 @@ class Trainer:
             losses["orientation"] = w * out.orientation.mean()
         if reg.normal_smoothness > 0:
             losses["normal_smoothness"] = reg.normal_smoothness * normal_smoothness(out.normal)
+        grid = self.field.__dict__.pop("last_grid", None)  # the grid this step's render generated
+        if reg.density_tv > 0 and grid is not None:
+            cell = 2.0 * self.cfg.field.radius / (self.cfg.field.grid_resolution - 1)
+            losses["density_tv"] = reg.density_tv * grid_tv(grid[0, 0], cell)
         return losses
 
     # -- rendering for people ----------------------------------------------------------------------------
@@ -290,6 +307,7 @@ class Trainer:
         use_grid = self.estimator is not None and self.step_count >= self.cfg.render.occupancy_warmup
         was = self.field.training
         self.field.eval()
+        self.field.progress = self.step_count
         try:
             return render(self.field, self.background, cams, height, width, shading=shading, light=light,
                           cfg=self.cfg.render, estimator=self.estimator if use_grid else None, bg_color=bg)

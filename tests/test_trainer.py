@@ -173,3 +173,66 @@ def test_normal_smoothness_penalises_ribbed_normals_and_trains():
     cfg.reg.normal_smoothness = 0.5
     m = run(cfg, 3).step(LiveParams(prompt="a red sphere")).metrics
     assert m["loss_normal_smoothness"] > 0 and not m["skipped"]
+
+
+def test_grid_tv_prices_ribs_above_flat_faces_and_trains():
+    from engine.trainer import grid_tv
+
+    n, cell = 24, 2.0 / 23
+    solid = torch.zeros(n, n, n)
+    solid[6:18, 6:18, 6:18] = 50.0  # a box with flat faces
+    ribbed = solid.clone()
+    ribbed[6:18, 6:18, 6:18:2] = 5.0  # the same box, sliced into slabs: a waffle like the boxy SDS failures
+    assert grid_tv(torch.full((n, n, n), 7.0), cell) < 2e-4  # constant: only the sqrt's epsilon
+    assert grid_tv(ribbed, cell) > 1.5 * grid_tv(solid, cell) > 0
+    d = solid.clone().requires_grad_()
+    grid_tv(d, cell).backward()
+    assert torch.isfinite(d.grad).all() and d.grad.abs().sum() > 0
+    cfg = small_config()
+    cfg.reg.density_tv = 2.0
+    tr = run(cfg, 3)
+    m = tr.step(LiveParams(prompt="a red sphere")).metrics
+    assert m["loss_density_tv"] > 0 and not m["skipped"]
+    assert "last_grid" not in tr.field.__dict__  # the step's grid (and its graph) is not kept after the step
+
+
+def test_band_window_opens_coarse_to_fine():
+    from engine.field import band_window
+
+    bands = 4
+    closed, half, open_ = band_window(bands, 0.0), band_window(bands, 1.5), band_window(bands, float(bands))
+    assert closed.shape == (3 + 6 * bands,)
+    assert torch.equal(closed[:3], torch.ones(3)) and closed[3:].abs().max() == 0  # only x itself
+    assert torch.allclose(open_, torch.ones_like(open_))
+    sin_half = half[3:3 + 3 * bands].view(bands, 3)[:, 0]  # octave 0 open, octave 1 halfway, 2 and 3 closed
+    assert torch.allclose(sin_half, torch.tensor([1.0, 0.5, 0.0, 0.0]), atol=1e-6)
+    assert torch.equal(half[3:3 + 3 * bands], half[3 + 3 * bands:])  # sin and cos alike
+
+
+def test_band_anneal_follows_the_step_and_survives_resume(tmp_path):
+    from engine.checkpoint import restore, save_checkpoint
+
+    cfg = small_config()
+    cfg.field.band_anneal_steps = 6
+    tr = run(cfg, 3)
+    field = tr.field
+    with torch.no_grad():
+        field.progress = 0
+        coarse = field.grid()
+        field.progress = 3
+        mid = field.grid()
+        field.progress = 6
+        full = field.grid()
+        window = torch.zeros_like(field.features[0, 0, 0])
+        window[:3] = 1.0
+        raw = field.net(field.features * window)  # at step 0 the generator sees the coordinates alone
+        assert torch.allclose(coarse[0, 0], field.activate_density(raw[..., 0], field.lattice), atol=1e-5)
+        assert not torch.allclose(mid, full) and not torch.allclose(coarse, mid)
+        field.cfg.band_anneal_steps = 0
+        assert torch.equal(field.grid(), full)  # past the anneal every octave is open: no window at all
+        field.cfg.band_anneal_steps = 6
+    tr.step(LiveParams(prompt="a red sphere"))
+    assert field.progress == 3  # the step sets the field's progress to its own step count
+    save_checkpoint(tr, tmp_path, LiveParams(prompt="a red sphere"))
+    resumed, _ = restore(tmp_path, prior=tr.prior)
+    assert resumed.field.progress == tr.step_count == 4
