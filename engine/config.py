@@ -103,7 +103,8 @@ class BackgroundConfig:
 
     kind: str = "mlp"  # "mlp": a small MLP on the ray direction; "solid": a fixed colour; "random": a random colour per step
     color: tuple[float, float, float] = (1.0, 1.0, 1.0)  # colour of "solid", and of "random" outside training
-    grey_prob: float = 0.0  # training steps whose background is swapped for a random grey (0.25-1), any kind
+    grey_prob: float = 0.0  # training steps whose background is swapped for a random grey, any kind
+    grey_range: tuple[float, float] = (0.25, 1.0)  # the range of that grey
     hidden: int = 32  # width of the background MLP
     fourier_bands: int = 3  # Fourier octaves of the direction encoding
 

@@ -147,12 +147,14 @@ class Trainer:
     def _step_background(self) -> torch.Tensor | None:
         """This step's solid background colour, or None for the configured background.
 
-        With probability `grey_prob` a random grey (0.25-1) stands in: an object that matches the usual
-        backdrop (a white house on white) cannot then pass for one by fading into it. threestudio's
-        backgrounds have the same switch (`random_aug`, `random_aug_prob`), with random colours."""
+        With probability `grey_prob` a random grey in `grey_range` stands in: an object that matches the
+        usual backdrop (a white house on white) cannot then pass for one by fading into it, and a translucent
+        one changes colour with the backdrop, which the prior sees. threestudio's backgrounds have the same
+        switch (`random_aug`, `random_aug_prob`), with random colours."""
         bc, g = self.cfg.background, self.generator
         if bc.grey_prob > 0 and float(torch.rand((), generator=g)) < bc.grey_prob:
-            return (0.25 + 0.75 * torch.rand((), generator=g)).expand(3).to(self.device)
+            lo, hi = bc.grey_range
+            return (lo + (hi - lo) * torch.rand((), generator=g)).expand(3).to(self.device)
         if bc.kind == "random":
             return torch.rand(3, generator=g).to(self.device)
         return None

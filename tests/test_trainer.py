@@ -119,6 +119,9 @@ def test_grey_background_swap_draws_greys_at_its_rate():
     assert 0.4 < len(greys) / len(picks) < 0.6
     assert torch.all(greys[:, 0:1] == greys) and greys.min() >= 0.25 and greys.max() <= 1.0
     assert greys[:, 0].std() > 0.15  # spread over 0.25-1, not one fixed grey
+    tr.cfg.background.grey_range = (0.25, 0.65)
+    greys = torch.stack([p for p in (tr._step_background() for _ in range(200)) if p is not None])
+    assert greys.min() >= 0.25 and greys.max() <= 0.65 and greys.max() - greys.min() > 0.3
 
 
 @pytest.mark.parametrize("blob, stays_on", [(80.0, True), (2.0, False)])
