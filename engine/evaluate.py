@@ -173,6 +173,13 @@ def _iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / union
 
 
+def translucent_share(opacity: Tensor, lo: float = 0.05, hi: float = 0.9) -> float:
+    """Share of the foreground pixels (opacity > lo) that are not opaque (< hi). A solid scores its
+    anti-aliased rim only (about 0.2 at 32x32); a translucent cloud of density, the boxy SDS failure, ~1."""
+    fg = opacity[opacity > lo]
+    return round((fg < hi).float().mean().item(), 3) if fg.numel() else 0.0
+
+
 @torch.no_grad()
 def evaluate(render_fn: RenderFn, prompt: str, n_views: int = 16, seed: int = 0,
              classifier: Classifier | None = None) -> dict:
@@ -185,7 +192,7 @@ def evaluate(render_fn: RenderFn, prompt: str, n_views: int = 16, seed: int = 0,
     plain, _ = render_fn(cams, light, "textureless")
     color_logits, _ = clf(rgb.float().cpu())
     _, shape_logits = clf(plain.float().cpu())
-    out = {"prompt": prompt, "n_views": n_views, "seed": seed}
+    out = {"prompt": prompt, "n_views": n_views, "seed": seed, "translucent_share": translucent_share(opacity)}
     if color is not None:
         out["colour_r_precision"] = (color_logits.argmax(1) == COLOR_NAMES.index(color)).float().mean().item()
     if shape is not None:

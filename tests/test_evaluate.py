@@ -23,6 +23,11 @@ def test_silhouette_score_prefers_the_prompted_solid():
     empty = ev.evaluate(lambda c, lt, s: (torch.ones(len(c), 3, 32, 32), torch.zeros(len(c), 1, 32, 32)),
                         "a cone", n_views=2, classifier=clf)
     assert empty["shape_score"] == 0.0 and "colour_r_precision" not in empty
+    assert empty["translucent_share"] == 0.0  # no foreground at all
+    assert good["translucent_share"] < 0.5  # a solid: only its anti-aliased rim is partial
+    cloud = ev.evaluate(lambda c, lt, s: (torch.ones(len(c), 3, 32, 32), torch.full((len(c), 1, 32, 32), 0.5)),
+                        "a cone", n_views=2, classifier=clf)
+    assert cloud["translucent_share"] == 1.0
 
 
 @pytest.mark.parametrize("width,strong", [(32, False), (16, True)])
