@@ -177,9 +177,12 @@ class Trainer:
         self.field.train()
         self.field.progress = self.step_count
         early_stop = self._early_stop(use_grid)
-        out = render(self.field, self.background, cams, res, res, shading=shading, light=light, cfg=cfg.render,
-                     estimator=self.estimator if use_grid else None, generator=g, bg_color=bg_color,
-                     early_stop=early_stop)
+        try:
+            out = render(self.field, self.background, cams, res, res, shading=shading, light=light, cfg=cfg.render,
+                         estimator=self.estimator if use_grid else None, generator=g, bg_color=bg_color,
+                         early_stop=early_stop)
+        finally:  # the grid this render generated (grid backbone), for `grid_tv`; never left on the field
+            grid = self.field.__dict__.pop("last_grid", None)
         if early_stop:  # keep stopping early while it drops enough samples to pay for its density pass
             self.early_stop_on = out.samples <= (1.0 - cfg.render.early_stop_min_pruned) * out.occupied_samples
         t1 = time.perf_counter()
@@ -192,7 +195,7 @@ class Trainer:
                                          t_range=t_range, weighting=cfg.sds.weighting, generator=g)
         t2 = time.perf_counter()
         # 4. losses, backward, optimizer step
-        losses = self._losses(out, grad.to(out.rgb))
+        losses = self._losses(out, grad.to(out.rgb), grid)
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(total)) and bool(torch.isfinite(grad).all())
@@ -277,7 +280,7 @@ class Trainer:
     def _params(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def _losses(self, out: RenderOutput, grad: torch.Tensor) -> dict:
+    def _losses(self, out: RenderOutput, grad: torch.Tensor, grid: torch.Tensor | None = None) -> dict:
         reg = self.cfg.reg
         losses = {"sds": sds_loss(out.rgb, grad)}
         if reg.opacity > 0:
@@ -289,7 +292,6 @@ class Trainer:
             losses["orientation"] = w * out.orientation.mean()
         if reg.normal_smoothness > 0:
             losses["normal_smoothness"] = reg.normal_smoothness * normal_smoothness(out.normal)
-        grid = self.field.__dict__.pop("last_grid", None)  # the grid this step's render generated
         if reg.density_tv > 0 and grid is not None:
             cell = 2.0 * self.cfg.field.radius / (self.cfg.field.grid_resolution - 1)
             losses["density_tv"] = reg.density_tv * grid_tv(grid[0, 0], cell)

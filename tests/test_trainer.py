@@ -1,5 +1,6 @@
 """The training loop: repeatability, live changes, non-finite gradients, the headless CLI."""
 
+import copy
 import json
 
 import pytest
@@ -197,6 +198,15 @@ def test_grid_tv_prices_ribs_above_flat_faces_and_trains():
     m = tr.step(LiveParams(prompt="a red sphere")).metrics
     assert m["loss_density_tv"] > 0 and not m["skipped"]
     assert "last_grid" not in tr.field.__dict__  # the step's grid (and its graph) is not kept after the step
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("prior failed")
+
+    tr.prior.sds_grad = broken
+    with pytest.raises(RuntimeError, match="prior failed"):
+        tr.step(LiveParams(prompt="a red sphere"))
+    assert "last_grid" not in tr.field.__dict__  # not even when the step fails after its render:
+    copy.deepcopy(tr.field)  # a snapshot deep-copies the field, which a non-leaf tensor would break
 
 
 def test_band_window_opens_coarse_to_fine():
