@@ -93,8 +93,8 @@ class FieldConfig:
     hash_base_resolution: int = 16  # coarsest level's resolution ("hash" backbone)
     hash_max_resolution: int = 512  # finest level's resolution ("hash" backbone)
     density_activation: str = "softplus"  # "softplus" or "exp" (truncated)
-    blob_density: float = 10.0  # density added at the centre at initialisation (Magic3D)
-    blob_radius: float = 0.5  # radius at which the blob's added density reaches zero
+    blob_density: float = 10.0  # raw density added at the centre, falling linearly with radius (Magic3D); a
+    blob_radius: float = 0.5  # lasting bias, zero at this radius and negative beyond it (the embedded prior: 20)
 
 
 @dataclass
@@ -247,7 +247,8 @@ def _build(cls, d: dict):
 # ten-prompt protocol's geometry from 0.744 to 0.794 (`python bench/bench_sds_prompts.py --jobs 2`, BENCHMARKS.md),
 # mostly on the boxy prompts; a random grey backdrop (`background.grey_prob`) and both together did less.
 EMBEDDED_DEFAULTS = {"guidance_scale": 10.0, "learning_rate": 0.01, "t_min": 0.02, "t_max": 0.98, "t_max_end": 0.5,
-                     "anneal_steps": 1000, "entropy": 0.2, "resolution": 32, "batch_size": 1, "steps": 2000}
+                     "anneal_steps": 1000, "entropy": 0.2, "blob_density": 20.0, "resolution": 32, "batch_size": 1,
+                     "steps": 2000}
 
 
 def preset(prior: str = "embedded", device: str = "cpu") -> Config:
@@ -265,6 +266,7 @@ def preset(prior: str = "embedded", device: str = "cpu") -> Config:
         cfg.sds.t_min, cfg.sds.t_max, cfg.sds.t_max_end = d["t_min"], d["t_max"], d["t_max_end"]
         cfg.sds.anneal_steps, cfg.reg.entropy, cfg.render.resolution = d["anneal_steps"], d["entropy"], d["resolution"]
         cfg.camera.batch_size, cfg.steps = d["batch_size"], d["steps"]
+        cfg.field.blob_density = d["blob_density"]
     elif kind in ("sd", "if"):
         cfg.render.resolution = 64
         cfg.camera.batch_size = 1

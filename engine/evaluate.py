@@ -196,7 +196,11 @@ def evaluate(render_fn: RenderFn, prompt: str, n_views: int = 16, seed: int = 0,
     if color is not None:
         out["colour_r_precision"] = (color_logits.argmax(1) == COLOR_NAMES.index(color)).float().mean().item()
     if shape is not None:
-        out["geometry_r_precision"] = (shape_logits.argmax(1) == SHAPE_NAMES.index(shape)).float().mean().item()
+        votes = shape_logits.argmax(1)
+        out["geometry_r_precision"] = (votes == SHAPE_NAMES.index(shape)).float().mean().item()
+        # what the views were taken for: tells a failure's look (a cube read as a house, a cylinder, ...)
+        out["shape_votes"] = {SHAPE_NAMES[i]: int(n) for i, n in enumerate(votes.bincount(minlength=len(SHAPE_NAMES)))
+                              if n > 0}
         size = opacity.shape[-1]
         ious = {}
         for s in SHAPE_NAMES:  # ground-truth silhouettes of every solid from the same cameras

@@ -28,6 +28,9 @@ def test_silhouette_score_prefers_the_prompted_solid():
     cloud = ev.evaluate(lambda c, lt, s: (torch.ones(len(c), 3, 32, 32), torch.full((len(c), 1, 32, 32), 0.5)),
                         "a cone", n_views=2, classifier=clf)
     assert cloud["translucent_share"] == 1.0
+    for r in (good, wrong, cloud):  # the votes account for every view, and the R-Precision is the prompted share
+        assert sum(r["shape_votes"].values()) == 2
+        assert r["geometry_r_precision"] == r["shape_votes"].get("cone" if r is cloud else "cube", 0) / 2
 
 
 @pytest.mark.parametrize("width,strong", [(32, False), (16, True)])

@@ -35,6 +35,17 @@ def test_ablation_rows_add_one_component_each():
     assert full.to_dict() == preset("embedded").to_dict()  # the last row is the product's defaults
 
 
+def test_embedded_preset_carries_its_tuned_settings():
+    from engine.config import EMBEDDED_DEFAULTS, Config
+
+    cfg, plain = preset("embedded"), Config()
+    assert cfg.reg.entropy == EMBEDDED_DEFAULTS["entropy"] != plain.reg.entropy
+    assert cfg.field.blob_density == EMBEDDED_DEFAULTS["blob_density"] != plain.field.blob_density
+    for other in ("oracle:cube", "sd", "if"):  # the other priors keep the peers' blob and entropy
+        assert preset(other).field.blob_density == plain.field.blob_density
+        assert preset(other).reg.entropy == plain.reg.entropy
+
+
 def test_run_prompt_trains_within_budget_and_scores(tmp_path):
     prior = load_prior("oracle:sphere")
     cfg = preset("oracle:sphere")
