@@ -9,6 +9,7 @@ R-Precision (colour on shaded renders, geometry on textureless ones) and silhoue
 
     python bench/bench_ablation.py --write          # 3 prompts x 5 rows, <= 600 steps / 120 s each, ~10 min
     python bench/bench_ablation.py --seeds 2 --prompts ... --write   # more runs per row: smaller s.e.
+    python bench/bench_ablation.py --from-json runs/ablation.json   # the table again from saved runs (--out)
 """
 
 from __future__ import annotations
@@ -32,17 +33,32 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 
 
-def table(results: dict[str, dict], steps: dict[str, dict] | None = None) -> str:
-    steps = steps or {}
+def _step(st: dict | None) -> str:
+    if st is None:
+        return ""
+    return f"{st['mean']:+.2f}" + (f" ± {st['se']:.2f}" if st["se"] is not None else "")
+
+
+def table(results: dict[str, dict], steps: dict[str, dict] | None = None,
+          shape_steps: dict[str, dict] | None = None) -> str:
+    """The Markdown table: per row, the means, and the paired change of geometry and of the silhouette score
+    from the row before (`engine.protocol.paired_steps`)."""
+    steps, shape_steps = steps or {}, shape_steps or {}
     lines = ["| row | colour R-P | geometry R-P (± s.e.) | geometry change from the row before, paired (± s.e.) "
-             "| shape score | shape margin |", "|---|---|---|---|---|---|"]
+             "| shape score | shape change, paired (± s.e.) | shape margin |", "|---|---|---|---|---|---|---|"]
     for row, s in results.items():
         se = f" ± {s['geometry_se']:.2f}" if s.get("geometry_se") is not None else ""
-        st = steps.get(row)
-        step = "" if st is None else f"{st['mean']:+.2f}" + (f" ± {st['se']:.2f}" if st["se"] is not None else "")
-        lines.append(f"| {row} | {s['colour_r_precision']:.2f} | {s['geometry_r_precision']:.2f}{se} | {step} | "
-                     f"{s['shape_score']:.2f} | {s['shape_margin']:+.2f} |")
+        lines.append(f"| {row} | {s['colour_r_precision']:.2f} | {s['geometry_r_precision']:.2f}{se} | "
+                     f"{_step(steps.get(row))} | {s['shape_score']:.2f} | {_step(shape_steps.get(row))} | "
+                     f"{s['shape_margin']:+.2f} |")
     return "\n".join(lines)
+
+
+def tabulate(rows: list[dict], order: list[str]) -> tuple[dict, str]:
+    """Per-row summaries of the runs and the table text."""
+    order = [row for row in order if any(r["row"] == row for r in rows)]
+    results = {row: summarize([r for r in rows if r["row"] == row]) for row in order}
+    return results, table(results, paired_steps(rows, order), paired_steps(rows, order, key="shape_score"))
 
 
 def write_benchmarks(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
@@ -62,25 +78,33 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, default=1, help="seeds per prompt: --seed, --seed + 1, ...")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     ap.add_argument("--out", default=None, help="also write every run's scores to this JSON file")
+    ap.add_argument("--from-json", default=None, metavar="FILE",
+                    help="re-tabulate the runs of an earlier --out FILE instead of running anything")
     args = ap.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        results, text = tabulate(saved["runs"], list(ABLATION))
+        note = "\n" + saved.get("note", "").strip() + f" (Table re-tabulated from `{args.from_json}`.)"
+        print(text + "\n" + note)
+        if args.write:
+            write_benchmarks(text + "\n" + note)
+        return results
     seeds = range(args.seed, args.seed + max(1, args.seeds))
     jobs = [{"prompt": p, "row": row, "steps": args.steps, "seconds": args.seconds, "seed": seed,
              "prior": args.prior, "set": args.set, "views": args.views}
             for row in args.rows for p in args.prompts for seed in seeds]
     t0 = time.perf_counter()
     rows = run_jobs(jobs, args.jobs)
-    results = {row: summarize([r for r in rows if r["row"] == row]) for row in args.rows}
-    steps = paired_steps(rows, args.rows)
-    text = table(results, steps)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"runs": rows, "rows": results, "steps": steps}, indent=1))
+    results, text = tabulate(rows, args.rows)
     wall = time.perf_counter() - t0
     cmd = "python bench/bench_ablation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     note = (f"\nPrompts: {', '.join(args.prompts)}; ≤ {args.steps} steps / {args.seconds:.0f} s each, "
             f"seeds {seeds.start}–{seeds.stop - 1}, {args.views} views per score; "
             f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} single-thread workers; {wall / 60:.0f} min. "
             f"Command: `{cmd.strip()}`")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"runs": rows, "rows": results, "note": note.strip()}, indent=1))
     print(text + "\n" + note)
     print(json.dumps(results))
     if args.write:

@@ -76,15 +76,42 @@ def test_ablation_table_is_written_between_markers(tmp_path):
     spec.loader.exec_module(bench)
     row = {"colour_r_precision": 0.5, "geometry_r_precision": 0.25, "shape_score": 0.6, "shape_margin": -0.1}
     text = bench.table({"base": row, "+textureless": {**row, "geometry_se": 0.125}},
-                       {"+textureless": {"mean": 0.125, "se": 0.0625, "n": 4}})
-    assert "| base | 0.50 | 0.25 |  | 0.60 | -0.10 |" in text
-    assert "| +textureless | 0.50 | 0.25 ± 0.12 | +0.12 ± 0.06 | 0.60 | -0.10 |" in text
+                       {"+textureless": {"mean": 0.125, "se": 0.0625, "n": 4}},
+                       {"+textureless": {"mean": -0.25, "se": None, "n": 1}})
+    assert "| base | 0.50 | 0.25 |  | 0.60 |  | -0.10 |" in text
+    assert "| +textureless | 0.50 | 0.25 ± 0.12 | +0.12 ± 0.06 | 0.60 | -0.25 | -0.10 |" in text
     doc = tmp_path / "B.md"
     doc.write_text("# Benchmarks\n\nother\n")
     bench.write_benchmarks(text, doc)
     bench.write_benchmarks(text.replace("0.50", "0.75"), doc)  # a second run replaces the first table
     out = doc.read_text()
     assert out.count(bench.START) == 1 and "0.75" in out and "0.50" not in out and "other" in out
+
+
+def test_ablation_table_from_saved_runs(tmp_path, capsys):
+    """--from-json re-tabulates an --out file: rows in the ablation's order, steps paired by prompt and seed."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_ablation", Path(__file__).parents[1] / "bench" / "bench_ablation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(row, seed, geo, shape):
+        return {"row": row, "prompt": "a red cube", "seed": seed, "colour_r_precision": 1.0, "geometry_r_precision": geo,
+                "shape_score": shape, "shape_margin": 0.0, "its_per_s": 10.0, "wall_s": 1.0}
+
+    runs = [run("+view aug", 0, 0.5, 0.5), run("base", 0, 0.25, 0.25), run("base", 1, 0.5, 0.75),
+            run("+view aug", 1, 1.0, 0.5)]
+    saved = tmp_path / "ablation.json"
+    saved.write_text(json.dumps({"runs": runs, "note": "Command: `python bench/bench_ablation.py --seeds 2`"}))
+    results = bench.main(["--from-json", str(saved)])
+    assert list(results) == ["base", "+view aug"] and results["+view aug"]["geometry_r_precision"] == 0.75
+    out = capsys.readouterr().out
+    # geometry +0.25 and +0.5 (mean +0.38 ± 0.12), shape +0.25 and -0.25 (mean +0.00 ± 0.25)
+    assert "| +view aug | 1.00 | 0.75 ± 0.25 | +0.38 ± 0.12 | 0.50 | +0.00 ± 0.25 | +0.00 |" in out
+    assert "--seeds 2" in out and "re-tabulated" in out
 
 
 def test_overrides_reach_config_and_live_params():
