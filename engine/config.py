@@ -93,8 +93,10 @@ class FieldConfig:
     hash_base_resolution: int = 16  # coarsest level's resolution ("hash" backbone)
     hash_max_resolution: int = 512  # finest level's resolution ("hash" backbone)
     density_activation: str = "softplus"  # "softplus" or "exp" (truncated)
-    blob_density: float = 10.0  # raw density added at the centre, falling linearly with radius (Magic3D); a
-    blob_radius: float = 0.5  # lasting bias, zero at this radius and negative beyond it (the embedded prior: 20)
+    # a lasting bias on the raw density (Magic3D): blob_density * (1 - r / blob_radius), so positive inside
+    # blob_radius and negative beyond it; the embedded prior's preset uses density 20
+    blob_density: float = 10.0
+    blob_radius: float = 0.5
 
 
 @dataclass
