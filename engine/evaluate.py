@@ -260,6 +260,23 @@ def prior_sample_accuracy(model, n_per_caption: int = 2, guidance_scale: float =
             "shape": ok_s.float().mean().item(), "both": (ok_c & ok_s).float().mean().item(), "per_shape": per_shape}
 
 
+@torch.no_grad()
+def caption_votes(model, captions: list[str], n: int = 12, guidance_scale: float = 3.0, steps: int = 25,
+                  seed: int = 0, classifier: Classifier | None = None) -> dict[str, dict]:
+    """Sample the prior n times for each caption (any text, view words too) and count what the classifier
+    takes the samples for: {caption: {"shape_votes": {shape: count}, "colour_votes": {colour: count}}}."""
+    from engine.priors.embedded import sample
+
+    clf = classifier or load_classifier()
+    out = {}
+    for cap in captions:
+        lc, ls = clf(sample(model, [cap] * n, guidance_scale, steps, torch.Generator().manual_seed(seed)))
+        count = lambda logits, names: {names[i]: int(k) for i, k in  # noqa: E731
+                                       enumerate(logits.argmax(1).bincount(minlength=len(names))) if k > 0}
+        out[cap] = {"shape_votes": count(ls, SHAPE_NAMES), "colour_votes": count(lc, COLOR_NAMES)}
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Train the evaluation classifier or score the embedded prior")
     ap.add_argument("command", choices=["train-classifier", "prior-samples"])
@@ -268,6 +285,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=25, help="prior-samples: DDIM steps")
     ap.add_argument("--weights", default=None, help="prior-samples: embedded prior weights (default: shipped)")
     ap.add_argument("--grid", default=None, help="prior-samples: write a sample grid PNG here")
+    ap.add_argument("--captions", nargs="+", default=None,
+                    help="prior-samples: instead of the vocabulary's captions, these (e.g. 'a red cube, front view'); "
+                         "prints what the classifier takes each caption's --n samples for")
     # the defaults reproduce the shipped classifier
     ap.add_argument("--images", type=int, default=6144, help="train-classifier: renders to train on")
     ap.add_argument("--epochs", type=int, default=20, help="train-classifier: passes over the renders")
@@ -287,7 +307,11 @@ def main(argv=None) -> None:
 
         prior = EmbeddedPrior.load(args.weights)
         grid = Path(args.grid) if args.grid else None
-        res = prior_sample_accuracy(prior.model, args.n, args.cfg, args.steps, grid=grid)
+        if args.captions:
+            res = {"n": args.n, "guidance_scale": args.cfg,
+                   "captions": caption_votes(prior.model, args.captions, args.n, args.cfg, args.steps)}
+        else:
+            res = prior_sample_accuracy(prior.model, args.n, args.cfg, args.steps, grid=grid)
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(res, indent=1))
 

@@ -70,3 +70,18 @@ def test_shipped_classifier_names_colour_and_shape(generator):
     assert (lc.argmax(1) == colors)[coloured].float().mean() > 0.8
     perfect = ev.evaluate(ev.world_render_fn("house", "blue"), "a blue house", n_views=8, classifier=clf)
     assert perfect["colour_r_precision"] >= 0.75 and perfect["geometry_r_precision"] >= 0.75
+
+
+def test_caption_votes_count_every_sample(tmp_path):
+    """prior-samples --captions: n samples per caption, every one counted once for shape and for colour."""
+    import json
+
+    from engine.priors.embedded import EmbeddedModel
+
+    model = EmbeddedModel(json.loads('{"block_out_channels": [8, 16, 16], "text_dim": 16, "num_train_timesteps": 100}'))
+    out = ev.caption_votes(model.eval(), ["a red cube", "a red cube, front view"], n=3, steps=2,
+                           classifier=ev.Classifier().eval())
+    assert list(out) == ["a red cube", "a red cube, front view"]
+    for votes in out.values():
+        assert sum(votes["shape_votes"].values()) == 3 and sum(votes["colour_votes"].values()) == 3
+        assert set(votes["shape_votes"]) <= set(ev.SHAPE_NAMES) and set(votes["colour_votes"]) <= set(ev.COLOR_NAMES)
