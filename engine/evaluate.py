@@ -180,6 +180,11 @@ def translucent_share(opacity: Tensor, lo: float = 0.05, hi: float = 0.9) -> flo
     return round((fg < hi).float().mean().item(), 3) if fg.numel() else 0.0
 
 
+def votes(logits: Tensor, names: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """How many rows of logits [N, len(names)] pick each name (names never picked left out)."""
+    return {names[i]: int(k) for i, k in enumerate(logits.argmax(1).bincount(minlength=len(names))) if k > 0}
+
+
 @torch.no_grad()
 def evaluate(render_fn: RenderFn, prompt: str, n_views: int = 16, seed: int = 0,
              classifier: Classifier | None = None) -> dict:
@@ -196,11 +201,9 @@ def evaluate(render_fn: RenderFn, prompt: str, n_views: int = 16, seed: int = 0,
     if color is not None:
         out["colour_r_precision"] = (color_logits.argmax(1) == COLOR_NAMES.index(color)).float().mean().item()
     if shape is not None:
-        votes = shape_logits.argmax(1)
-        out["geometry_r_precision"] = (votes == SHAPE_NAMES.index(shape)).float().mean().item()
+        out["geometry_r_precision"] = (shape_logits.argmax(1) == SHAPE_NAMES.index(shape)).float().mean().item()
         # what the views were taken for: tells a failure's look (a cube read as a house, a cylinder, ...)
-        out["shape_votes"] = {SHAPE_NAMES[i]: int(n) for i, n in enumerate(votes.bincount(minlength=len(SHAPE_NAMES)))
-                              if n > 0}
+        out["shape_votes"] = votes(shape_logits, SHAPE_NAMES)
         size = opacity.shape[-1]
         ious = {}
         for s in SHAPE_NAMES:  # ground-truth silhouettes of every solid from the same cameras
@@ -271,9 +274,7 @@ def caption_votes(model, captions: list[str], n: int = 12, guidance_scale: float
     out = {}
     for cap in captions:
         lc, ls = clf(sample(model, [cap] * n, guidance_scale, steps, torch.Generator().manual_seed(seed)))
-        count = lambda logits, names: {names[i]: int(k) for i, k in  # noqa: E731
-                                       enumerate(logits.argmax(1).bincount(minlength=len(names))) if k > 0}
-        out[cap] = {"shape_votes": count(ls, SHAPE_NAMES), "colour_votes": count(lc, COLOR_NAMES)}
+        out[cap] = {"shape_votes": votes(ls, SHAPE_NAMES), "colour_votes": votes(lc, COLOR_NAMES)}
     return out
 
 
