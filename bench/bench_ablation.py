@@ -10,6 +10,8 @@ R-Precision (colour on shaded renders, geometry on textureless ones) and silhoue
     python bench/bench_ablation.py --write          # 3 prompts x 5 rows, <= 600 steps / 120 s each, ~10 min
     python bench/bench_ablation.py --seeds 2 --prompts ... --write   # more runs per row: smaller s.e.
     python bench/bench_ablation.py --from-json runs/ablation.json   # the table again from saved runs (--out)
+    python bench/bench_ablation.py --rows base --out runs/row1.json ...   # one row per invocation, then
+    python bench/bench_ablation.py --from-json runs/row*.json --note "..."   # one table from all of them
 """
 
 from __future__ import annotations
@@ -78,13 +80,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, default=1, help="seeds per prompt: --seed, --seed + 1, ...")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     ap.add_argument("--out", default=None, help="also write every run's scores to this JSON file")
-    ap.add_argument("--from-json", default=None, metavar="FILE",
-                    help="re-tabulate the runs of an earlier --out FILE instead of running anything")
+    ap.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                    help="re-tabulate the runs of earlier --out FILEs (e.g. one per row) instead of running anything")
+    ap.add_argument("--note", default=None, help="with --from-json: the note under the table (default: the files')")
     args = ap.parse_args(argv)
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        results, text = tabulate(saved["runs"], list(ABLATION))
-        note = "\n" + saved.get("note", "").strip() + f" (Table re-tabulated from `{args.from_json}`.)"
+        runs, notes = {}, []
+        for f in args.from_json:
+            saved = json.loads(Path(f).read_text())
+            for r in saved["runs"]:  # a run saved twice (same row, prompt, seed) counts once: the later file's
+                runs[(r["row"], r["prompt"], r["seed"])] = r
+            if saved.get("note", "").strip() and saved["note"].strip() not in notes:
+                notes.append(saved["note"].strip())
+        results, text = tabulate(list(runs.values()), list(ABLATION))
+        files = ", ".join(f"`{f}`" for f in args.from_json)
+        note = "\n" + (args.note or " ".join(notes)).strip() + f" (Table re-tabulated from {files}.)"
         print(text + "\n" + note)
         if args.write:
             write_benchmarks(text + "\n" + note)

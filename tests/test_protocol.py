@@ -113,6 +113,16 @@ def test_ablation_table_from_saved_runs(tmp_path, capsys):
     assert "| +view aug | 1.00 | 0.75 ± 0.25 | +0.38 ± 0.12 | 0.50 | +0.00 ± 0.25 | +0.00 |" in out
     assert "--seeds 2" in out and "re-tabulated" in out
 
+    # one file per row (as a long ablation is run, row by row) gives the same table; a run saved twice counts once
+    first, second = tmp_path / "row1.json", tmp_path / "row2.json"
+    first.write_text(json.dumps({"runs": [r for r in runs if r["row"] == "base"], "note": "row one"}))
+    second.write_text(json.dumps({"runs": [r for r in runs if r["row"] == "+view aug"] + [runs[1]], "note": "row two"}))
+    assert bench.main(["--from-json", str(first), str(second)]) == results
+    assert "row one row two" in capsys.readouterr().out
+    bench.main(["--from-json", str(first), str(second), "--note", "both rows, 2000 steps"])
+    out = capsys.readouterr().out
+    assert "both rows, 2000 steps" in out and "row one" not in out
+
 
 def test_overrides_reach_config_and_live_params():
     import pytest
