@@ -7,7 +7,10 @@ method). Every row trains the same prompts under the same budget; the table give
 R-Precision (colour on shaded renders, geometry on textureless ones) and silhouette score.
 `--write` puts the table into BENCHMARKS.md between the ablation markers.
 
-    python bench/bench_ablation.py --write          # 3 prompts x 5 rows, <= 600 steps / 120 s each, ~10 min
+Every run has the SDS protocol's budget (<= 2000 steps / 300 s, as `bench_sds_prompts.py`), so the last row is
+the protocol's own setting; at 600 steps (the budget before session 9) the rows' order differs (BENCHMARKS.md).
+
+    python bench/bench_ablation.py --write          # 3 prompts x 5 rows, <= 2000 steps / 300 s each, ~25 min
     python bench/bench_ablation.py --seeds 2 --prompts ... --write   # more runs per row: smaller s.e.
     python bench/bench_ablation.py --from-json runs/ablation.json   # the table again from saved runs (--out)
     python bench/bench_ablation.py --rows base --out runs/row1.json ...   # one row per invocation, then
@@ -75,7 +78,7 @@ def write_benchmarks(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_run_args(ap, PROMPTS, steps=600, seconds=120.0)
+    add_run_args(ap, PROMPTS, steps=2000, seconds=300.0)
     ap.add_argument("--rows", nargs="+", default=list(ABLATION), choices=list(ABLATION))
     ap.add_argument("--seeds", type=int, default=1, help="seeds per prompt: --seed, --seed + 1, ...")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
