@@ -98,10 +98,16 @@ def main(argv=None) -> dict:
         results, text = tabulate(list(runs.values()), list(ABLATION))
         files = ", ".join(f"`{f}`" for f in args.from_json)
         note = "\n" + (args.note or " ".join(notes)).strip() + f" (Table re-tabulated from {files}.)"
-        print(text + "\n" + note)
-        if args.write:
-            write_benchmarks(text + "\n" + note)
-        return results
+    else:
+        results, text, note = _run(args, argv)
+    print(text + "\n" + note)
+    if args.write:
+        write_benchmarks(text + "\n" + note)
+    return results
+
+
+def _run(args, argv) -> tuple[dict, str, str]:
+    """Run every (row, prompt, seed) job; the per-row results, the table and its note (written to --out too)."""
     seeds = range(args.seed, args.seed + max(1, args.seeds))
     jobs = [{"prompt": p, "row": row, "steps": args.steps, "seconds": args.seconds, "seed": seed,
              "prior": args.prior, "set": args.set, "views": args.views}
@@ -118,11 +124,8 @@ def main(argv=None) -> dict:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"runs": rows, "rows": results, "note": note.strip()}, indent=1))
-    print(text + "\n" + note)
     print(json.dumps(results))
-    if args.write:
-        write_benchmarks(text + "\n" + note)
-    return results
+    return results, text, note
 
 
 if __name__ == "__main__":
