@@ -16,7 +16,7 @@ from engine.priors.embedded import (
     sample,
     vocabulary,
 )
-from engine.priors.train_embedded import parse_args, run
+from engine.priors.train_embedded import SHAPE_WEIGHTS, parse_args, parse_shape_weights, render_batch, run
 from engine.sds import view_weights
 
 TINY = json.dumps({"block_out_channels": [8, 16, 16], "text_dim": 16, "num_train_timesteps": 100})
@@ -45,6 +45,18 @@ def test_training_loss_falls_is_seeded_and_resumes(tmp_path):
     assert a["losses"] == b["losses"]  # same seed, same run
     c = _train(tmp_path, 45, "a")  # resumes from a's checkpoint
     assert c["step"] == 45 and len(c["losses"]) == 5
+
+
+def test_shape_weights_flag_changes_what_is_drawn():
+    assert parse_shape_weights(None) == SHAPE_WEIGHTS
+    w = parse_shape_weights("cube=6, sphere=0.5")
+    assert w["cube"] == 6.0 and w["sphere"] == 0.5 and w["mug"] == SHAPE_WEIGHTS["mug"]
+    for bad in ("cube", "cubes=2", "cube=-1", "cube=nan"):
+        with pytest.raises(ValueError, match="--shape-weights"):
+            parse_shape_weights(bad)
+    only_cubes = {s: (1.0 if s == "cube" else 1e-9) for s in world.SHAPES}
+    batch = render_batch(6, torch.Generator().manual_seed(0), only_cubes)
+    assert batch["shape"] == ["cube"] * 6 and batch["img"].shape == (6, 3, 32, 32)
 
 
 def test_save_load_round_trip_and_protocol(tmp_path):

@@ -27,9 +27,10 @@ from engine.sds import view_labels
 SHAPE_WEIGHTS = {"cube": 1.5, "house": 1.2, "mug": 1.5}  # boxy shapes came out lumpy, mugs lost their handle: show more of them
 
 
-def render_batch(n: int, g: torch.Generator) -> dict:
+def render_batch(n: int, g: torch.Generator, shape_weights: dict[str, float] | None = None) -> dict:
     """n fresh world renders with what their captions are drawn from (uint8 images keep the pool small)."""
-    sc = world.sample_scenes(n, g, shape_weights=SHAPE_WEIGHTS, contrast=True)
+    sc = world.sample_scenes(n, g, shape_weights=SHAPE_WEIGHTS if shape_weights is None else shape_weights,
+                             contrast=True)
     img, _ = world.render_scenes(sc, size=32)
     return {"img": (img * 255).round().to(torch.uint8), "shape": sc["shapes"], "color": sc["colors"],
             "view": view_labels(sc["cameras"].view_weights()), "shading": sc["shading"]}
@@ -47,6 +48,22 @@ def draw_captions(pool: dict, idx: list[int], g: torch.Generator, p_drop: float 
         color = None if pool["shading"][i] == "textureless" or u_col < 0.1 else pool["color"][i]
         out.append(world.caption(pool["shape"][i], color, pool["view"][i] if u_view >= 0.3 else None))
     return out
+
+
+def parse_shape_weights(text: str | None) -> dict[str, float]:
+    """"cube=2,mug=1.5" -> SHAPE_WEIGHTS with those entries replaced (shapes not named keep theirs)."""
+    weights = dict(SHAPE_WEIGHTS)
+    for item in filter(None, (text or "").split(",")):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in world.SHAPES:
+            raise ValueError(f"--shape-weights wants SHAPE=WEIGHT pairs with SHAPE in {', '.join(world.SHAPES)}; "
+                             f"got {item!r}")
+        w = float(value)
+        if not (w > 0 and w < float("inf")):
+            raise ValueError(f"--shape-weights: the weight of {name} must be positive and finite, got {value!r}")
+        weights[name] = w
+    return weights
 
 
 def _replace(pool: dict, new: dict, at: list[int]) -> None:
@@ -138,6 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ckpt-minutes", type=float, default=4.0)
     ap.add_argument("--export", default=None, help="write the EMA model to this folder at the end")
     ap.add_argument("--grid-steps", type=int, default=25, help="DDIM steps of the exported sample grid; 0: none")
+    ap.add_argument("--shape-weights", default=None, metavar="SHAPE=W,...",
+                    help=f"how often each shape is drawn, relative to 1 (default: {SHAPE_WEIGHTS}); named shapes "
+                         "replace their default")
     ap.add_argument("--config", default=None, help="JSON overrides of the model config (tests use tiny ones)")
     return ap.parse_args(argv)
 
@@ -149,6 +169,7 @@ def main(argv=None) -> None:
 def run(args) -> dict:
     import json
 
+    shape_weights = parse_shape_weights(getattr(args, "shape_weights", None))
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +187,7 @@ def run(args) -> dict:
         print(f"resumed at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
     else:
         t0 = time.time()
-        pool, step = render_batch(args.pool, g), 0
+        pool, step = render_batch(args.pool, g, shape_weights), 0
         elapsed = time.time() - t0  # the first pool's renders count towards the training time
     alphas = model.scheduler().alphas_cumprod
 
@@ -180,7 +201,7 @@ def run(args) -> dict:
         t0 = time.time()
         if args.refresh:  # fresh renders replace random pool entries
             at = torch.randint(args.pool, (args.refresh,), generator=g).tolist()
-            _replace(pool, render_batch(args.refresh, g), at)
+            _replace(pool, render_batch(args.refresh, g, shape_weights), at)
         for pg in opt.param_groups:
             pg["lr"] = lr_at(step, args.lr, args.lr_steps or args.steps)
         losses.append(train_step(model, opt, pool, args.batch, g, alphas, args.snr_gamma))
@@ -197,7 +218,8 @@ def run(args) -> dict:
         save()
     meta = {"steps": step, "batch": args.batch, "train_minutes": round(elapsed / 60, 1), "seed": args.seed,
             "threads": args.threads, "pool": args.pool, "refresh": args.refresh, "lr": args.lr,
-            "lr_schedule": f"warm-up 200, cosine to 10 % at step {args.lr_steps or args.steps}", "snr_gamma": args.snr_gamma}
+            "lr_schedule": f"warm-up 200, cosine to 10 % at step {args.lr_steps or args.steps}", "snr_gamma": args.snr_gamma,
+            "shape_weights": shape_weights}
     if args.export:
         export(ema, Path(args.export), meta, args.grid_steps)
     print(f"done: step {step}, {elapsed / 60:.1f} min", flush=True)
