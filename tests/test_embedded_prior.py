@@ -51,7 +51,7 @@ def test_shape_weights_flag_changes_what_is_drawn():
     assert parse_shape_weights(None) == SHAPE_WEIGHTS
     w = parse_shape_weights("cube=6, sphere=0.5")
     assert w["cube"] == 6.0 and w["sphere"] == 0.5 and w["mug"] == SHAPE_WEIGHTS["mug"]
-    for bad in ("cube", "cubes=2", "cube=-1", "cube=nan"):
+    for bad in ("cube", "cubes=2", "cube=-1", "cube=nan", "cube=lots"):
         with pytest.raises(ValueError, match="--shape-weights"):
             parse_shape_weights(bad)
     only_cubes = {s: (1.0 if s == "cube" else 1e-9) for s in world.SHAPES}

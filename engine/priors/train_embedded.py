@@ -59,7 +59,10 @@ def parse_shape_weights(text: str | None) -> dict[str, float]:
         if not sep or name not in world.SHAPES:
             raise ValueError(f"--shape-weights wants SHAPE=WEIGHT pairs with SHAPE in {', '.join(world.SHAPES)}; "
                              f"got {item!r}")
-        w = float(value)
+        try:
+            w = float(value)
+        except ValueError:
+            w = float("nan")
         if not (w > 0 and w < float("inf")):
             raise ValueError(f"--shape-weights: the weight of {name} must be positive and finite, got {value!r}")
         weights[name] = w
