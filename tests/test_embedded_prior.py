@@ -122,3 +122,21 @@ def test_shipped_prior_draws_what_it_is_asked():
     # chance is 1/8; the shipped weights score colour 1.00 / shape 0.91 on 4 draws of all 64 captions at SAMPLE_CFG
     # (assets/MODEL_CARD.md); these 8 draws (seed 0, 20 DDIM steps) must get most colours and shapes right.
     assert colour_ok >= 0.75 and shape_ok >= 0.5, (colour_ok, shape_ok)
+
+
+def test_sample_takes_text_encodings_and_blends_them():
+    """sample(text=...) is sampling from given encodings: the captions' own give the captions' samples, and a
+    blend of two views' (what bench/bench_view_blend.py measures) gives something else, from the same noise."""
+    torch.manual_seed(0)
+    model = EmbeddedModel(json.loads(TINY)).eval()
+    caps = ["a red mug, front view", "a red mug, side view"]
+
+    def draw(text=None):
+        with torch.no_grad():
+            return sample(model, caps, 3.0, 4, torch.Generator().manual_seed(1), text=text)
+
+    front, side = (model.encode([c]) for c in caps)
+    assert torch.allclose(draw(), draw(model.encode(caps)), atol=1e-5)  # (the transformer's no-grad fast path rounds apart)
+    blend = tuple(0.5 * f + 0.5 * s for f, s in zip(front, side, strict=True))
+    mixed = draw(tuple(t.expand(2, *t.shape[1:]) for t in blend))
+    assert mixed.shape == (2, 3, 32, 32) and not torch.allclose(mixed, draw(), atol=1e-4)

@@ -134,8 +134,11 @@ SAMPLE_CFG = 2.0  # guidance of plain sampling (the sample grid, the sample scor
 
 @torch.no_grad()
 def sample(model: EmbeddedModel, captions: list[str], guidance_scale: float = SAMPLE_CFG, steps: int = 25,
-           generator: torch.Generator | None = None) -> Tensor:
+           generator: torch.Generator | None = None, text: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """DDIM samples for captions; returns images [B, 3, R, R] in [0, 1].
+
+    text: (token states [B, L, D], pooled [B, D]) to use instead of encoding `captions` (e.g. a blend of two
+    captions' encodings, as SDS's view-dependent prompting makes); captions then only gives B.
 
     Sampling wants far less guidance than SDS does: the shipped weights' samples are classified right
     0.75 / 0.85 / 0.91 / 0.88 / 0.85 / 0.73 / 0.52 / 0.22 of the time at CFG 1 / 1.5 / 2 / 2.5 / 3 / 4 / 5 /
@@ -146,7 +149,7 @@ def sample(model: EmbeddedModel, captions: list[str], guidance_scale: float = SA
     sched.set_timesteps(steps)
     r = model.config["resolution"]
     x = torch.randn(len(captions), 3, r, r, generator=generator)
-    cond, cpool = model.encode(captions)
+    cond, cpool = text if text is not None else model.encode(captions)
     unc, upool = model.encode([""] * len(captions))
     for t in sched.timesteps:
         tt = t.expand(2 * len(captions))
