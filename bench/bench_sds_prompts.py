@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [{"prompt": p, "steps": args.steps, "seconds": args.seconds, "seed": args.seed, "prior": args.prior,
-             "set": args.set,
+             "set": args.set, "views": args.views,
              "preview": str(out / (p.replace(" ", "_") + ".png")),
              "save": str(out / p.replace(" ", "_")) if args.save_runs else None} for p in args.prompts]
     t0 = time.perf_counter()

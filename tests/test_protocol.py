@@ -181,3 +181,20 @@ def test_sds_residual_prefers_the_prompted_solid_to_a_fresh_blob(tmp_path):
     assert out["prompt"] == "a red cube"
     for shading in ("lambertian", "textureless"):
         assert 0 < out[f"{shading}_solid"] < out[f"{shading}_run"]
+
+
+def test_sds_prompts_bench_scores_the_views_asked_for(tmp_path):
+    """bench_sds_prompts.py --views N scores every run on N views (it once kept the default 16 silently)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_sds_prompts",
+                                                  Path(__file__).parents[1] / "bench" / "bench_sds_prompts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "protocol"
+    bench.main(["--prompts", "a red sphere", "--prior", "oracle:sphere", "--steps", "3", "--seconds", "30",
+                "--jobs", "1", "--views", "3", "--out", str(out), "--json", str(tmp_path / "p.json")])
+    (row,) = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert row["n_views"] == 3 and row["steps"] == 3
