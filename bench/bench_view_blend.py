@@ -6,7 +6,12 @@ and the encodings blended as `engine.sds.view_weights` blends them between camer
 azimuth 45, side/back 50/50 at 135, front/side 75/25 at 22.5). The independent classifier says what shape each
 sample is. Prints one line per case and, with --json, writes them all.
 
+--world reads the world's own solids instead (`engine.evaluate.geometry_by_view`: textureless renders from
+--views random evaluation cameras, the classifier's geometry R-Precision per view label): which views of a
+perfect object the metric itself finds ambiguous.
+
     python bench/bench_view_blend.py --prompts 'a red cube' 'a red mug' 'an orange mug' 'a red house'
+    python bench/bench_view_blend.py --world --prompts 'a red cube' 'a red mug' 'a red house' 'a pink snowman'
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.evaluate import SHAPE_NAMES, load_classifier, parse_prompt, votes  # noqa: E402
+from engine.evaluate import (SHAPE_NAMES, geometry_by_view, load_classifier, parse_prompt, votes,  # noqa: E402
+                             world_render_fn)
 from engine.priors.embedded import EmbeddedPrior, sample  # noqa: E402
 
 BLENDS = {"front/side 50/50": {"front": 0.5, "side": 0.5}, "side/back 50/50": {"side": 0.5, "back": 0.5},
@@ -50,8 +56,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--world", action="store_true", help="the world's own solids per view, not the prior's samples")
+    ap.add_argument("--views", type=int, default=512, help="--world: random evaluation cameras")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.world:
+        return world_views(args)
     model = EmbeddedPrior.load(args.weights).model
     clf = load_classifier()
     results, t0 = [], time.perf_counter()
@@ -68,6 +78,19 @@ def main(argv=None) -> None:
             results.append(row)
             print(f"{prompt:16s} {name:18s} {row['right']:3d} / {args.n}  {row['shape_votes']}", flush=True)
     print(f"{time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": results}, f, indent=1)
+
+
+def world_views(args) -> None:
+    """--world: geometry R-Precision of each prompt's perfect solid, per view label."""
+    clf, results = load_classifier(), []
+    for prompt in args.prompts:
+        color, shape = parse_prompt(prompt)
+        res = geometry_by_view(world_render_fn(shape, color or "white"), shape, args.views, 1000 + args.seed, clf)
+        results.append({"prompt": prompt, "by_view": res})
+        print(f"{prompt:16s} " + "  ".join(f"{v}: {r['right']}/{r['n']}" for v, r in res.items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": results}, f, indent=1)

@@ -216,6 +216,34 @@ def evaluate(render_fn: RenderFn, prompt: str, n_views: int = 16, seed: int = 0,
     return out
 
 
+@torch.no_grad()
+def geometry_by_view(render_fn: RenderFn, shape: str, n_views: int = 512, seed: int = 1000,
+                     classifier: Classifier | None = None) -> dict[str, dict]:
+    """Geometry R-Precision split by the view label of each camera (`engine.sds.view_weights`' argmax), the
+    side views also by which side (azimuth > 0 or < 0). Same cameras and shading as `evaluate`.
+
+    On the world's own solids (`world_render_fn`) this shows which views of a shape are ambiguous even when
+    the shape is perfect, e.g. a mug seen from behind its handle. Returns {view: {"right", "n", "share"}}."""
+    from engine.sds import VIEWS, view_weights
+
+    clf = classifier or load_classifier()
+    cams = sample_cameras(EVAL_CAMERAS, n_views, torch.Generator().manual_seed(seed))
+    light = make_light(cams, LiveParams(light_mode="camera"), EVAL_CAMERAS, None)
+    plain, _ = render_fn(cams, light, "textureless")
+    right = clf(plain.float().cpu())[1].argmax(1) == SHAPE_NAMES.index(shape)
+    label = view_weights(cams.azimuth, cams.elevation).argmax(-1).cpu()
+    az = torch.remainder(cams.azimuth.cpu() + 180.0, 360.0) - 180.0
+    groups = {v: label == i for i, v in enumerate(VIEWS)}
+    groups["side (azimuth > 0)"] = groups["side"] & (az > 0)
+    groups["side (azimuth < 0)"] = groups["side"] & (az < 0)
+    groups["all"] = torch.ones_like(right)
+    out = {}
+    for name, m in groups.items():
+        k, n = int((right & m).sum()), int(m.sum())
+        out[name] = {"right": k, "n": n, "share": round(k / n, 3) if n else None}
+    return out
+
+
 def world_render_fn(shape: str, color: str, size: int = 32) -> RenderFn:
     """render_fn of a perfect result: the world's own solid (the evaluation's upper bound, used in tests)."""
     def fn(cams: Cameras, light: Light, shading: str) -> tuple[Tensor, Tensor]:

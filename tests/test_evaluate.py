@@ -85,3 +85,16 @@ def test_caption_votes_count_every_sample(tmp_path):
     for votes in out.values():
         assert sum(votes["shape_votes"].values()) == 3 and sum(votes["colour_votes"].values()) == 3
         assert set(votes["shape_votes"]) <= set(ev.SHAPE_NAMES) and set(votes["colour_votes"]) <= set(ev.COLOR_NAMES)
+
+
+def test_geometry_by_view_finds_the_views_where_a_perfect_mug_hides_its_handle():
+    """The mug's handle points to +y (azimuth 90): from the other side it hides behind the body."""
+    from engine.evaluate import geometry_by_view, world_render_fn
+
+    res = geometry_by_view(world_render_fn("mug", "red"), "mug", n_views=192, seed=1000)
+    ring = ("front", "side", "back", "overhead")
+    assert sum(res[v]["n"] for v in ring) == res["all"]["n"] == 192
+    assert res["side (azimuth > 0)"]["n"] + res["side (azimuth < 0)"]["n"] == res["side"]["n"]
+    assert sum(res[v]["right"] for v in ring) == res["all"]["right"]
+    hidden, front = res["side (azimuth < 0)"]["share"], res["front"]["share"]
+    assert front >= 0.85 and res["side (azimuth > 0)"]["share"] >= 0.85 and hidden <= front - 0.15
