@@ -78,9 +78,13 @@ def main(argv=None) -> None:
             results.append(row)
             print(f"{prompt:16s} {name:18s} {row['right']:3d} / {args.n}  {row['shape_votes']}", flush=True)
     print(f"{time.perf_counter() - t0:.0f} s")
+    _write_json(args, results)
+
+
+def _write_json(args, rows: list[dict]) -> None:
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": results}, f, indent=1)
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
 
 
 def world_views(args) -> None:
@@ -91,9 +95,7 @@ def world_views(args) -> None:
         res = geometry_by_view(world_render_fn(shape, color or "white"), shape, args.views, 1000 + args.seed, clf)
         results.append({"prompt": prompt, "by_view": res})
         print(f"{prompt:16s} " + "  ".join(f"{v}: {r['right']}/{r['n']}" for v, r in res.items()), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": results}, f, indent=1)
+    _write_json(args, results)
 
 
 if __name__ == "__main__":
