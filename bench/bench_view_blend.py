@@ -26,8 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.evaluate import (SHAPE_NAMES, geometry_by_view, load_classifier, parse_prompt, votes,  # noqa: E402
-                             world_render_fn)
+from engine.evaluate import SHAPE_NAMES, geometry_by_view, load_classifier, parse_prompt, votes, world_render_fn  # noqa: E402
 from engine.priors.embedded import EmbeddedPrior, sample  # noqa: E402
 
 BLENDS = {"front/side 50/50": {"front": 0.5, "side": 0.5}, "side/back 50/50": {"side": 0.5, "back": 0.5},
