@@ -47,7 +47,7 @@ def _view_dep(cfg: Config) -> None:
 def _lighting(cfg: Config) -> None:
     """(iv) + lighting: albedo and lambertian shading with a random point light, no textureless."""
     _view_dep(cfg)
-    cfg.shading.albedo_only_steps = Config().shading.albedo_only_steps
+    cfg.shading.albedo_only_steps = preset(cfg.prior).shading.albedo_only_steps  # the product's warm-up
     cfg.shading.p_albedo, cfg.shading.p_lambertian, cfg.shading.p_textureless = 0.3, 0.7, 0.0
 
 

@@ -32,6 +32,8 @@ def test_ablation_rows_add_one_component_each():
     modes = lambda cfg: {pick_shading("random", cfg.shading, 500, g) for _ in range(200)}  # noqa: E731
     assert modes(base) == {"albedo"} and modes(light) == {"albedo", "lambertian"}
     assert modes(full) == {"albedo", "lambertian", "textureless"}
+    # lighting starts shading when the product does: after the preset's albedo-only warm-up
+    assert light.shading.albedo_only_steps == full.shading.albedo_only_steps < 10**9
     assert full.to_dict() == preset("embedded").to_dict()  # the last row is the product's defaults
 
 

@@ -1,27 +1,64 @@
-import sys, torch
-torch.set_num_threads(2)
+"""Erase probe (session 14): does one SDS step keep the world's own solid, or fade it into its backdrop?
+
+Renders the world's solid for each prompt on a grey 0.5 backdrop from 32 training-distribution cameras, takes the
+prior's SDS step (the descent direction on the image; CFG as given, sigma2 weighting, t ~ U(t_lo, t_hi)) in each
+shading mode over 8 noise draws, and prints its mean cosine with the "fade into the backdrop" direction on the
+object's pixels: + erases, - keeps. Run from a checkout (the hip-roof world for session 13's prior):
+
+    PYTHONPATH=. python bench/results/world_s14/erase_probe.py --prior embedded --cfg 10 --t 0.3 0.6 \
+        'a white house' 'a red house'
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
 from engine import world
 from engine.cameras import make_light, sample_cameras
 from engine.config import CameraConfig, LiveParams
+from engine.evaluate import parse_prompt
 from engine.priors import load_prior
 from engine.priors.base import SDSContext
-prior = load_prior(sys.argv[1]); cfgv=float(sys.argv[2]); import os; TR=tuple(map(float, os.environ["TR"].split(",")))
-g = torch.Generator().manual_seed(1); V=32
-cams = sample_cameras(CameraConfig(), V, g); light = make_light(cams, LiveParams(), CameraConfig(), g)
-for prompt in sys.argv[3:]:
-    col, shape = prompt.split()[1], prompt.split()[2]
+
+
+def erase_cosines(prior, prompt: str, cfg: float, t_range: tuple[float, float], views: int = 32,
+                  draws: int = 8) -> dict[str, float]:
+    color, shape = parse_prompt(prompt)
+    g = torch.Generator().manual_seed(1)
+    cams = sample_cameras(CameraConfig(), views, g)
+    light = make_light(cams, LiveParams(), CameraConfig(), g)
     emb = prior.encode_prompt(prompt, "")
-    bg = torch.full((V,3), 0.5)
-    row=[]
-    for shading in ("albedo","lambertian","textureless"):
-        solid, alpha = world.render([shape]*V, torch.tensor(world.COLORS[col]).expand(V,3), cams, light, shading, 32, 2, background=bg)
-        flat = bg[:,:,None,None].expand_as(solid)
-        d = (flat - solid) * (alpha > 0.5)  # erase direction on object pixels
-        acc=0
-        for k in range(8):
+    bg = torch.full((views, 3), 0.5)
+    out = {}
+    for shading in ("albedo", "lambertian", "textureless"):
+        rgb = torch.tensor(world.COLORS[color]).expand(views, 3)
+        solid, alpha = world.render([shape] * views, rgb, cams, light, shading, 32, 2, background=bg)
+        fade = (bg[:, :, None, None] - solid) * (alpha > 0.5)
+        total = 0.0
+        for k in range(draws):
             ctx = SDSContext(view_weights=cams.view_weights(), shading=shading)
-            grad,_ = prior.sds_grad(solid, emb, ctx, guidance_scale=cfgv, t_range=TR, weighting="sigma2", generator=torch.Generator().manual_seed(100+k))
-            step = -grad  # descent direction on the image
-            acc += ((step*d).sum((1,2,3)) / (d.square().sum((1,2,3)).sqrt()+1e-8) / (step.square().sum((1,2,3)).sqrt()+1e-8)).mean().item()
-        row.append(f"{shading} {acc/8:+.3f}")
-    print(prompt, *row, flush=True)
+            grad, _ = prior.sds_grad(solid, emb, ctx, guidance_scale=cfg, t_range=t_range, weighting="sigma2",
+                                     generator=torch.Generator().manual_seed(100 + k))
+            cos = torch.nn.functional.cosine_similarity((-grad).flatten(1), fade.flatten(1), dim=1, eps=1e-8)
+            total += cos.mean().item()
+        out[shading] = round(total / draws, 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("prompts", nargs="+")
+    ap.add_argument("--prior", default="embedded")
+    ap.add_argument("--cfg", type=float, default=10.0)
+    ap.add_argument("--t", type=float, nargs=2, default=(0.3, 0.6))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    prior = load_prior(args.prior)
+    for p in args.prompts:
+        print(p, erase_cosines(prior, p, args.cfg, tuple(args.t)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
