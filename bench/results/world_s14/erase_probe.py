@@ -1,7 +1,7 @@
 """Erase probe (session 14): does one SDS step keep the world's own solid, or fade it into its backdrop?
 
-Renders the world's solid for each prompt on a grey 0.5 backdrop from 32 training-distribution cameras, takes the
-prior's SDS step (the descent direction on the image; CFG as given, sigma2 weighting, t ~ U(t_lo, t_hi)) in each
+Renders the world's solid for each prompt on a grey backdrop (0.5 unless --backdrop) from 32 cameras of the
+training distribution, takes the prior's SDS step (the descent direction on the image; CFG as given, sigma2 weighting, t ~ U(t_lo, t_hi)) in each
 shading mode over 8 noise draws, and prints its mean cosine with the "fade into the backdrop" direction on the
 object's pixels: + erases, - keeps. Run from a checkout (the hip-roof world for session 13's prior):
 
@@ -24,13 +24,13 @@ from engine.priors.base import SDSContext
 
 
 def erase_cosines(prior, prompt: str, cfg: float, t_range: tuple[float, float], views: int = 32,
-                  draws: int = 8) -> dict[str, float]:
+                  draws: int = 8, backdrop: float = 0.5) -> dict[str, float]:
     color, shape = parse_prompt(prompt)
     g = torch.Generator().manual_seed(1)
     cams = sample_cameras(CameraConfig(), views, g)
     light = make_light(cams, LiveParams(), CameraConfig(), g)
     emb = prior.encode_prompt(prompt, "")
-    bg = torch.full((views, 3), 0.5)
+    bg = torch.full((views, 3), backdrop)
     out = {}
     for shading in ("albedo", "lambertian", "textureless"):
         rgb = torch.tensor(world.COLORS[color]).expand(views, 3)
@@ -53,11 +53,12 @@ def main() -> None:
     ap.add_argument("--prior", default="embedded")
     ap.add_argument("--cfg", type=float, default=10.0)
     ap.add_argument("--t", type=float, nargs=2, default=(0.3, 0.6))
+    ap.add_argument("--backdrop", type=float, default=0.5, help="grey level behind the solid")
     args = ap.parse_args()
     torch.set_num_threads(2)
     prior = load_prior(args.prior)
     for p in args.prompts:
-        print(p, erase_cosines(prior, p, args.cfg, tuple(args.t)), flush=True)
+        print(p, erase_cosines(prior, p, args.cfg, tuple(args.t), backdrop=args.backdrop), flush=True)
 
 
 if __name__ == "__main__":
