@@ -3,7 +3,8 @@
 Renders the world's solid for each prompt on a grey backdrop (0.5 unless --backdrop) from 32 cameras of the
 training distribution and takes the prior's SDS step in each shading mode (the descent direction on the image;
 CFG as given, sigma2 weighting, t ~ U(t_lo, t_hi), 8 noise draws). It prints that step's mean cosine with the
-"fade into the backdrop" direction on the object's pixels: + erases, - keeps. Run from a checkout (the hip-roof world for session 13's prior):
+"fade into the backdrop" direction on the object's pixels: + erases, - keeps.
+Run from a checkout (the hip-roof world for session 13's prior):
 
     PYTHONPATH=. python bench/results/world_s14/erase_probe.py --prior embedded --cfg 10 --t 0.3 0.6 \
         'a white house' 'a red house'
