@@ -32,9 +32,9 @@ def erase_cosines(prior, prompt: str, cfg: float, t_range: tuple[float, float], 
     light = make_light(cams, LiveParams(), CameraConfig(), g)
     emb = prior.encode_prompt(prompt, "")
     bg = torch.full((views, 3), backdrop)
+    rgb = torch.tensor(world.COLORS[color]).expand(views, 3)
     out = {}
     for shading in ("albedo", "lambertian", "textureless"):
-        rgb = torch.tensor(world.COLORS[color]).expand(views, 3)
         solid, alpha = world.render([shape] * views, rgb, cams, light, shading, 32, 2, background=bg)
         fade = (bg[:, :, None, None] - solid) * (alpha > 0.5)
         total = 0.0
