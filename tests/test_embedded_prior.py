@@ -16,7 +16,8 @@ from engine.priors.embedded import (
     sample,
     vocabulary,
 )
-from engine.priors.train_embedded import SHAPE_WEIGHTS, parse_args, parse_shape_weights, render_batch, run
+from engine.priors.train_embedded import (SHAPE_WEIGHTS, draw_captions, parse_args, parse_shape_weights,
+                                         render_batch, run)
 from engine.sds import view_weights
 
 TINY = json.dumps({"block_out_channels": [8, 16, 16], "text_dim": 16, "num_train_timesteps": 100})
@@ -57,6 +58,23 @@ def test_shape_weights_flag_changes_what_is_drawn():
     only_cubes = {s: (1.0 if s == "cube" else 1e-9) for s in world.SHAPES}
     batch = render_batch(6, torch.Generator().manual_seed(0), only_cubes)
     assert batch["shape"] == ["cube"] * 6 and batch["img"].shape == (6, 3, 32, 32)
+
+
+def test_empty_backdrops_are_plain_and_uncaptioned():
+    plain = render_batch(64, torch.Generator().manual_seed(0))
+    again = render_batch(64, torch.Generator().manual_seed(0), p_empty=0.0)
+    assert torch.equal(plain["img"], again["img"]) and None not in plain["shape"]  # default draws nothing extra
+    batch = render_batch(64, torch.Generator().manual_seed(0), p_empty=0.5)
+    empty = [i for i, s in enumerate(batch["shape"]) if s is None]
+    full = [i for i, s in enumerate(batch["shape"]) if s is not None]
+    assert 16 <= len(empty) <= 48 and full
+    img = batch["img"][empty].float()
+    assert (img == img[:, :, :1, :1]).all()  # one flat colour: the backdrop
+    assert (batch["img"][full].float().flatten(1).std(1) > 0).all()  # the others still show an object
+    caps = draw_captions(batch, list(range(64)), torch.Generator().manual_seed(1), p_drop=0.0)
+    assert all(c == "" for i, c in enumerate(caps) if i in empty) and all(caps[i] for i in full)
+    with pytest.raises(ValueError, match="--empty"):
+        run(parse_args(["--empty", "1.5", "--steps", "0"]))
 
 
 def test_save_load_round_trip_and_protocol(tmp_path):

@@ -27,22 +27,34 @@ from engine.sds import view_labels
 SHAPE_WEIGHTS = {"cube": 1.5, "house": 1.2, "mug": 1.5}  # boxy shapes came out lumpy, mugs lost their handle: show more of them
 
 
-def render_batch(n: int, g: torch.Generator, shape_weights: dict[str, float] | None = None) -> dict:
-    """n fresh world renders with what their captions are drawn from (uint8 images keep the pool small)."""
+def render_batch(n: int, g: torch.Generator, shape_weights: dict[str, float] | None = None,
+                 p_empty: float = 0.0) -> dict:
+    """n fresh world renders with what their captions are drawn from (uint8 images keep the pool small).
+
+    p_empty: share of images that show the backdrop alone (shape None, always the empty caption). Every world
+    image holds an object, so without them the unconditional model never learns that an object's presence is
+    what a caption adds, and CFG has nothing to push a faint object back from its backdrop with. 0 (the
+    default) draws nothing extra, so earlier seeds reproduce step for step."""
     sc = world.sample_scenes(n, g, shape_weights=SHAPE_WEIGHTS if shape_weights is None else shape_weights,
                              contrast=True)
     img, _ = world.render_scenes(sc, size=32)
-    return {"img": (img * 255).round().to(torch.uint8), "shape": sc["shapes"], "color": sc["colors"],
+    shapes = list(sc["shapes"])
+    if p_empty > 0:
+        empty = torch.rand(n, generator=g) < p_empty
+        img[empty] = sc["background"][empty][:, :, None, None].expand(-1, -1, *img.shape[-2:])
+        shapes = [None if e else s for s, e in zip(shapes, empty.tolist(), strict=True)]
+    return {"img": (img * 255).round().to(torch.uint8), "shape": shapes, "color": sc["colors"],
             "view": view_labels(sc["cameras"].view_weights()), "shading": sc["shading"]}
 
 
 def draw_captions(pool: dict, idx: list[int], g: torch.Generator, p_drop: float = 0.1) -> list[str]:
     """Captions for pool entries: colour left out of textureless renders (they carry none) and 10 % of the
-    others; view left out 30 %; the whole caption dropped p_drop (the unconditional model for CFG)."""
+    others; view left out 30 %; the whole caption dropped p_drop (the unconditional model for CFG) and always
+    for an empty backdrop (shape None)."""
     u = torch.rand(len(idx), 3, generator=g).tolist()
     out = []
     for (u_all, u_col, u_view), i in zip(u, idx, strict=True):
-        if u_all < p_drop:
+        if u_all < p_drop or pool["shape"][i] is None:
             out.append("")
             continue
         color = None if pool["shading"][i] == "textureless" or u_col < 0.1 else pool["color"][i]
@@ -161,6 +173,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--shape-weights", default=None, metavar="SHAPE=W,...",
                     help=f"how often each shape is drawn, relative to 1 (default: {SHAPE_WEIGHTS}); named shapes "
                          "replace their default")
+    ap.add_argument("--empty", type=float, default=0.0, metavar="P",
+                    help="share of images that are the backdrop alone, always uncaptioned (default 0: none)")
     ap.add_argument("--config", default=None, help="JSON overrides of the model config (tests use tiny ones)")
     return ap.parse_args(argv)
 
@@ -173,6 +187,9 @@ def run(args) -> dict:
     import json
 
     shape_weights = parse_shape_weights(getattr(args, "shape_weights", None))
+    p_empty = getattr(args, "empty", 0.0)
+    if not 0.0 <= p_empty < 1.0:
+        raise ValueError(f"--empty is a share of the images, in [0, 1); got {p_empty}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +207,7 @@ def run(args) -> dict:
         print(f"resumed at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
     else:
         t0 = time.time()
-        pool, step = render_batch(args.pool, g, shape_weights), 0
+        pool, step = render_batch(args.pool, g, shape_weights, p_empty), 0
         elapsed = time.time() - t0  # the first pool's renders count towards the training time
     alphas = model.scheduler().alphas_cumprod
 
@@ -204,7 +221,7 @@ def run(args) -> dict:
         t0 = time.time()
         if args.refresh:  # fresh renders replace random pool entries
             at = torch.randint(args.pool, (args.refresh,), generator=g).tolist()
-            _replace(pool, render_batch(args.refresh, g, shape_weights), at)
+            _replace(pool, render_batch(args.refresh, g, shape_weights, p_empty), at)
         for pg in opt.param_groups:
             pg["lr"] = lr_at(step, args.lr, args.lr_steps or args.steps)
         losses.append(train_step(model, opt, pool, args.batch, g, alphas, args.snr_gamma))
@@ -222,7 +239,7 @@ def run(args) -> dict:
     meta = {"steps": step, "batch": args.batch, "train_minutes": round(elapsed / 60, 1), "seed": args.seed,
             "threads": args.threads, "pool": args.pool, "refresh": args.refresh, "lr": args.lr,
             "lr_schedule": f"warm-up 200, cosine to 10 % at step {args.lr_steps or args.steps}", "snr_gamma": args.snr_gamma,
-            "shape_weights": shape_weights}
+            "shape_weights": shape_weights, **({"empty": p_empty} if p_empty else {})}
     if args.export:
         export(ema, Path(args.export), meta, args.grid_steps)
     print(f"done: step {step}, {elapsed / 60:.1f} min", flush=True)
