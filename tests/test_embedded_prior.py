@@ -16,8 +16,7 @@ from engine.priors.embedded import (
     sample,
     vocabulary,
 )
-from engine.priors.train_embedded import (SHAPE_WEIGHTS, draw_captions, parse_args, parse_shape_weights,
-                                         render_batch, run)
+from engine.priors.train_embedded import SHAPE_WEIGHTS, draw_captions, parse_args, parse_shape_weights, render_batch, run
 from engine.sds import view_weights
 
 TINY = json.dumps({"block_out_channels": [8, 16, 16], "text_dim": 16, "num_train_timesteps": 100})
