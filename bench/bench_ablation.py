@@ -15,6 +15,7 @@ the protocol's own setting; at 600 steps (the budget before session 9) the rows'
     python bench/bench_ablation.py --from-json runs/ablation.json   # the table again from saved runs (--out)
     python bench/bench_ablation.py --rows base --out runs/row1.json ...   # one row per invocation, then
     python bench/bench_ablation.py --from-json runs/row*.json --note "..."   # one table from all of them
+    python bench/bench_ablation.py --from-json runs/row*.json --power   # how many runs each step's sign needs
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.protocol import ABLATION, add_run_args, paired_steps, run_jobs, summarize  # noqa: E402
+from engine.protocol import ABLATION, add_run_args, paired_steps, pairs_to_resolve, run_jobs, summarize  # noqa: E402
 
 PROMPTS = ("a red cube", "a green cone", "an orange mug")
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +67,20 @@ def tabulate(rows: list[dict], order: list[str]) -> tuple[dict, str]:
     return results, table(results, paired_steps(rows, order), paired_steps(rows, order, key="shape_score"))
 
 
+def power_table(rows: list[dict], order: list[str], z: float = 2.0) -> str:
+    """Per step: its paired runs, mean change of geometry, the pairs' spread, its s.e., and how many pairs
+    would put the sign `z` standard errors clear of zero at this mean and spread (`pairs_to_resolve`)."""
+    order = [row for row in order if any(r["row"] == row for r in rows)]
+    lines = ["| step | pairs | mean change | s.d. of a pair | s.e. | pairs for the sign at "
+             f"{z:g} s.e. |", "|---|---|---|---|---|---|"]
+    for row, st in paired_steps(rows, order).items():
+        need = pairs_to_resolve(st["mean"], st["sd"], z)
+        sd, se = ("" if v is None else f"{v:.3f}" for v in (st["sd"], st["se"]))
+        lines.append(f"| {row} | {st['n']} | {st['mean']:+.3f} | {sd} | {se} | "
+                     f"{'never (mean 0)' if need is None and st['sd'] is not None else need or ''} |")
+    return "\n".join(lines)
+
+
 def write_benchmarks(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
     doc = path.read_text()
     block = f"{START}\n{text}\n{END}"
@@ -86,6 +101,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
                     help="re-tabulate the runs of earlier --out FILEs (e.g. one per row) instead of running anything")
     ap.add_argument("--note", default=None, help="with --from-json: the note under the table (default: the files')")
+    ap.add_argument("--power", action="store_true",
+                    help="with --from-json: also print, per step, how many paired runs its sign needs")
     args = ap.parse_args(argv)
     if args.from_json:
         runs, notes = {}, []
@@ -98,6 +115,8 @@ def main(argv=None) -> dict:
         results, text = tabulate(list(runs.values()), list(ABLATION))
         files = ", ".join(f"`{f}`" for f in args.from_json)
         note = "\n" + (args.note or " ".join(notes)).strip() + f" (Table re-tabulated from {files}.)"
+        if args.power:
+            note += "\n\n" + power_table(list(runs.values()), list(ABLATION))
     else:
         results, text, note = _run(args, argv)
     print(text + "\n" + note)

@@ -8,6 +8,7 @@ ones, and the multi-view silhouette score). `bench/bench_sds_prompts.py` runs it
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -113,10 +114,20 @@ def paired_steps(rows: list[dict], order: list[str], key: str = "geometry_r_prec
     for prev, row in zip(order, order[1:]):
         diffs = [by[(row, p, s)] - v for (rw, p, s), v in by.items() if rw == prev and (row, p, s) in by]
         if diffs:
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
-            out[row] = {"mean": round(statistics.fmean(diffs), 3), "se": None if se is None else round(se, 3),
-                        "n": len(diffs)}
+            sd = statistics.stdev(diffs) if len(diffs) > 1 else None
+            out[row] = {"mean": round(statistics.fmean(diffs), 3),
+                        "se": None if sd is None else round(sd / len(diffs) ** 0.5, 3),
+                        "n": len(diffs), "sd": None if sd is None else round(sd, 3)}
     return out
+
+
+def pairs_to_resolve(mean: float, sd: float | None, z: float = 2.0) -> int | None:
+    """How many paired runs a step of this mean and pair-to-pair spread needs before its sign stands clear of
+    its noise (|mean| >= z standard errors, z = 2 by default): ceil((z * sd / |mean|)^2). None when the
+    spread is unknown or the mean is 0 (no finite number of runs resolves a zero step's sign)."""
+    if sd is None or mean == 0:
+        return None
+    return max(1, math.ceil((z * sd / abs(mean)) ** 2))
 
 
 def apply_overrides(cfg: Config, live: LiveParams, overrides: list[str]) -> tuple[Config, LiveParams]:

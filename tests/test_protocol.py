@@ -156,9 +156,31 @@ def test_paired_steps_compare_rows_run_by_run():
             for row, gain in (("a", 0.0), ("b", 0.25)) for p, base in (("x", 0.0), ("y", 0.5)) for s in (0, 1)]
     rows.append({"row": "c", "prompt": "x", "seed": 0, "geometry_r_precision": 0.0})  # one shared run
     steps = protocol.paired_steps(rows, ["a", "b", "c"])
-    assert steps["b"] == {"mean": 0.25, "se": 0.0, "n": 4}
-    assert steps["c"] == {"mean": -0.25, "se": None, "n": 1}
+    assert steps["b"] == {"mean": 0.25, "se": 0.0, "n": 4, "sd": 0.0}
+    assert steps["c"] == {"mean": -0.25, "se": None, "n": 1, "sd": None}
     assert protocol.summarize([r for r in rows if r["row"] == "b"])["geometry_se"] > 0.1  # unpaired: large
+
+
+def test_pairs_to_resolve_a_step_and_the_power_table():
+    """A step's sign stands at 2 s.e. once n >= (2 sd / |mean|)^2: a +0.05 step with pairs spread 0.2 needs 64
+    runs, a quarter of the spread a sixteenth of them; a zero mean or an unknown spread has no such n. The
+    ablation's --power table reads the same figures off saved runs."""
+    import importlib.util
+    from pathlib import Path
+
+    assert protocol.pairs_to_resolve(0.05, 0.2) == 64
+    assert protocol.pairs_to_resolve(-0.05, 0.05) == 4
+    assert protocol.pairs_to_resolve(0.05, 0.2, z=1.0) == 16
+    assert protocol.pairs_to_resolve(0.0, 0.2) is None and protocol.pairs_to_resolve(0.1, None) is None
+    rows = [{"row": row, "prompt": "x", "seed": s, "geometry_r_precision": g}
+            for row, gs in (("base", (0.2, 0.4, 0.6)), ("+view aug", (0.3, 0.4, 0.9))) for s, g in enumerate(gs)]
+    spec = importlib.util.spec_from_file_location("bench_ablation",
+                                                  Path(__file__).parents[1] / "bench" / "bench_ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.power_table(rows, list(protocol.ABLATION))
+    # diffs +0.1, 0.0, +0.3: mean 0.133, sd 0.153, so (2 * 0.153 / 0.133)^2 = 5.3 -> 6 pairs
+    assert "| +view aug | 3 | +0.133 | 0.153 | 0.088 | 6 |" in text, text
 
 
 def test_sds_residual_prefers_the_prompted_solid_to_a_fresh_blob(tmp_path):
