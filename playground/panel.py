@@ -175,6 +175,16 @@ class Panel:
         else:
             self.session.pause()
 
+    def _controls(self) -> list:
+        """What a page shows when it (re)loads: the session's current settings, not those the app started with,
+        so a page opened or reloaded mid-run shows the prompt, guidance, shading and light the run is using.
+        Order: prompt, negative prompt, prior, guidance, shading, light mode, azimuth, elevation, distance,
+        colour, ambient, learning rate, seed, steps, and the light tuple the timer compares against."""
+        s, live = self.session, self.session.live
+        light = (live.light_mode, live.light_azimuth, live.light_elevation, live.light_distance)
+        return [live.prompt, live.negative_prompt, s.prior_spec, live.guidance_scale, live.shading, *light,
+                to_hex(live.light_color), live.ambient, live.learning_rate, live.seed, s.max_steps, light]
+
     def _tick(self, synced: tuple, shown_preview: int):
         """Streamed outputs; the light controls follow the session when something else (the viewer) moved it."""
         s, st = self.session, self.session.status()
@@ -207,7 +217,8 @@ class Panel:
                         pause = gr.Button("Pause / resume", elem_id="pause")
                         reset = gr.Button("Reset", elem_id="reset")
                     message = gr.Markdown(elem_id="message")
-                    guidance = gr.Slider(0, 200, live.guidance_scale, step=0.5, label="Guidance scale")
+                    guidance = gr.Slider(0, 200, live.guidance_scale, step=0.5, label="Guidance scale",
+                                         elem_id="guidance")
                     shading = gr.Radio(list(SHADING_MODES), value=live.shading, label="Shading",
                                        info="random: the paper's mix of albedo, lambertian and textureless")
                     with gr.Accordion("Light", open=True):
@@ -259,6 +270,8 @@ class Panel:
             for kind, button in export_buttons.items():
                 button.click(lambda k=kind: self._ui_export(k), None, exports, api_name=f"ui_export_{kind}", **private)
 
+            demo.load(self._controls, None, [prompt, negative, prior, guidance, shading, light_mode, az, el, dist,
+                                             color, ambient, lr, seed, steps, synced], api_name="ui_load", **private)
             gr.Timer(self.timer_s).tick(self._tick, [synced, shown],
                                         [status, plot, preview, vocab, light_mode, az, el, dist, synced, shown,
                                          exports], api_name="ui_tick", **private)

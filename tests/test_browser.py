@@ -56,6 +56,8 @@ def test_pane_types_a_prompt_and_starts(playground_app, browser, shots):
     page.goto(playground_app["url"], wait_until="domcontentloaded")
     box = page.locator("#prompt textarea")
     box.wait_for(timeout=60_000)
+    current = status(playground_app)["prompt"]  # the page fills in the run's settings on load: type after that
+    page.wait_for_function(f"document.querySelector('#prompt textarea').value === {current!r}", timeout=30_000)
     box.fill("a red cube on a table")
     page.locator("#start").click()
     page.wait_for_function("document.querySelector('#status')?.innerText.includes('running')", timeout=60_000)
@@ -67,6 +69,24 @@ def test_pane_types_a_prompt_and_starts(playground_app, browser, shots):
     assert "step" in page.locator("#status").inner_text()
     assert page.locator("#viewer iframe").get_attribute("src").rstrip("/") == playground_app["viewer_url"].rstrip("/")
     page.close()
+
+
+def test_a_page_opened_mid_run_shows_the_runs_settings(playground_app, browser):
+    """Settings changed elsewhere (another tab, the API) are what a page opened later shows, not the values
+    the app started with: a reload mid-run does not show a stale prompt."""
+    Client(playground_app["url"], verbose=False).predict("a green cone", "a blurry photo", 25.0, "textureless",
+                                                         api_name="/set_params")
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(playground_app["url"], wait_until="domcontentloaded")
+    box = page.locator("#prompt textarea")
+    box.wait_for(timeout=60_000)
+    page.wait_for_function("document.querySelector('#prompt textarea').value === 'a green cone'", timeout=30_000)
+    assert page.locator("#negative_prompt textarea").input_value() == "a blurry photo"
+    assert float(page.locator("#guidance input[type=number]").input_value()) == 25.0
+    assert page.locator("input[type=radio][value=textureless]").is_checked()
+    page.close()
+    Client(playground_app["url"], verbose=False).predict("a red cube on a table", "", 10.0, "random",
+                                                         api_name="/set_params")
 
 
 def canvas_image(page) -> np.ndarray:
