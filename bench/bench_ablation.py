@@ -60,9 +60,14 @@ def table(results: dict[str, dict], steps: dict[str, dict] | None = None,
     return "\n".join(lines)
 
 
+def _present(rows: list[dict], order: list[str]) -> list[str]:
+    """The rows of `order` that some run belongs to."""
+    return [row for row in order if any(r["row"] == row for r in rows)]
+
+
 def tabulate(rows: list[dict], order: list[str]) -> tuple[dict, str]:
     """Per-row summaries of the runs and the table text."""
-    order = [row for row in order if any(r["row"] == row for r in rows)]
+    order = _present(rows, order)
     results = {row: summarize([r for r in rows if r["row"] == row]) for row in order}
     return results, table(results, paired_steps(rows, order), paired_steps(rows, order, key="shape_score"))
 
@@ -70,14 +75,14 @@ def tabulate(rows: list[dict], order: list[str]) -> tuple[dict, str]:
 def power_table(rows: list[dict], order: list[str], z: float = 2.0) -> str:
     """Per step: its paired runs, mean change of geometry, the pairs' spread, its s.e., and how many pairs
     would put the sign `z` standard errors clear of zero at this mean and spread (`pairs_to_resolve`)."""
-    order = [row for row in order if any(r["row"] == row for r in rows)]
+    order = _present(rows, order)
     lines = ["| step | pairs | mean change | s.d. of a pair | s.e. | pairs for the sign at "
              f"{z:g} s.e. |", "|---|---|---|---|---|---|"]
     for row, st in paired_steps(rows, order).items():
         need = pairs_to_resolve(st["mean"], st["sd"], z)
         sd, se = ("" if v is None else f"{v:.3f}" for v in (st["sd"], st["se"]))
-        lines.append(f"| {row} | {st['n']} | {st['mean']:+.3f} | {sd} | {se} | "
-                     f"{'never (mean 0)' if need is None and st['sd'] is not None else need or ''} |")
+        cell = "" if st["sd"] is None else ("never (mean 0)" if need is None else str(need))
+        lines.append(f"| {row} | {st['n']} | {st['mean']:+.3f} | {sd} | {se} | {cell} |")
     return "\n".join(lines)
 
 

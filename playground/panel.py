@@ -48,6 +48,11 @@ def parse_color(value) -> tuple[float, float, float]:
     raise ValueError(f"light_color must be '#rrggbb', 'rgb(r, g, b)' or three numbers; got {value!r}")
 
 
+def light_of(live: LiveParams) -> tuple:
+    """The light controls the pane keeps in step with the session: mode, azimuth, elevation, distance."""
+    return (live.light_mode, live.light_azimuth, live.light_elevation, live.light_distance)
+
+
 def to_hex(rgb) -> str:
     return "#" + "".join(f"{max(0, min(255, round(c * 255))):02x}" for c in rgb)
 
@@ -181,7 +186,7 @@ class Panel:
         Order: prompt, negative prompt, prior, guidance, shading, light mode, azimuth, elevation, distance,
         colour, ambient, learning rate, seed, steps, and the light tuple the timer compares against."""
         s, live = self.session, self.session.live
-        light = (live.light_mode, live.light_azimuth, live.light_elevation, live.light_distance)
+        light = light_of(live)
         return [live.prompt, live.negative_prompt, s.prior_spec, live.guidance_scale, live.shading, *light,
                 to_hex(live.light_color), live.ambient, live.learning_rate, live.seed, s.max_steps, light]
 
@@ -248,7 +253,7 @@ class Panel:
                                        elem_id="preview", height=180)
                     plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss",
                                        title="Loss", height=220, elem_id="loss_plot")
-            synced = gr.State((live.light_mode, live.light_azimuth, live.light_elevation, live.light_distance))
+            synced = gr.State(light_of(live))
             shown = gr.State(-1)
 
             start.click(self._on_start, [prior, prompt, negative, guidance, shading, lr, seed, steps], message,
