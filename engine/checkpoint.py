@@ -47,16 +47,15 @@ def trainer_tensors(trainer) -> dict[str, torch.Tensor]:
         for pi, p in enumerate(group["params"]):
             for k, v in trainer.optimizer.state.get(p, {}).items():
                 out[f"optim.{gi}.{pi}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    if trainer.estimator is not None:
-        out.update({f"occupancy.{k}": v for k, v in trainer.estimator.state_dict().items()})
+    if trainer.occupancy is not None:
+        out.update({f"occupancy.{k}": v for k, v in trainer.occupancy.estimator.state_dict().items()})
     out["generator"] = trainer.generator.get_state()
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
 def checkpoint_state(trainer, live: LiveParams, extra: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(meta, tensors) of a trainer, copied: take it under the session lock, write it after releasing."""
-    meta = {"step": trainer.step_count, "skipped_steps": trainer.skipped_steps,
-            "early_stop_on": bool(trainer.early_stop_on), "prior": trainer.prior.name,
+    meta = {"step": trainer.step_count, "skipped_steps": trainer.skipped_steps, "prior": trainer.prior.name,
             "prompt": live.prompt, "seed": trainer.cfg.seed, "config": trainer.cfg.to_dict(),
             "live": dataclasses.asdict(live), **(extra or {})}
     return meta, {k: v.clone() for k, v in trainer_tensors(trainer).items()}
@@ -98,16 +97,21 @@ def read_checkpoint(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]
     return meta, tensors
 
 
+def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix`, with the prefix removed (a module's state dict)."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def load_into(trainer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Restore a trainer built from meta["config"] to the saved state (weights, optimizer, generator)."""
     def sub(prefix):
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return section(tensors, prefix)
 
     try:
         trainer.field.load_state_dict(sub("field."))
         trainer.background.load_state_dict(sub("background."))
-        if trainer.estimator is not None and sub("occupancy."):
-            trainer.estimator.load_state_dict(sub("occupancy."))
+        if trainer.occupancy is not None and sub("occupancy."):
+            trainer.occupancy.estimator.load_state_dict(sub("occupancy."))
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint tensors do not fit this configuration: {str(err)[:300]}") from None
     dev = trainer.device
@@ -119,9 +123,7 @@ def load_into(trainer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     if "generator" in tensors:
         trainer.generator.set_state(tensors["generator"])
     trainer.step_count = int(meta["step"])
-    trainer.field.progress = trainer.step_count
     trainer.skipped_steps = int(meta.get("skipped_steps", 0))
-    trainer.early_stop_on = bool(meta.get("early_stop_on", False))
 
 
 def live_from_meta(meta: dict) -> LiveParams:

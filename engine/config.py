@@ -8,10 +8,12 @@ Two kinds of values live here. Frozen hyper-parameters (`Config` and its parts) 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from dataclasses import field as _field
 
+log = logging.getLogger(__name__)
 SHADING_MODES = ("random", "albedo", "lambertian", "textureless", "normal")
 LIGHT_MODES = ("random", "camera", "fixed")
 
@@ -78,121 +80,113 @@ def _finite_in(name: str, value, lo: float, hi: float) -> None:
         raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}]; got {value!r}")
 
 
+def _choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+BACKBONES = ("grid", "hash")
+BACKGROUNDS = ("mlp", "solid")
+
+
 @dataclass
 class FieldConfig:
     """The neural field: density and albedo inside the bounding sphere."""
 
-    backbone: str = "grid"  # "grid": an MLP that generates a dense grid (fast on CPU); "hash": multi-resolution hash grid
-    radius: float = 1.0  # radius of the bounding sphere; the field is zero outside it
-    grid_resolution: int = 32  # lattice size of the generated grid ("grid" backbone)
-    fourier_bands: int = 6  # Fourier feature octaves of the generator MLP's input ("grid" backbone)
-    band_anneal_steps: int = 0  # steps over which the octaves open coarse to fine (Nerfies' window; 0: all at once)
-    hidden: int = 64  # width of the MLPs
-    hash_levels: int = 16  # levels of the hash encoding ("hash" backbone)
-    hash_log2_size: int = 16  # log2 of each level's table size ("hash" backbone)
-    hash_base_resolution: int = 16  # coarsest level's resolution ("hash" backbone)
-    hash_max_resolution: int = 512  # finest level's resolution ("hash" backbone)
-    density_activation: str = "softplus"  # "softplus" or "exp" (truncated)
-    # a lasting bias on the raw density (Magic3D): blob_density * (1 - r / blob_radius), so positive inside
-    # blob_radius and negative beyond it; the embedded prior's preset uses density 20
+    backbone: str = "grid"  # "grid": an MLP generates a dense grid (fast on CPU); "hash": Instant-NGP hash grid (GPU)
+    radius: float = 1.0  # bounding sphere; the field is zero outside it. Cameras are placed in its units
+    grid_resolution: int = 32  # lattice of the generated grid: 32^3 resolves the prior's 32-64 px renders
+    fourier_bands: int = 6  # octaves of the generator MLP's input: finer than 6 aliases on a 32^3 lattice
+    hidden: int = 64  # width of the MLPs: the prototype's 64-64 trains at 12 it/s on one core
+    hash_levels: int = 16  # hash backbone: Instant-NGP's levels ...
+    hash_log2_size: int = 16  # ... table size 2^16 per level (fits GPU caches; collisions stay rare at 64^2)
+    hash_base_resolution: int = 16  # ... coarsest level
+    hash_max_resolution: int = 512  # ... finest level: sub-pixel detail at 512^2 viewer frames
+    # a lasting bias on the raw density, blob_density * (1 - r / blob_radius) (Magic3D's init, 10 and 0.5):
+    # positive inside blob_radius so the object starts as a centred blob, negative beyond so floaters fade
     blob_density: float = 10.0
     blob_radius: float = 0.5
+
+    def __post_init__(self):
+        _choice("field.backbone", self.backbone, BACKBONES)
 
 
 @dataclass
 class BackgroundConfig:
     """What rays that leave the sphere see."""
 
-    kind: str = "mlp"  # "mlp": a small MLP on the ray direction; "solid": a fixed colour; "random": a random colour per step
-    color: tuple[float, float, float] = (1.0, 1.0, 1.0)  # colour of "solid", and of "random" outside training
-    grey_prob: float = 0.0  # training steps whose background is swapped for a random grey, any kind
-    grey_range: tuple[float, float] = (0.25, 1.0)  # the range of that grey
-    hidden: int = 32  # width of the background MLP
-    fourier_bands: int = 3  # Fourier octaves of the direction encoding
+    kind: str = "mlp"  # "mlp": learned colour per ray direction (the paper's); "solid": the fixed colour below
+    color: tuple[float, float, float] = (1.0, 1.0, 1.0)  # colour of the "solid" background
+    hidden: int = 32  # width of the background MLP: a backdrop needs little capacity
+    fourier_bands: int = 3  # octaves of the direction encoding: smooth backdrops, no room to paint the object
+
+    def __post_init__(self):
+        _choice("background.kind", self.kind, BACKGROUNDS)
 
 
 @dataclass
 class RenderConfig:
     """Volume rendering."""
 
-    resolution: int = 32  # training render size (square); 0 means the prior's own
-    num_samples: int = 48  # stratified samples per ray on the CPU path
-    occupancy: bool = True  # skip empty space with an occupancy grid
-    occupancy_resolution: int = 32  # cells per side of the occupancy grid
-    occupancy_threshold: float = 0.01  # alpha over one cell below which a cell is empty
-    occupancy_every: int = 16  # steps between occupancy-grid updates
-    occupancy_warmup: int = 64  # steps before the grid is first used to skip samples
-    render_step_size: float = 0.01  # marching step of the CUDA occupancy sampler (scene units)
-    chunk: int = 16384  # rays per chunk when rendering large images without gradients
+    resolution: int = 32  # training render size (square); 0: the prior's own resolution
+    num_samples: int = 48  # stratified samples per ray on the torch path: ~1.5 per lattice cell across the sphere
+    occupancy: bool = True  # skip empty space with an occupancy grid: most of the sphere is empty once shaped
+    occupancy_resolution: int = 32  # cells per side of the occupancy grid, matched to the field's lattice
+    occupancy_threshold: float = 0.01  # alpha over one cell below which the cell counts as empty (nerfacc's)
+    occupancy_every: int = 16  # steps between occupancy-grid updates (nerfacc's default)
+    occupancy_warmup: int = 64  # steps before the grid is used: the blob must settle first
+    render_step_size: float = 0.01  # marching step of nerfacc's CUDA sampler: ~200 steps across the sphere
+    chunk: int = 16384  # rays per chunk of renders without gradients: bounds the memory of large frames
     shade_threshold: float = 1e-4  # renders without gradients shade only samples of larger weight
-    early_stop: float = 1e-4  # CPU training renders may drop samples behind transmittance below this (0: never)
-    early_stop_min_pruned: float = 0.2  # ... and do while that drops at least this share of occupied samples
-    early_stop_probe_every: int = 32  # steps between trials while it does not
 
 
 @dataclass
 class CameraConfig:
-    """The random cameras of training (paper's values, distances scaled to the scene)."""
+    """The random cameras of training (the paper's values, distances scaled to the scene)."""
 
     elevation_range: tuple[float, float] = (-10.0, 90.0)  # degrees
     azimuth_range: tuple[float, float] = (0.0, 360.0)  # degrees; 0 looks at the front (camera on +x)
     distance_range: tuple[float, float] = (1.0, 1.5)  # in units of `distance_scale`
-    distance_scale: float = 2.0  # scene radius multiple the paper's (1, 1.5) refers to
+    distance_scale: float = 2.0  # the paper's (1, 1.5) is for a unit-radius scene seen whole: scale 2 frames it
     focal_range: tuple[float, float] = (0.7, 1.35)  # focal length as a multiple of the image width
     center_jitter: float = 0.05  # std of the look-at point's jitter, scene units
     up_jitter: float = 0.02  # std of the up vector's jitter
     light_distance_range: tuple[float, float] = (0.8, 1.5)  # point light distance, multiple of the camera's
-    light_jitter: float = 1.0  # std of the light direction's jitter around the camera direction
-    batch_size: int = 2  # views per step
+    light_jitter: float = 1.0  # std of the light direction's jitter around the camera direction (threestudio's)
+    batch_size: int = 2  # views per step (the paper's 4 at its scale; the presets pick 1 or 2)
 
 
 @dataclass
 class ShadingConfig:
     """How each step picks its shading when the live mode is "random"."""
 
-    albedo_only_steps: int = 100  # steps of albedo-only shading at the start (threestudio's warm-up)
+    albedo_only_steps: int = 100  # albedo only at first (threestudio's warm-up): colour before geometry
     p_albedo: float = 0.2  # probability of albedo shading afterwards
     p_lambertian: float = 0.4  # probability of lambertian shading
-    p_textureless: float = 0.4  # probability of textureless shading
+    p_textureless: float = 0.4  # probability of textureless shading: geometry must read without colour
 
 
 @dataclass
 class SDSConfig:
     """Score distillation."""
 
-    t_min: float = 0.02  # lower end of t ~ U(t_min, t_max), as a fraction of the prior's timesteps
-    t_max: float = 0.98  # upper end at step 0
-    t_max_end: float = 0.98  # upper end after annealing (equal to t_max: no annealing)
+    t_min: float = 0.02  # t ~ U(t_min, t_max), as a fraction of the prior's timesteps (the paper's 0.02)
+    t_max: float = 0.98  # upper end at step 0 (the paper's 0.98)
+    t_max_end: float = 0.98  # upper end after annealing; equal to t_max: no annealing
     anneal_steps: int = 1000  # steps over which t_max goes linearly to t_max_end
     view_dependent: bool = True  # add "front/side/back/overhead view" to the prompt by camera (paper 3.2)
-    view_blend: str = "interpolate"  # between views: "interpolate" their prompts by camera, or the "nearest" one
-    weighting: str = "sigma2"  # w(t): "sigma2" (paper: sigma_t^2 = 1 - alphabar_t), "sqrt_alpha_sigma2", "uniform"
-    skip_nonfinite: bool = True  # skip a step whose gradient or loss is not finite
-    good_state_every: int = 50  # good steps between copies of the field/background/optimizer state (0: never)
-    rollback_after: int = 5  # consecutive skipped steps that restore the last good copy (0: never)
+    good_state_every: int = 50  # good steps between copies of the trainable state (0: never)
+    rollback_after: int = 5  # consecutive non-finite steps that restore the last good copy (0: never)
 
 
 @dataclass
 class RegularizerConfig:
     """Losses besides SDS."""
 
-    opacity: float = 0.0  # weight of the mean pixel opacity (sparsity)
-    entropy: float = 0.05  # weight of the binary entropy of pixel opacity (pushes rays to 0 or 1)
-    orientation: float = 0.01  # final weight of the orientation loss (normals facing away from the camera)
-    orientation_ramp_steps: int = 500  # steps over which the orientation weight ramps up from zero
-    normal_smoothness: float = 0.0  # weight of the squared differences of neighbouring pixels' rendered normals
-    density_tv: float = 0.0  # weight of the total variation of the generated grid's cell opacity ("grid" backbone)
-
-
-@dataclass
-class OptimConfig:
-    """Adam with per-group learning rates (multiples of LiveParams.learning_rate)."""
-
-    background_lr_scale: float = 1.0  # background MLP's learning rate over the field's
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-15
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # clip the global gradient norm; 0 disables
+    opacity: float = 0.0  # weight of the mean pixel opacity (Dream Fields' sparsity); entropy does its job here
+    entropy: float = 0.05  # weight of the binary entropy of pixel opacity: rays end empty or opaque, no fog
+    orientation: float = 0.01  # final weight of the orientation loss (Ref-NeRF): normals face the camera
+    orientation_ramp_steps: int = 500  # the weight ramps up from zero (threestudio ramps it too): shape first
 
 
 @dataclass
@@ -206,51 +200,58 @@ class Config:
     shading: ShadingConfig = _field(default_factory=ShadingConfig)
     sds: SDSConfig = _field(default_factory=SDSConfig)
     reg: RegularizerConfig = _field(default_factory=RegularizerConfig)
-    optim: OptimConfig = _field(default_factory=OptimConfig)
     prior: str = "embedded"  # prior spec: "embedded", "oracle:<solid>", "gaussian", "sd[:<id or folder>]", "if[:<id or folder>]"
     steps: int = 1500  # training steps of a run
-    seed: int = 0  # seed of the run's generator
+    seed: int = 0  # seed of the run's generator and of the networks' initialisation
+
+    def validated(self) -> Config:
+        """Self if every choice is known (fields may have been set after construction), else ValueError."""
+        from engine.priors import check_prior_spec
+
+        self.field.__post_init__()
+        self.background.__post_init__()
+        check_prior_spec(self.prior)
+        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        """Inverse of to_dict; unknown keys raise ValueError."""
-        kw = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in d:
-                continue
-            v = d[f.name]
-            sub = {"field": FieldConfig, "background": BackgroundConfig, "render": RenderConfig,
-                   "camera": CameraConfig, "shading": ShadingConfig, "sds": SDSConfig,
-                   "reg": RegularizerConfig, "optim": OptimConfig}.get(f.name)
-            kw[f.name] = _build(sub, v) if sub else v
+        """Inverse of to_dict; unknown keys and bad choices raise ValueError. Keys of levers that were removed
+        (in checkpoints written before) are dropped with a warning."""
+        d = {k: v for k, v in d.items() if k != "optim"}
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config key(s): {', '.join(sorted(unknown))}")
+        kw = {name: _build(SECTIONS[name], name, v) if name in SECTIONS else v for name, v in d.items()}
         return cls(**kw)
 
 
-def _build(cls, d: dict):
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(names)
+SECTIONS = {"field": FieldConfig, "background": BackgroundConfig, "render": RenderConfig, "camera": CameraConfig,
+            "shading": ShadingConfig, "sds": SDSConfig, "reg": RegularizerConfig}
+# config keys of checkpoints from before these levers were removed (they were off in every shipped preset)
+RETIRED = {"field": {"band_anneal_steps", "density_activation"}, "background": {"grey_prob", "grey_range"},
+           "render": {"early_stop", "early_stop_min_pruned", "early_stop_probe_every"},
+           "sds": {"view_blend", "weighting", "skip_nonfinite"}, "reg": {"normal_smoothness", "density_tv"}}
+
+
+def _build(cls, section: str, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    retired = set(d) & RETIRED.get(section, set())
+    if retired:
+        log.warning("ignoring removed config key(s) %s", ", ".join(f"{section}.{k}" for k in sorted(retired)))
+    unknown = set(d) - names - retired
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(sorted(unknown))}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        raise ValueError(f"unknown {section} key(s): {', '.join(sorted(unknown))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
 
-# The embedded prior's settings, one place for preset() and live_defaults(). Measured with
-# `python bench/bench_sds_prompts.py --steps 800 --prompts "a red cube" "a green cone" "an orange mug"
-# "a white house" --set ...` (BENCHMARKS.md, "SDS settings"): guidance 10 beat 5 and 20, learning rate 0.01
-# matched 0.02; one view per step (as threestudio and stable-dreamfusion do) for twice the steps beat two views
-# per step in the same wall time on geometry (and runs at >= 10 it/s on one core); annealing t_max 0.98 -> 0.5
-# is the prototype's finding. The opacity entropy 0.2 (the prototype's 0.05 before session 7) lifted the full
-# ten-prompt protocol's geometry from 0.744 to 0.794 (`python bench/bench_sds_prompts.py --jobs 2`, BENCHMARKS.md),
-# mostly on the boxy prompts; a random grey backdrop (`background.grey_prob`) and both together did less.
-# The centre blob's density 20 (the peers' 10 before session 8; still 10 for the other priors) holds the
-# density inside r = 0.5 harder and pushes it out of the corners of the bounding sphere: on the four boxy
-# prompts 0.55 -> 0.64 and the blue cube a solid instead of a cloud; a wider blob (radius 0.75, 1.0) did worse.
+# The embedded prior's settings, one place for preset() and live_defaults(); each was chosen on the SDS
+# protocol (`python bench/bench_sds_prompts.py`, docs/findings.md): guidance 10 (5 and 20 did worse; its samples
+# break above ~7.5 CFG, SDS wants a little more); one view per step for twice the steps (as the peers do) beat
+# two views per step in the same wall time; t_max annealed 0.98 -> 0.5 refines detail once the shape stands;
+# opacity entropy 0.2 turns boxy clouds into solids; a denser centre blob (20) keeps density out of the corners.
 EMBEDDED_DEFAULTS = {"guidance_scale": 10.0, "learning_rate": 0.01, "t_min": 0.02, "t_max": 0.98, "t_max_end": 0.5,
                      "anneal_steps": 1000, "entropy": 0.2, "blob_density": 20.0, "resolution": 32, "batch_size": 1,
                      "steps": 2000}

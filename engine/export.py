@@ -8,9 +8,7 @@ renamed (`engine.checkpoint.atomic_write`), so a crash or an error never leaves 
 
 from __future__ import annotations
 
-import copy
 import os
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -19,119 +17,22 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from engine.cameras import Cameras, fixed_views, make_light, orbit
-from engine.checkpoint import atomic_write, read_checkpoint, save_checkpoint
-from engine.config import Config, LiveParams
-from engine.render import RenderOutput, render
+from engine.cameras import Cameras, fixed_views, orbit
+from engine.checkpoint import atomic_write, save_checkpoint
+from engine.config import LiveParams
+from engine.source import MODES, RenderSource, mode_images
 
-MODES = ("lambertian", "albedo", "textureless", "normal", "depth", "opacity")
+__all__ = ["MODES", "RenderSource", "snapshot", "write_orbit_video", "export_mesh", "run_folder", "safe_path", "tile"]
 VIDEO_SUFFIXES = (".mp4", ".gif")
 MESH_SUFFIXES = (".glb", ".obj", ".ply")
 ORBIT_DISTANCE, ORBIT_FOCAL = 2.5, 1.0  # the preview cameras' framing: the bounding sphere fills ~80 %
-
-
-@dataclass
-class RenderSource:
-    """A detached copy of what rendering needs; renders never touch the live trainer."""
-
-    field: torch.nn.Module
-    background: torch.nn.Module
-    estimator: torch.nn.Module | None
-    cfg: Config
-    step: int
-    device: torch.device = torch.device("cpu")
-
-    @classmethod
-    def from_trainer(cls, trainer) -> RenderSource:
-        """Deep copies of the trainer's modules; call it under the session lock, then release the lock."""
-        parts = [_frozen_copy(m) for m in (trainer.field, trainer.background, trainer.estimator)]
-        return cls(*parts, cfg=copy.deepcopy(trainer.cfg), step=int(trainer.step_count), device=trainer.device)
-
-    @classmethod
-    def from_checkpoint(cls, run_dir: str | Path, device="cpu") -> RenderSource:
-        """The field of a saved run, without building its prior (exports need none)."""
-        from engine.field import Background, make_field
-        from engine.render import make_occupancy
-
-        meta, tensors = read_checkpoint(run_dir)
-        cfg = Config.from_dict(meta["config"])
-        with torch.random.fork_rng(devices=[]):  # fresh modules are overwritten; keep the global RNG as it was
-            field, background = make_field(cfg.field, device), Background(cfg.background).to(device)
-            est = (make_occupancy(cfg.field.radius, cfg.render.occupancy_resolution, device)
-                   if cfg.render.occupancy else None)
-        for prefix, module in (("field.", field), ("background.", background), ("occupancy.", est)):
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if module is not None and state:
-                module.load_state_dict(state)
-        field.progress = int(meta["step"])  # the field's schedules (the grid's band window) at the saved step
-        return cls(*(_frozen_copy(m) for m in (field, background, est)), cfg=cfg, step=int(meta["step"]),
-                   device=torch.device(device))
-
-    @torch.no_grad()
-    def render(self, cams: Cameras, height: int, width: int, shading: str = "lambertian",
-               live: LiveParams | None = None) -> RenderOutput:
-        """Deterministic render as `Trainer.render_views` does it: light at the camera unless fixed by `live`."""
-        live = live or LiveParams()
-        cams = cams.to(self.device)
-        if live.light_mode != "fixed":
-            live = LiveParams(light_mode="camera", light_color=live.light_color, ambient=live.ambient)
-        light = make_light(cams, live, self.cfg.camera, None)
-        bg = (torch.tensor(self.cfg.background.color, device=self.device)
-              if self.cfg.background.kind == "random" else None)
-        use_grid = self.estimator is not None and self.step >= self.cfg.render.occupancy_warmup
-        return render(self.field, self.background, cams, height, width, shading=shading, light=light,
-                      cfg=self.cfg.render, estimator=self.estimator if use_grid else None, bg_color=bg)
-
-
-def _frozen_copy(module):
-    if module is None:
-        return None
-    out = copy.deepcopy(module)
-    for p in out.parameters():
-        p.requires_grad_(False)
-        p.grad = None
-    return out.eval()
-
-
-# -- images --------------------------------------------------------------------------------------------
-def mode_images(out: RenderOutput, cams: Cameras, mode: str, radius: float) -> Tensor:
-    """One render mode's image [B, 3, H, W] in [0, 1] from a RenderOutput.
-
-    "normal" is derived from the accumulated normals, so one lambertian render also yields the normals
-    and the depth of a side-by-side frame. Depth is grey with a fixed range per camera (near = bright,
-    empty = black), so frames of a video do not flicker as the visible depth range changes.
-    """
-    if mode in ("lambertian", "albedo", "textureless"):
-        img = out.rgb
-    elif mode == "normal":  # sum_i w_i (n_i + 1) / 2 over a white background
-        img = (out.normal + out.opacity) * 0.5 + (1.0 - out.opacity)
-    elif mode == "opacity":
-        img = out.opacity.expand(-1, 3, -1, -1)
-    elif mode == "depth":
-        dist = cams.distance.to(out.depth).view(-1, 1, 1, 1)
-        near = (dist - radius).clamp(min=0)
-        surface = out.depth / out.opacity.clamp(min=1e-6)
-        img = ((1.0 - (surface - near) / (2 * radius)).clamp(0, 1) * out.opacity).expand(-1, 3, -1, -1)
-    else:
-        raise ValueError(f"unknown render mode {mode!r}; choose from {', '.join(MODES)}")
-    return img.clamp(0, 1)  # accumulation round-off can overshoot 1 by an ulp
-
-
-def render_mode_image(source: RenderSource, cams: Cameras, height: int, width: int, mode: str = "lambertian",
-                      live: LiveParams | None = None) -> Tensor:
-    """[B, 3, H, W] image of any mode in MODES (the viewer uses it too)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown render mode {mode!r}; choose from {', '.join(MODES)}")
-    shading = mode if mode in ("lambertian", "albedo", "textureless") else "albedo"
-    out = source.render(cams, height, width, shading=shading, live=live)
-    return mode_images(out, cams.to(out.rgb.device), mode, source.field.cfg.radius)
 
 
 def side_by_side_image(source: RenderSource, cams: Cameras, size: int, live: LiveParams | None = None) -> Tensor:
     """Shaded | normals | depth next to each other, [B, 3, size, 3 * size], from one render."""
     out = source.render(cams, size, size, shading="lambertian", live=live)
     cams = cams.to(out.rgb.device)
-    r = source.field.cfg.radius
+    r = source.cfg.field.radius
     return torch.cat([mode_images(out, cams, m, r) for m in ("lambertian", "normal", "depth")], dim=-1)
 
 
@@ -165,7 +66,7 @@ def snapshot(source: RenderSource, live: LiveParams | None, run_dir: str | Path,
     Returns {"png": path[, "checkpoint": run folder]}."""
     size = _check_size(size)
     cams = camera if camera is not None else default_camera()
-    image = render_mode_image(source, cams, size, size, mode, live)
+    image = source.image(cams, size, size, mode, live)
     paths = {"png": save_png(tile(image), Path(run_dir) / f"snapshot-{source.step}-{mode}.png")}
     if trainer is not None:
         save_checkpoint(trainer, run_dir, live or LiveParams())
@@ -188,7 +89,7 @@ def orbit_frames(source: RenderSource, frames: int, size: int, elevation: float,
         sl = slice(i, min(i + batch, frames))
         part = Cameras(cams.c2w[sl], cams.focal[sl], cams.azimuth[sl], cams.elevation[sl], cams.distance[sl])
         img = side_by_side_image(source, part, size, live) if side_by_side else \
-            render_mode_image(source, part, size, size, mode, live)
+            source.image(part, size, size, mode, live)
         yield from to_uint8(img)
 
 

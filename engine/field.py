@@ -1,7 +1,9 @@
 """Neural fields: density and albedo inside a bounding sphere, plus the background.
 
-Two backbones share one interface. `prepare()` returns a function `x [N, 3] -> FieldSamples` that a
-render calls once per batch of points; the field itself keeps no state between renders.
+Two backbones share one interface. `prepare(occupancy)` returns a `FieldQuery` for one render: its
+`samples(x)` gives density, albedo and normal, its `density(x)` density alone (the occupancy update,
+the samplers and renders without gradients need no more). The field keeps no state between renders;
+what a backbone derives from the occupancy grid is cached on the grid object (`OccupancyGrid.derived`).
 
 - `GridField` ("grid", the CPU default): a small Fourier-feature MLP *generates* a dense grid of
   density, albedo and density gradient every render, and samples are read from it trilinearly
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,9 @@ from torch import Tensor, nn
 
 from engine.config import BackgroundConfig, FieldConfig
 from engine.ops import grid_sample_3d, norm, normalize
+
+if TYPE_CHECKING:
+    from engine.render import OccupancyGrid
 
 
 @dataclass
@@ -33,20 +39,19 @@ class FieldSamples:
     normal: Tensor  # [N, 3] unit, -grad(sigma) / |grad(sigma)|
 
 
+@dataclass(frozen=True)
+class FieldQuery:
+    """A field prepared for one render."""
+
+    samples: Callable[[Tensor], FieldSamples]  # x [N, 3] -> density, albedo, normal
+    density: Callable[[Tensor], Tensor]  # x [N, 3] -> sigma [N], without albedo or normals
+
+
 def fourier_features(x: Tensor, bands: int) -> Tensor:
     """[..., 3] -> [..., 3 + 6 * bands]: x, sin(2^k pi x), cos(2^k pi x)."""
     freqs = (2.0 ** torch.arange(bands, device=x.device, dtype=x.dtype)) * math.pi
     xb = x[..., None, :] * freqs[:, None]  # [..., bands, 3]
     return torch.cat([x, xb.sin().flatten(-2), xb.cos().flatten(-2)], dim=-1)
-
-
-def band_window(bands: int, alpha: float) -> Tensor:
-    """Weights [3 + 6 * bands] of `fourier_features`' columns at window position alpha in [0, bands]
-    (Nerfies, Park et al. 2021): octave k fades in as (1 - cos(pi * clamp(alpha - k, 0, 1))) / 2."""
-    k = torch.arange(bands, dtype=torch.float32)
-    w = (1.0 - torch.cos(math.pi * (alpha - k).clamp(0.0, 1.0))) / 2.0
-    w = w[:, None].expand(bands, 3).flatten()
-    return torch.cat([torch.ones(3), w, w])
 
 
 def mlp(n_in: int, hidden: int, n_out: int, layers: int = 2) -> nn.Sequential:
@@ -58,26 +63,23 @@ def mlp(n_in: int, hidden: int, n_out: int, layers: int = 2) -> nn.Sequential:
 
 
 class Field(nn.Module):
-    """Common parts: density activation, the initial centre blob, and the dense query helpers."""
+    """Common parts: density activation with the initial centre blob, and the dense query helper."""
 
     cfg: FieldConfig
-    progress: int = 0  # the trainer's step: schedules inside the field (the grid's band window) follow it
 
     def activate_density(self, raw: Tensor, x: Tensor) -> Tensor:
-        raw = raw + self.cfg.blob_density * (1.0 - norm(x) / self.cfg.blob_radius)
-        if self.cfg.density_activation == "exp":
-            return torch.exp(raw.clamp(max=15.0))
-        return F.softplus(raw)
+        """softplus(raw + blob): softplus keeps the gradient alive where density is low (exp explodes)."""
+        return F.softplus(raw + self.cfg.blob_density * (1.0 - norm(x) / self.cfg.blob_radius))
 
-    def prepare(self, occupied_fn: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], FieldSamples]:
-        """A query function for one render. `occupied_fn(x) -> bool` marks space that may hold density;
-        backbones that can save work with it do (points outside it are only ever queried as empty)."""
+    def prepare(self, occupancy: OccupancyGrid | None = None) -> FieldQuery:
+        """The field for one render. `occupancy` marks space that may hold density; backbones that can
+        save work with it do (points outside it are only ever queried as empty)."""
         raise NotImplementedError
 
     def query_density(self, x: Tensor) -> Tensor:
         """sigma at points x [N, 3] (zero outside the bounding sphere)."""
         inside = norm(x) <= self.cfg.radius
-        return self.prepare()(x).density * inside
+        return self.prepare().density(x) * inside
 
 
 class GridField(Field):
@@ -95,28 +97,19 @@ class GridField(Field):
         self.register_buffer("features", fourier_features(lattice / cfg.radius, cfg.fourier_bands), persistent=False)
         self.net = mlp(3 + 6 * cfg.fourier_bands, cfg.hidden, 4)
 
-    def _window(self) -> Tensor | None:
-        """The band window at the current progress, or None when every octave is fully open."""
-        steps, bands = self.cfg.band_anneal_steps, self.cfg.fourier_bands
-        if steps <= 0 or self.progress >= steps:
-            return None
-        return band_window(bands, bands * self.progress / steps).to(self.features)
-
     def grid(self, active: Tensor | None = None) -> Tensor:
         """The generated grid [1, 7, D, H, W]: density, albedo (3), density gradient (3).
 
         `active` [D, H, W] bool limits the MLP to those lattice points (the rest is empty space: zero
         density), which is where empty-space skipping saves most on the CPU path.
         """
-        window = self._window()
         if active is None:
-            feats = self.features if window is None else self.features * window
-            raw = self.net(feats)  # [D, H, W, 4]
+            raw = self.net(self.features)  # [D, H, W, 4]
             sigma = self.activate_density(raw[..., 0], self.lattice)
         else:  # index_select / index_copy on flat views: much faster on CPU than advanced indexing
             idx = active.view(-1).nonzero().squeeze(1)
             feats = self.features.reshape(-1, self.features.shape[-1]).index_select(0, idx)
-            part = self.net(feats if window is None else feats * window)  # [M, 4]
+            part = self.net(feats)  # [M, 4]
             raw = torch.zeros(active.numel(), 4, device=part.device, dtype=part.dtype).index_copy(0, idx, part)
             raw = raw.view(*active.shape, 4)
             sig = self.activate_density(part[:, 0], self.lattice.reshape(-1, 3).index_select(0, idx))
@@ -138,38 +131,22 @@ class GridField(Field):
             occ = F.max_pool3d(occ, kernel_size=k, stride=1, padding=p)
         return occ[0, 0] > 0
 
-    def _active(self, occupied_fn: Callable[[Tensor], Tensor]) -> Tensor:
-        """`active_lattice`, reused while `occupied_fn.stamp` (when it has one) is unchanged: the occupancy
-        grid is updated every few steps, not every render."""
-        stamp = getattr(occupied_fn, "stamp", None)
-        cached = self.__dict__.get("_active_cache")
-        if stamp is not None and cached is not None and cached[0] == stamp:
-            return cached[1]
-        active = self.active_lattice(occupied_fn)
-        if stamp is not None:
-            self.__dict__["_active_cache"] = (stamp, active)
-        return active
-
-    def prepare(self, occupied_fn: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], FieldSamples]:
-        grid = self.grid(None if occupied_fn is None else self._active(occupied_fn))
-        if self.training and torch.is_grad_enabled():  # for regularisers of the grid itself (`grid_tv`)
-            self.__dict__["last_grid"] = grid
+    def prepare(self, occupancy: OccupancyGrid | None = None) -> FieldQuery:
+        active = None
+        if occupancy is not None:  # recomputed only when the occupancy grid changes (every few steps)
+            key = ("grid_field_active", self.cfg.grid_resolution, self.cfg.radius)
+            active = occupancy.derived(key, lambda: self.active_lattice(occupancy.occupied))
+        grid = self.grid(active)
         radius = self.cfg.radius
 
-        def sample(g: Tensor, x: Tensor) -> Tensor:  # channels of grid g at points x [N, 3] -> [C, N]
-            return grid_sample_3d(g, x / radius)
+        def samples(x: Tensor) -> FieldSamples:
+            s = grid_sample_3d(grid, x / radius).t()  # [N, 7]
+            return FieldSamples(s[:, 0].clamp(min=0.0), s[:, 1:4], -normalize(s[:, 4:7]))
 
-        def query(x: Tensor) -> FieldSamples:
-            s = sample(grid, x).t()  # [N, 7]
-            grad = s[:, 4:7]
-            normal = -normalize(grad)
-            return FieldSamples(s[:, 0].clamp(min=0.0), s[:, 1:4], normal)
+        def density(x: Tensor) -> Tensor:  # one channel of the grid
+            return grid_sample_3d(grid[:, :1], x / radius)[0].clamp(min=0.0)
 
-        def density(x: Tensor) -> Tensor:  # sigma alone: one channel of the grid
-            return sample(grid[:, :1], x)[0].clamp(min=0.0)
-
-        query.density = density  # the renderer's two-pass path for renders without gradients
-        return query
+        return FieldQuery(samples, density)
 
 
 class HashEncoding(nn.Module):
@@ -235,8 +212,8 @@ class HashField(Field):
         raw = self.net(self.encoding(u).float())
         return self.activate_density(raw[:, 0], x), torch.sigmoid(raw[:, 1:])
 
-    def prepare(self, occupied_fn=None) -> Callable[[Tensor], FieldSamples]:
-        def query(x: Tensor) -> FieldSamples:
+    def prepare(self, occupancy: OccupancyGrid | None = None) -> FieldQuery:
+        def samples(x: Tensor) -> FieldSamples:
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)
                 sigma, albedo = self._density_albedo(xg)
@@ -246,11 +223,10 @@ class HashField(Field):
             normal = -normalize(grad)
             return FieldSamples(sigma, albedo, normal)
 
-        def density(x: Tensor) -> Tensor:
+        def density(x: Tensor) -> Tensor:  # no normals: no autograd pass, no double backward
             return self._density_albedo(x)[0]
 
-        query.density = density  # the renderer's two-pass path for renders without gradients
-        return query
+        return FieldQuery(samples, density)
 
 
 def make_field(cfg: FieldConfig, device="cpu") -> Field:
@@ -268,12 +244,9 @@ class Background(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.net = mlp(3 + 6 * cfg.fourier_bands, cfg.hidden, 3, layers=1) if cfg.kind == "mlp" else None
-        if cfg.kind not in ("mlp", "solid", "random"):
-            raise ValueError(f"unknown background {cfg.kind!r}; choose 'mlp', 'solid' or 'random'")
 
-    def forward(self, dirs: Tensor, color: Tensor | None = None) -> Tensor:
-        """dirs [N, 3] unit -> rgb [N, 3]. `color` [3] overrides (solid / random backgrounds)."""
-        if self.net is not None and color is None:
+    def forward(self, dirs: Tensor) -> Tensor:
+        """dirs [N, 3] unit -> rgb [N, 3]."""
+        if self.net is not None:
             return torch.sigmoid(self.net(fourier_features(dirs, self.cfg.fourier_bands)))
-        c = color if color is not None else torch.tensor(self.cfg.color, device=dirs.device)
-        return c.to(dirs).expand(dirs.shape[0], 3)
+        return torch.tensor(self.cfg.color, device=dirs.device, dtype=dirs.dtype).expand(dirs.shape[0], 3)

@@ -46,7 +46,7 @@ def auto_threshold(source, size: int = 32, samples: int = 256) -> float:
     t = near[:, None] + step[:, None] * (torch.arange(samples, device=o.device) + 0.5)  # [R, S]
     query = source.field.prepare()
     x = o[:, None] + d[:, None] * t[..., None]
-    sigma = torch.cat([query(p).density for p in x.reshape(-1, 3).split(1 << 18)]).view(t.shape).float()
+    sigma = torch.cat([query.density(p) for p in x.reshape(-1, 3).split(1 << 18)]).view(t.shape).float()
     depth = (sigma * step[:, None]).cumsum(-1)  # optical depth after each sample
     crossed = depth >= math.log(2.0)  # transmittance exp(-depth) <= 0.5
     rays = crossed.any(-1)
@@ -59,7 +59,7 @@ def auto_threshold(source, size: int = 32, samples: int = 256) -> float:
     frac = ((math.log(2.0) - before) / inc.gather(1, i)[:, 0].clamp(min=1e-12)).clamp(0, 1)
     t_cross = t[rays].gather(1, i)[:, 0] + (frac - 0.5) * step[rays]
     x_cross = o[rays] + d[rays] * t_cross[:, None]
-    s = query(x_cross)
+    s = query.samples(x_cross)
     # grazing rays cross 0.5 far out in a soft edge's tail; the surface is what rays meeting it head-on see
     facing = -(s.normal * d[rays]).sum(-1) > 0.7
     level = s.density[facing] if int(facing.sum()) >= 16 else s.density
@@ -86,7 +86,7 @@ def sample_density(field, resolution: int, device="cpu", chunk: int = 1 << 18) -
         inside = (x.norm(dim=-1) <= r).nonzero()[:, 0]
         vals = torch.zeros(slab)
         for part in inside.split(chunk):
-            vals[part] = query(x[part].to(device)).density.float().cpu()
+            vals[part] = query.density(x[part].to(device)).float().cpu()
         out[i * slab:(i + 1) * slab] = vals
     return out.view(resolution, resolution, resolution).numpy(), 2.0 * r / (resolution - 1)
 
@@ -151,7 +151,7 @@ def vertex_albedo(field, verts: np.ndarray, device="cpu", chunk: int = 1 << 18) 
     """RGBA uint8 [V, 4] from the field's albedo at the vertices."""
     query = field.prepare()
     x = torch.from_numpy(verts).float()
-    rgb = torch.cat([query(p.to(device)).albedo.float().cpu() for p in x.split(chunk)]) if len(x) else torch.zeros(0, 3)
+    rgb = torch.cat([query.samples(p.to(device)).albedo.float().cpu() for p in x.split(chunk)]) if len(x) else torch.zeros(0, 3)
     rgba = torch.cat([rgb.clamp(0, 1), torch.ones(len(rgb), 1)], -1)
     return (rgba * 255 + 0.5).to(torch.uint8).numpy()
 

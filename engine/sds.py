@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 VIEWS = ("front", "side", "back", "overhead")  # labels of view-dependent prompting, in the order of view weights
-WEIGHTINGS = ("sigma2", "sqrt_alpha_sigma2", "uniform")
 
 
 def sample_timesteps(batch: int, t_min: float, t_max: float, num_train_timesteps: int,
@@ -27,15 +26,11 @@ def sample_timesteps(batch: int, t_min: float, t_max: float, num_train_timesteps
     return t.clamp_(0, num_train_timesteps - 1).to(device)
 
 
-def sds_weight(alphas_cumprod_t: Tensor, kind: str) -> Tensor:
-    """w(t) for the prior's abar_t. Under a variance-preserving process sigma_t^2 = 1 - abar_t."""
-    if kind == "sigma2":
-        return 1.0 - alphas_cumprod_t
-    if kind == "sqrt_alpha_sigma2":
-        return alphas_cumprod_t.sqrt() * (1.0 - alphas_cumprod_t)
-    if kind == "uniform":
-        return torch.ones_like(alphas_cumprod_t)
-    raise ValueError(f"unknown SDS weighting {kind!r}; choose from {', '.join(WEIGHTINGS)}")
+def sds_weight(alphas_cumprod_t: Tensor, kind: str = "sigma2") -> Tensor:
+    """The paper's w(t) = sigma_t^2 = 1 - abar_t (variance preserving) for the prior's abar_t."""
+    if kind != "sigma2":
+        raise ValueError(f"unknown SDS weighting {kind!r}: only the paper's 'sigma2' is implemented")
+    return 1.0 - alphas_cumprod_t
 
 
 def classifier_free_guidance(eps_uncond: Tensor, eps_cond: Tensor, scale: float) -> Tensor:

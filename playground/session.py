@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from engine.cameras import preview_cameras
-from engine.config import Config, LiveParams
+from engine.config import Config, LiveParams, live_defaults, preset
 from engine.priors import check_prior_spec, load_prior
+from engine.source import RenderSource
 from engine.trainer import Trainer
 from playground.snapshot import Snapshot
 
@@ -43,15 +44,34 @@ def live_dict(live: LiveParams) -> dict:
     return d
 
 
+def prior_kind(spec: str) -> str:
+    return spec.partition(":")[0].lower()
+
+
+# live parameters whose good values depend on the prior: a switch to another kind of prior takes its own
+PRIOR_LIVE = ("guidance_scale", "learning_rate")
+LARGE_PRIORS = ("sd", "if")  # gigabytes each: only one stays loaded
+
+
 class Session:
-    """Owns one run: its trainer, thread, lock, state, history and the live parameters."""
+    """Owns one run: its trainer, thread, lock, state, history and the live parameters.
+
+    `cfg` and `live` are the launch prior's settings. `overrides` (dotted config names, e.g.
+    {"render.resolution": 24}) and `user_live` (names of live parameters) are what the user set explicitly:
+    when a run starts with another kind of prior, its preset and live defaults apply (`preset`,
+    `live_defaults`) and only these stay, except the prior-specific live values (guidance, learning rate).
+    """
 
     def __init__(self, cfg: Config | None = None, live: LiveParams | None = None, device="cpu",
-                 out_root: str | Path = "outputs", prior_loader=load_prior, preview_size: int = 64):
+                 out_root: str | Path = "outputs", prior_loader=load_prior, preview_size: int = 64,
+                 overrides: dict | None = None, user_live: tuple[str, ...] = (), prior_options=None):
         self.cfg = cfg or Config()
         self.device = device
         self.out_root = Path(out_root)
         self.preview_size = preview_size
+        self.overrides = dict(overrides or {})
+        self.user_live = set(user_live)
+        self.prior_options = prior_options
         self.lock = threading.Lock()  # held for one training step, or while copying the field
         self.live = (live or LiveParams(seed=self.cfg.seed)).validated()  # what the next step uses
         self.used = self.live  # what the last step used
@@ -60,6 +80,7 @@ class Session:
         self.state, self.message, self.error = "idle", "press Start to train", None
         self.trainer: Trainer | None = None
         self.warnings: list[str] = []
+        self.settings_note = ""  # what a prior switch applied and what it kept
         self.history: list[tuple[int, float]] = []  # (step, loss), thinned when long
         self.last_metrics: dict = {}
         self.recent_cameras: tuple | None = None  # (c2w [B, 4, 4], focal [B]) of the last step, for the viewer
@@ -67,38 +88,41 @@ class Session:
         self.exports: list[str] = []  # one line per finished export: what was written, or why not
         self._saved: tuple | None = None  # (id(trainer), step) of the last checkpoint written
         self._load_prior = prior_loader
-        self._priors: dict = {}
-        self._commands: queue.Queue = queue.Queue()
+        self._priors: dict = {}  # spec -> loaded prior; large ones are evicted on a switch
+        self._commands: queue.Queue = queue.Queue()  # (method, argument), applied by the session thread
         self._times: list[float] = []
+        # the viewer's hand-off: the latest frozen copy of the field, and a request for a fresher one that
+        # the session thread fulfils right after its next step
         self._snap: Snapshot | None = None
-        self._want_snap = False
+        self._snap_wanted = threading.Event()
         self._preview: tuple[tuple, object] | None = None  # (snapshot key, image [H, 4W, 3] uint8)
         self._preview_busy = False
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-work")
         self._thread = threading.Thread(target=self._loop, name="session", daemon=True)
         self._thread.start()
 
-    # -- commands (any thread; they return at once) --------------------------------------------------
+    # -- commands (any thread; they queue work for the session thread and return at once) -------------
     def start(self, prior: str | None = None) -> None:
         """Train: from idle/done/error builds a run if needed; from paused resumes.
 
         An unknown prior kind raises ValueError here; one that fails to load leaves the current run as it was.
         """
-        self._commands.put(("start", check_prior_spec(prior) if prior else None))
+        self._commands.put((self._do_start, check_prior_spec(prior) if prior else None))
 
     def pause(self) -> None:
-        self._commands.put(("pause", None))
+        self._commands.put((self._do_pause, None))
 
     def resume(self) -> None:
-        self._commands.put(("resume", None))
+        self._commands.put((self._do_resume, None))
 
     def reset(self, prior: str | None = None) -> None:
-        """A new field with the same settings (seed from the live parameters); keeps running if it was."""
-        self._commands.put(("reset", check_prior_spec(prior) if prior else None))
+        """A new field with the same settings (seed from the live parameters); keeps running if it was.
+        With another kind of prior, that prior's settings apply (see the class docstring)."""
+        self._commands.put((self._do_reset, check_prior_spec(prior) if prior else None))
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the session thread and the worker; the session cannot be restarted."""
-        self._commands.put(("stop", None))
+        self._commands.put((None, None))
         self._thread.join(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)  # a running preview or export ends first
 
@@ -126,90 +150,132 @@ class Session:
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 10**7):
             raise ValueError(f"steps must be an integer in [1, 10^7]; got {steps!r}")
         new = self.live.replace(**changes)  # raises ValueError with a clear message
-        self._commands.put(("params", (changes, steps)))
+        self._commands.put((self._do_params, (changes, steps)))
         return new
 
     def wait_idle_queue(self, timeout: float = 10.0) -> None:
         """Block until every queued command has been applied (for tests and scripts)."""
         done = threading.Event()
-        self._commands.put(("call", done.set))
+        self._commands.put((lambda _: done.set(), None))
         done.wait(timeout)
 
     # -- the session thread --------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             try:  # block for a command unless training; then just drain what is queued
-                cmd, arg = self._commands.get(block=self.state != "running")
+                command, arg = self._commands.get(block=self.state != "running")
             except queue.Empty:
-                cmd, arg = None, None
-            if cmd == "stop":
-                return
-            if cmd is not None:
-                self._apply(cmd, arg)
-                continue
-            if self.state == "running":
                 self._train_one()
+                continue
+            if command is None:  # stop
+                return
+            spec = self.prior_spec
+            try:
+                command(arg)
+            except PriorUnavailable as err:  # the current run, if any, is untouched: it goes on
+                log.warning("session command: %s", err)
+                self.prior_spec, self.message = spec, str(err)
+                self.warnings.append(self.message)  # kept in /status: the next step overwrites `message`
+                if self.trainer is None:
+                    self._fail(self.message)
+            except Exception as err:  # a failed build: shown in the pane, the app stays up
+                log.exception("session command failed")
+                self._fail(f"{getattr(command, '__name__', 'command').removeprefix('_do_')} failed: {err}")
 
-    def _apply(self, cmd: str, arg) -> None:
-        spec = self.prior_spec
+    def _do_params(self, arg) -> None:
+        changes, steps = arg
+        self.live = self.live.replace(**changes)
+        self.user_live |= set(changes)
+        if steps is not None:
+            self.max_steps = steps
+            self.overrides["steps"] = steps
+            if self.state == "done" and self.trainer is not None and self.trainer.step_count < steps:
+                self.state, self.message = "paused", f"run extended to {steps} steps; press Start"
+
+    def _do_pause(self, _) -> None:
+        if self.state == "running":
+            self.state, self.message = "paused", "paused"
+
+    def _do_resume(self, _) -> None:
+        if self.state == "paused":
+            self.state, self.message = "running", "training"
+
+    def _do_start(self, prior: str | None) -> None:
+        if self.state in ("running", "paused"):
+            if prior and prior != self.prior_spec:
+                self.message = (f"already training with {self.prior_spec}; the prior {prior} was not used "
+                                "(press Reset with it to switch)")
+                self.warnings.append(self.message)
+            self._do_resume(None)
+            return
+        if prior:
+            self.prior_spec = prior
+        if self.trainer is None or self.state in ("done", "error") or self.trainer.prior.name != self._prior_name():
+            self._new_trainer()
+        self.state, self.message = "running", "training"
+
+    def _do_reset(self, prior: str | None) -> None:
+        if prior:
+            self.prior_spec = prior
+        was_running = self.state == "running"
+        self._new_trainer()
+        self.state = "running" if was_running else "idle"
+        self.message = "training" if was_running else "new field; press Start"
+
+    def _prior_name(self) -> str:
+        prior = self._priors.get(self.prior_spec)
+        return prior.name if prior is not None else f"<not loaded: {self.prior_spec}>"
+
+    def _settings_for(self, spec: str) -> tuple[Config, LiveParams, str]:
+        """The config and live parameters of a new run with `spec`, and a note of what changed: the same kind
+        of prior keeps the current settings; another kind gets its own, but for what the user set."""
+        if prior_kind(spec) == prior_kind(self.cfg.prior):
+            return dataclasses.replace(self.cfg, prior=spec), self.live, ""
+        cfg = preset(spec, self.device)
+        for name, value in self.overrides.items():
+            section, _, key = name.rpartition(".")
+            setattr(getattr(cfg, section) if section else cfg, key, value)
+        kept = sorted(k for k in self.user_live if k not in PRIOR_LIVE)
+        live = live_defaults(spec, **{k: getattr(self.live, k) for k in kept})
+        changed = [f"{k} {getattr(live, k):g}" for k in PRIOR_LIVE if getattr(live, k) != getattr(self.live, k)]
+        note = (f"{prior_kind(spec)} settings: {cfg.render.resolution or 'its own'} px, {cfg.field.backbone} field, "
+                f"{cfg.steps} steps" + (", " + ", ".join(changed) if changed else "")
+                + (f"; kept what you set: {', '.join(kept + sorted(self.overrides))}" if kept or self.overrides else ""))
+        return cfg, live, note
+
+    def _load(self, spec: str):
+        """The prior of `spec`, loaded once; before a large prior loads, priors no run uses are freed."""
+        if spec in self._priors:
+            return self._priors[spec]
+        current = self.trainer.prior if self.trainer is not None else None
+        if prior_kind(spec) in LARGE_PRIORS:
+            self._priors = {k: p for k, p in self._priors.items() if p is current}
+        self.message = f"loading prior {spec}..."
+        kwargs = {"options": self.prior_options} if self.prior_options is not None else {}
         try:
-            if cmd == "params":
-                changes, steps = arg
-                self.live = self.live.replace(**changes)
-                if steps is not None:
-                    self.max_steps = steps
-                    if self.state == "done" and self.trainer is not None and self.trainer.step_count < steps:
-                        self.state, self.message = "paused", f"run extended to {steps} steps; press Start"
-            elif cmd == "call":
-                arg()
-            elif cmd == "pause" and self.state == "running":
-                self.state, self.message = "paused", "paused"
-            elif cmd in ("resume", "start") and self.state == "paused":
-                self.state, self.message = "running", "training"
-            elif cmd == "start" and self.state in ("idle", "done", "error"):
-                if arg:
-                    self.prior_spec = arg
-                fresh = self.trainer is None or self.state in ("done", "error") or \
-                    self.trainer.prior.name != self._prior_name(self.prior_spec)
-                if fresh:
-                    self._new_trainer()
-                self.state, self.message = "running", "training"
-            elif cmd == "reset":
-                if arg:
-                    self.prior_spec = arg
-                was_running = self.state == "running"
-                self._new_trainer()
-                self.state = "running" if was_running else "idle"
-                self.message = "training" if was_running else "new field; press Start"
-        except PriorUnavailable as err:  # the current run, if any, is untouched: it goes on
-            log.warning("session command %s: %s", cmd, err)
-            self.prior_spec, self.message = spec, f"{cmd} failed: {err}"
-            self.warnings.append(self.message)  # kept in /status: the next step overwrites `message`
-            if self.trainer is None:
-                self._fail(self.message)
-        except Exception as err:  # a failed build: shown in the pane, the app stays up
-            log.exception("session command %s failed", cmd)
-            self._fail(f"{cmd} failed: {err}")
-
-    def _prior_name(self, spec: str) -> str:
-        prior = self._priors.get(spec)
-        return prior.name if prior is not None else f"<not loaded: {spec}>"
+            prior = self._load_prior(spec, device=self.device, **kwargs)
+        except (FileNotFoundError, ImportError, OSError, ValueError, RuntimeError) as err:
+            raise PriorUnavailable(f"prior {spec!r} is not available ({err}). Pick another prior "
+                                   "(e.g. oracle:cube) and press Reset.") from None
+        self._priors[spec] = prior
+        return prior
 
     def _new_trainer(self) -> None:
         spec = self.prior_spec
-        if spec not in self._priors:  # loaded before the current run is dropped: a failure keeps it
-            self.message = f"loading prior {spec}..."
-            try:
-                self._priors[spec] = self._load_prior(spec, device=self.device)
-            except (FileNotFoundError, ImportError, OSError, ValueError) as err:
-                raise PriorUnavailable(f"prior {spec!r} is not available ({err}). Pick another prior "
-                                       "(e.g. oracle:cube) and press Reset.") from None
+        prior = self._load(spec)  # loaded before the current run is dropped: a failure keeps it
+        cfg, live, note = self._settings_for(spec)
+        if "steps" in self.overrides:
+            cfg.steps = self.overrides["steps"]
+        cfg = dataclasses.replace(cfg, seed=live.seed)
+        trainer = Trainer(cfg, prior, self.device, live)
         self.trainer, self._snap, self._preview, self.run_dir = None, None, None, None
         self.history, self._times, self.last_metrics, self.warnings, self.error = [], [], {}, [], None
-        cfg = dataclasses.replace(self.cfg, prior=spec, seed=self.live.seed, steps=self.max_steps)
-        trainer = Trainer(cfg, self._priors[spec], self.device, self.live)
         with self.lock:
             self.trainer = trainer
+        self.cfg, self.live, self.max_steps, self.settings_note = cfg, live, cfg.steps, note or self.settings_note
+        self._priors = {k: p for k, p in self._priors.items() if p is prior or prior_kind(k) not in LARGE_PRIORS}
+        if self.device != "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # an evicted prior's memory goes back to the card
         self._encode(self.live)
         self.used = self.live
 
@@ -231,8 +297,18 @@ class Session:
                 self._encode(live)
             with self.lock:
                 result = tr.step(live)
-                if self._want_snap:
-                    self._snap, self._want_snap = Snapshot(tr), False
+                if self._snap_wanted.is_set():  # a viewer asked for a fresher copy of the field
+                    self._snap_wanted.clear()
+                    self._snap = Snapshot.of(tr)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.state = "paused"
+            self.message = (f"out of GPU memory at step {tr.step_count}: lower the resolution, batch size or samples "
+                            "per ray (or use CPU offload of the prior), then press Start")
+            self.warnings.append(self.message)
+            log.warning(self.message)
+            return
         except Exception as err:
             log.exception("training step failed")
             self._fail(f"step {tr.step_count} failed: {type(err).__name__}: {err}")
@@ -271,7 +347,16 @@ class Session:
                 "error": self.error, "prior": self.prior_spec, "warnings": list(self.warnings),
                 "shading_used": self.last_metrics.get("shading"), **live_dict(self.used),
                 "next": live_dict(self.live), "exports": self.exports[-5:],
-                "run_dir": str(self.run_dir) if self.run_dir else None}
+                "run_dir": str(self.run_dir) if self.run_dir else None, "settings": self.settings(),
+                "settings_note": self.settings_note}
+
+    def settings(self) -> dict:
+        """The run's fixed settings that a prior brings (its preset, after what the user set)."""
+        cfg, tr = self.cfg, self.trainer
+        return {"resolution": tr.resolution if tr is not None else cfg.render.resolution,
+                "backbone": cfg.field.backbone, "batch_size": cfg.camera.batch_size,
+                "samples": cfg.render.num_samples, "t_max_end": cfg.sds.t_max_end, "entropy": cfg.reg.entropy,
+                "renderer": "nerfacc CUDA" if tr is not None and tr.packed else "torch"}
 
     def vocabulary(self) -> list[str] | None:
         """The loaded prior's vocabulary, if it has a fixed one (the embedded prior)."""
@@ -288,8 +373,8 @@ class Session:
     def render_source(self) -> Snapshot | None:
         """A frozen copy of the field at a recent step, to render without holding the lock.
 
-        While training runs, the copy is refreshed by the session thread after its next step (no waiting
-        on the lock here); otherwise it is taken now under the lock.
+        While training runs, the session thread makes a fresher copy right after its next step when asked
+        (no waiting on the lock here); otherwise the copy is taken now under the lock.
         """
         tr, snap = self.trainer, self._snap
         if tr is None:
@@ -297,12 +382,12 @@ class Session:
         if snap is not None and snap.key == (id(tr), tr.step_count):
             return snap
         if self.state == "running" and snap is not None and snap.key[0] == id(tr):
-            self._want_snap = True
+            self._snap_wanted.set()
             return snap
         with self.lock:
             if self.trainer is None:
                 return None
-            self._snap = Snapshot(self.trainer)
+            self._snap = Snapshot.of(self.trainer)
             return self._snap
 
     def preview(self):
@@ -356,7 +441,7 @@ class Session:
                 save_checkpoint(self.trainer, run_dir, live)
                 self._saved = (id(self.trainer), self.trainer.step_count)
                 return {"checkpoint": str(run_dir)}
-            source = export.RenderSource.from_trainer(self.trainer)
+            source = RenderSource.from_trainer(self.trainer)
         if kind == "snapshot":
             paths = export.snapshot(source, live, run_dir, **kwargs)
             return {k: str(v) for k, v in paths.items()}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.priors.base import Prior, PromptEmbedding, SDSContext
+from engine.priors.base import Prior, PriorOptions, PromptEmbedding, SDSContext
 
-__all__ = ["Prior", "PromptEmbedding", "SDSContext", "check_prior_spec", "load_prior", "PRIOR_HELP"]
+__all__ = ["Prior", "PriorOptions", "PromptEmbedding", "SDSContext", "check_prior_spec", "load_prior", "PRIOR_HELP"]
 
 PRIOR_HELP = ("embedded (default, shipped in assets/), oracle:<solid> (sphere, cube, cylinder, cone, torus), "
               "gaussian, sd[:<hub id or folder>], if[:<hub id or folder>]")
@@ -22,12 +22,16 @@ def check_prior_spec(spec) -> str:
     return spec.strip()
 
 
-def load_prior(spec: str | None, device="cpu", **kwargs) -> Prior:
+def load_prior(spec: str | None, device="cpu", options: PriorOptions | None = None, **kwargs) -> Prior:
     """Build a prior from a spec string such as "embedded", "oracle:cube", "sd:/models/sd21".
 
-    Raises ValueError with one readable line for an unknown spec, and the prior's own error
-    (FileNotFoundError / RuntimeError with a message naming what is missing) when loading fails.
+    options: how SD / IF load and guide (Perp-Neg, fp16, offload, attention slicing); the other priors ignore it.
+    kwargs: loader-specific extras (SD: taesd, resolution, vae_resolution; SD / IF: cache_dir).
+    Raises ValueError with one readable line for an unknown spec or bad options, and the prior's own error
+    (FileNotFoundError / PermissionError / RuntimeError with a message naming what is missing) when loading fails.
     """
+    if options is not None and not isinstance(options, PriorOptions):
+        raise ValueError(f"options must be a PriorOptions; got {type(options).__name__}")
     spec = (spec or "embedded").strip()
     kind, _, arg = spec.partition(":")
     kind = kind.lower()
@@ -46,9 +50,9 @@ def load_prior(spec: str | None, device="cpu", **kwargs) -> Prior:
     if kind == "sd":
         from engine.priors.stable_diffusion import DEFAULT_SD, StableDiffusionPrior
 
-        return StableDiffusionPrior.from_pretrained(arg or DEFAULT_SD, device=device, **kwargs)
+        return StableDiffusionPrior.from_pretrained(arg or DEFAULT_SD, device=device, options=options, **kwargs)
     if kind == "if":
         from engine.priors.deepfloyd import DEFAULT_IF, DeepFloydIFPrior
 
-        return DeepFloydIFPrior.from_pretrained(arg or DEFAULT_IF, device=device, **kwargs)
+        return DeepFloydIFPrior.from_pretrained(arg or DEFAULT_IF, device=device, options=options, **kwargs)
     raise ValueError(f"unknown prior {spec!r}; choose from: {PRIOR_HELP}")

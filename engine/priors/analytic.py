@@ -17,7 +17,7 @@ from torch import Tensor
 
 from engine import sds, world
 from engine.config import BackgroundConfig, FieldConfig, RenderConfig
-from engine.field import Background, Field, FieldSamples
+from engine.field import Background, Field, FieldQuery, FieldSamples
 from engine.ops import normalize
 from engine.priors.base import PromptEmbedding, SDSContext
 
@@ -80,11 +80,11 @@ class AnalyticField(Field):
     def sdf(self, x: Tensor) -> Tensor:
         return world.solid_sdf(self.solid, x)
 
-    def prepare(self, occupied_fn=None):
+    def prepare(self, occupancy=None) -> FieldQuery:
         def density_of(sdf: Tensor) -> Tensor:
             return self.sigma_max * torch.sigmoid(-sdf / self.eps)
 
-        def query(x: Tensor) -> FieldSamples:
+        def samples(x: Tensor) -> FieldSamples:
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)
                 d = self.sdf(xg)
@@ -96,8 +96,7 @@ class AnalyticField(Field):
         def density(x: Tensor) -> Tensor:
             return density_of(self.sdf(x))
 
-        query.density = density  # the renderer's two-pass path for renders without gradients
-        return query
+        return FieldQuery(samples, density)
 
     def inside(self, x: Tensor) -> Tensor:
         return self.sdf(x) < 0
@@ -136,16 +135,16 @@ class OraclePrior(_Analytic):
     def occupancy(self):
         """An occupancy grid of the static solid, made once, so target renders skip empty space."""
         if self._occupancy is None:
-            from engine.render import make_occupancy
+            from engine.render import OccupancyGrid
 
             field = self.field_for("")
-            est = make_occupancy(field.cfg.radius, 64, self.device)
+            occ = OccupancyGrid(field.cfg.radius, 64, self.device)
             inflate = 2.0 / 64 * 1.8  # keep cells within ~one cell diagonal of the surface
             with torch.random.fork_rng(devices=[]):  # nerfacc jitters with the global RNG: keep it fixed
                 torch.manual_seed(0)
-                est.update_every_n_steps(0, occ_eval_fn=lambda x: (field.sdf(x) < inflate).float(), occ_thre=0.5,
-                                         n=1, warmup_steps=1)
-            self._occupancy = est
+                occ.estimator.update_every_n_steps(0, occ_eval_fn=lambda x: (field.sdf(x) < inflate).float(),
+                                                   occ_thre=0.5, n=1, warmup_steps=1)
+            self._occupancy = occ
         return self._occupancy
 
     def target(self, ctx: SDSContext, prompt: str, size: tuple[int, int]) -> Tensor:
@@ -155,7 +154,7 @@ class OraclePrior(_Analytic):
         with torch.no_grad():
             out = render(self.field_for(prompt), self.background, ctx.cameras.to(self.device), size[0], size[1],
                          shading=ctx.shading, light=ctx.light.to(self.device), cfg=self.render_cfg,
-                         estimator=self.occupancy(), packed=False)
+                         occupancy=self.occupancy())
         return out.rgb
 
     def sds_grad(self, images, emb, ctx, *, guidance_scale, t_range, weighting, generator):

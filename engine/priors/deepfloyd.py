@@ -5,24 +5,29 @@ resized to the U-Net's 64x64, noised, denoised with classifier-free guidance (de
 and the gradient w(t)(eps_hat - eps) is mapped back to the render through the resize (its VJP). The IF
 U-Net predicts noise and a variance (6 channels); SDS uses the first three.
 
-IF is gated on the Hub (accept the licence, `hf auth login`) and large: T5-XXL (4.7B) + IF-I-XL (4.3B),
-~18 GB in fp16; `cpu_offload=True` keeps the text encoder off the GPU except while it encodes.
+IF is gated on the Hub (accept the licence, `hf auth login`) and large: T5-XXL (4.8B) + IF-I-XL (4.3B).
+Loading goes from cheap to expensive, so a missing piece fails in seconds: the tokenizer first (its
+`spiece.model` needs sentencepiece and protobuf), then the U-Net, then T5. T5 encodes each prompt's variants
+in one batch and lives on the CPU otherwise, so the GPU holds only the U-Net (docs/priors.md, memory).
 """
 
 from __future__ import annotations
+
+import os
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from engine.priors import diffusers_common as dc
-from engine.priors.base import PromptEmbedding, SDSContext
-from engine.sds import add_noise, sample_timesteps, sds_weight
+from engine.priors.base import PriorOptions, PromptEmbedding, SDSContext
+from engine.sds import add_noise, sample_timesteps
 
-DEFAULT_IF = "DeepFloyd/IF-I-XL-v1.0"
+DEFAULT_IF = dc.HUB["if"][0]
 DEFAULT_GUIDANCE = 20.0  # threestudio's deepfloyd-if guidance scale (SD uses 100)
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
-MAX_LENGTH = 77  # IFPipeline's T5 prompt length
+TOKENIZER_DEPS = "DeepFloyd IF's tokenizer (spiece.model) needs sentencepiece and protobuf: pip install sentencepiece protobuf"
 
 
 class DeepFloydIFPrior:
@@ -31,55 +36,49 @@ class DeepFloydIFPrior:
     default_guidance_scale = DEFAULT_GUIDANCE
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, *, name: str, device="cpu",
-                 dtype: torch.dtype = torch.float32, perp_neg: bool = False, perp_neg_scale: float = 1.0,
-                 cpu_offload: bool = False):
+                 options: PriorOptions | None = None):
+        options = options or PriorOptions()
         self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
-        self.name = name
-        self.device, self.dtype = torch.device(device), dtype
+        self.name, self.options = name, options
+        self.device, self.dtype = torch.device(device), options.dtype(device)
         self.resolution = unet.config.sample_size  # 64: the U-Net's own size; the trainer renders at it
-        self.max_length = min(MAX_LENGTH, tokenizer.model_max_length)
+        self.max_length = dc.token_limit(tokenizer)
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)  # [T], the scheduler's own
-        self.perp_neg, self.perp_neg_scale = perp_neg, perp_neg_scale
-        self.cpu_offload = cpu_offload
         self.cache = dc.PromptCache()
         for m in (unet, text_encoder):
             m.requires_grad_(False).eval()
         unet.to(self.device)
-        text_encoder.to("cpu" if cpu_offload else self.device)
+        text_encoder.to("cpu")  # on the device only while it encodes a prompt (T5-XXL: ~11.5 GB)
 
     @classmethod
-    def from_pretrained(cls, source: str = DEFAULT_IF, device="cpu", dtype: torch.dtype | None = None,
-                        attention_slicing: bool = False, cpu_offload: bool = False, perp_neg: bool = False,
-                        perp_neg_scale: float = 1.0, variant: str | None = None,
+    def from_pretrained(cls, source: str = DEFAULT_IF, device="cpu", options: PriorOptions | None = None, *,
                         cache_dir: str | None = None) -> DeepFloydIFPrior:
-        """Load IF stage I from a hub id (cached, or downloaded when online) or a local diffusers folder.
+        """Load IF stage I from a hub id (cached, or fetched when online) or a local diffusers folder.
 
-        attention_slicing: compute attention in slices (less memory). cpu_offload: keep T5 on the CPU
-        except while it encodes. variant: e.g. "fp16" weight files (IF ships them).
-        Raises FileNotFoundError when the weights are not on this machine and cannot be fetched, and
-        RuntimeError naming the component of a broken folder. The tokenizer of the real checkpoint is a
-        sentencepiece model: `pip install sentencepiece` if loading it says so.
+        Raises FileNotFoundError / PermissionError (gated) when the weights are not on this machine and cannot be
+        fetched, and RuntimeError naming the component of a broken folder or the missing tokenizer dependency.
         """
         from diffusers import DDPMScheduler, UNet2DConditionModel
-        from transformers import T5EncoderModel, T5Tokenizer
+        from transformers import T5EncoderModel
 
-        dtype = dc.default_dtype(device, dtype)
-        where = dc.resolve_source(source, "DeepFloyd IF", "`--prior if:/path/to/folder`", COMPONENTS,
-                                  cache_dir=cache_dir, gated=True)
-        weights = {"variant": variant, "cache_dir": cache_dir}
-        unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, torch_dtype=dtype, **weights)
-        text_encoder = dc.load_component("text_encoder", T5EncoderModel.from_pretrained, where, dtype=dtype,
-                                         **weights)
-        tokenizer = dc.load_component("tokenizer", T5Tokenizer.from_pretrained, where, cache_dir=cache_dir)
-        scheduler = dc.load_component("scheduler", DDPMScheduler.from_pretrained, where, cache_dir=cache_dir)
+        options = options or PriorOptions()
+        dtype = options.dtype(device)
+        fp16 = dtype == torch.float16
+        where = dc.resolve_source(source, "DeepFloyd IF", "`--prior if:/path/to/folder`", COMPONENTS, kind="if",
+                                  fp16=fp16, cache_dir=cache_dir, gated=True)
+        # 1. The tokenizer first: a missing dependency fails here in seconds, before ~20 GB of weights load
+        tokenizer = load_tokenizer(where)
+        scheduler = dc.load_component("scheduler", DDPMScheduler.from_pretrained, where)
+        unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, fp16=fp16, torch_dtype=dtype)
+        dc.check_width("unet", 3, unet.config.in_channels, "input channels (IF stage I works on RGB pixels)")
+        # 2. T5 (its `wo` layers stay fp32 in transformers: _keep_in_fp32_modules)
+        text_encoder = dc.load_component("text_encoder", T5EncoderModel.from_pretrained, where, fp16=fp16, dtype=dtype)
         text_width = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
         dc.check_width("unet", text_width, text_encoder.config.d_model, "text embeddings")
-        dc.check_width("unet", 3, unet.config.in_channels, "input channels (IF stage I works on RGB pixels)")
-        if attention_slicing:
+        if options.attention_slicing:
             unet.set_attention_slice("auto")
-        return cls(unet, text_encoder, tokenizer, scheduler, name=f"if:{source}", device=device, dtype=dtype,
-                   perp_neg=perp_neg, perp_neg_scale=perp_neg_scale, cpu_offload=cpu_offload)
+        return cls(unet, text_encoder, tokenizer, scheduler, name=f"if:{source}", device=device, options=options)
 
     # -- text ---------------------------------------------------------------------------------------
 
@@ -91,7 +90,7 @@ class DeepFloydIFPrior:
                              add_special_tokens=True, return_tensors="pt")
         full = self.tokenizer(texts, padding=False, truncation=False)["input_ids"]
         truncated = any(len(ids) > self.max_length for ids in full)
-        with dc.on_device(self.device, self.cpu_offload, self.text_encoder):
+        with dc.on_device(self.device, True, self.text_encoder):
             emb = self.text_encoder(tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device))[0]
         return emb.to(self.dtype), truncated
 
@@ -105,8 +104,10 @@ class DeepFloydIFPrior:
                  t_range: tuple[float, float], weighting: str, generator: torch.Generator) -> tuple[Tensor, dict]:
         """SDS gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
         b = images.shape[0]
-        # 1. Text: each render's embedding is its view-weighted mix of the four view prompts
-        cond, uncond, neg = dc.text_batch(emb, ctx.view_weights, self.perp_neg, ctx.view_dependent)
+        # 1. Text: each render's embedding is its view-weighted mix of the four view prompts; with Perp-Neg,
+        #    the (render, view prompt) negatives of nonzero weight
+        cond, uncond = dc.text_batch(emb, ctx.view_weights, ctx.view_dependent)
+        neg = dc.perp_neg_branches(emb, ctx, self.options.perp_neg_scale, self.device) if self.options.perp_neg else None
         # 2. Pixels: [0, 1] -> [-1, 1] at the U-Net's 64x64, keeping the graph to the render
         x = images.detach().to(self.device).float().requires_grad_(True)  # leaf [B, 3, H, W]
         with torch.enable_grad():
@@ -122,11 +123,29 @@ class DeepFloydIFPrior:
         eps_cond, eps_uncond, eps_neg = dc.predict_noise(self.unet, x_t.to(self.dtype), t, cond, uncond, neg,
                                                          channels=3)
         # 5. Guidance (CFG, or Perp-Neg against multi-face results)
-        lambdas = None if neg is None else dc.perp_neg_weights(ctx.view_weights.to(self.device), self.perp_neg_scale)
-        eps_hat = dc.guide(eps_cond.float(), eps_uncond.float(), guidance_scale, eps_neg, lambdas)
+        eps_hat = dc.guide(eps_cond, eps_uncond, guidance_scale, eps_neg, neg)
         # 6. Pixel gradient g = w(t) (eps_hat - eps), mapped to the render through the resize and *2 - 1:
         #    the gradient of 0.5 * ||x0 - (x0 - g).detach()||^2 w.r.t. the render, as the peers compute it
-        grad_x0 = sds_weight(abar, weighting).view(-1, 1, 1, 1) * (eps_hat - noise)  # NaN kept: the trainer skips
+        grad_x0 = dc.sigma2_weight(abar, weighting).view(-1, 1, 1, 1) * (eps_hat - noise)  # NaN kept: the trainer skips
         (grad,) = torch.autograd.grad(x0, x, grad_outputs=grad_x0)
-        info = {"t": t.tolist(), "pixel_grad_norm": float(grad_x0.norm())}
+        info = {"t": t.tolist(), "pixel_grad_norm": float(grad_x0.norm()),
+                "unet_batch": 2 * b + (0 if neg is None else len(neg[1]))}
         return grad.to(device=images.device, dtype=images.dtype), info
+
+
+def load_tokenizer(folder: str):
+    """IF's T5 tokenizer. Its `spiece.model` is read with sentencepiece and protobuf (transformers 5 otherwise
+    falls back to tiktoken and says so): check them first and name the fix in one line."""
+    from transformers import T5Tokenizer
+
+    if not os.path.exists(os.path.join(folder, "tokenizer", "tokenizer.json")):
+        try:
+            import google.protobuf  # noqa: F401
+            import sentencepiece  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"tokenizer: {TOKENIZER_DEPS}") from e
+    try:
+        return T5Tokenizer.from_pretrained(folder, subfolder="tokenizer")
+    except Exception as e:
+        hint = TOKENIZER_DEPS if re.search("sentencepiece|protobuf|tiktoken", str(e), re.I) else dc.error_detail(e)
+        raise RuntimeError(f"tokenizer: could not be loaded from {folder}: {hint}") from e

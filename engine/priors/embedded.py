@@ -2,7 +2,7 @@
 
 It needs no download and runs SDS on a CPU. A word-level text encoder over the world's vocabulary
 (`VOCABULARY`) feeds a pixel-space diffusers `UNet2DConditionModel` at 32x32: the token states go to
-cross-attention, their mean is added to the timestep embedding. `engine.priors.train_embedded` trains it;
+cross-attention, their mean is added to the timestep embedding. `python -m lab.train_prior` trains it;
 `EmbeddedPrior.load()` reads assets/embedded_prior.safetensors (+ .json: config and vocabulary).
 """
 
@@ -25,8 +25,7 @@ from engine.sds import VIEWS, add_noise, classifier_free_guidance, sample_timest
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_WEIGHTS = ASSETS / "embedded_prior.safetensors"
-TRAIN_COMMAND = ("python -m engine.priors.train_embedded --out runs/embedded --steps 7200 --minutes 106 --seed 0 "
-                 "--threads 2 --export assets")
+TRAIN_COMMAND = "python -m lab.train_prior --out runs/embedded --steps 7200 --minutes 106 --seed 0 --threads 2 --export assets"
 VOCABULARY = world.VOCABULARY
 MODEL_CONFIG = {  # the shipped model's architecture; the .json next to the weights overrides it
     "resolution": 32, "block_out_channels": [16, 32, 96], "layers_per_block": 1, "text_dim": 64,

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.priors import diffusers_common as dc
-from engine.priors.base import PromptEmbedding, SDSContext
-from engine.sds import add_noise, sample_timesteps, sds_weight
+from engine.priors.base import PriorOptions, PromptEmbedding, SDSContext
+from engine.sds import add_noise, sample_timesteps
 
-DEFAULT_SD = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_SD = dc.HUB["sd"][0]
 DEFAULT_GUIDANCE = 100.0  # the paper's and the peers' CFG scale for Stable Diffusion
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -32,86 +32,81 @@ class StableDiffusionPrior:
     default_guidance_scale = DEFAULT_GUIDANCE
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, name: str, device="cpu",
-                 dtype: torch.dtype = torch.float32, resolution: int = 64, vae_resolution: int | None = None,
-                 perp_neg: bool = False, perp_neg_scale: float = 1.0, cpu_offload: bool = False):
+                 options: PriorOptions | None = None, resolution: int = 64, vae_resolution: int | None = None):
+        options = options or PriorOptions()
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.name = name
-        self.device, self.dtype = torch.device(device), dtype
+        self.name, self.options = name, options
+        self.device, self.dtype = torch.device(device), options.dtype(device)
         self.resolution = resolution  # render size the trainer should use (peers: 64)
         blocks = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels  # VAE / TAESD
         down = 2 ** (len(blocks) - 1)  # the encoder's downsampling factor (8 for SD and TAESD)
         self.vae_resolution = vae_resolution or unet.config.sample_size * down  # 512 for 2.1-base
+        self.max_length = dc.token_limit(tokenizer, text_encoder.config.max_position_embeddings)
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.v_prediction = scheduler.config.prediction_type == "v_prediction"  # SD 2.x-768
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)  # [T], the scheduler's own
-        self.perp_neg, self.perp_neg_scale = perp_neg, perp_neg_scale
-        self.cpu_offload = cpu_offload
         self.cache = dc.PromptCache()
         for m in (unet, vae, text_encoder):
             m.requires_grad_(False).eval()
         unet.to(self.device)
         vae.to(self.device)
-        text_encoder.to("cpu" if cpu_offload else self.device)  # moved to the device only to encode a prompt
+        text_encoder.to("cpu" if options.cpu_offload else self.device)  # moved to the device only to encode a prompt
 
     @classmethod
-    def from_pretrained(cls, source: str = DEFAULT_SD, device="cpu", dtype: torch.dtype | None = None,
-                        taesd: str | None = None, attention_slicing: bool = False, cpu_offload: bool = False,
-                        perp_neg: bool = False, perp_neg_scale: float = 1.0, resolution: int = 64,
-                        vae_resolution: int | None = None, variant: str | None = None,
+    def from_pretrained(cls, source: str = DEFAULT_SD, device="cpu", options: PriorOptions | None = None, *,
+                        taesd: str | None = None, resolution: int = 64, vae_resolution: int | None = None,
                         cache_dir: str | None = None) -> StableDiffusionPrior:
-        """Load from a hub id (cached, or downloaded when online) or a local diffusers folder.
+        """Load from a hub id (cached, or fetched when online) or a local diffusers folder.
 
         taesd: hub id or folder of an `AutoencoderTiny` (e.g. "madebyollin/taesd") to encode with instead of
-        the VAE. attention_slicing: compute attention in slices (less memory, a little slower).
-        cpu_offload: keep the text encoder on the CPU except while it encodes. variant: e.g. "fp16" weight files.
-        Raises FileNotFoundError when the weights are not on this machine and cannot be fetched, and
-        RuntimeError naming the component of a broken folder.
+        the VAE. Raises FileNotFoundError / PermissionError when the weights are not on this machine and cannot
+        be fetched, and RuntimeError naming the component of a broken folder.
         """
         from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        dtype = dc.default_dtype(device, dtype)
+        options = options or PriorOptions()
+        dtype = options.dtype(device)
+        fp16 = dtype == torch.float16
         components = tuple(c for c in COMPONENTS if not (taesd and c == "vae"))  # TAESD replaces the VAE
-        where = dc.resolve_source(source, "Stable Diffusion", "`--prior sd:/path/to/folder`", components,
-                                  cache_dir=cache_dir)
-        weights = {"variant": variant, "cache_dir": cache_dir}
-        unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, torch_dtype=dtype, **weights)
-        text_encoder = dc.load_component("text_encoder", CLIPTextModel.from_pretrained, where, dtype=dtype,
-                                         **weights)
-        tokenizer = dc.load_component("tokenizer", CLIPTokenizer.from_pretrained, where, cache_dir=cache_dir)
-        scheduler = dc.load_component("scheduler", DDPMScheduler.from_pretrained, where, cache_dir=cache_dir)
+        where = dc.resolve_source(source, "Stable Diffusion", "`--prior sd:/path/to/folder`", components, kind="sd",
+                                  fp16=fp16, cache_dir=cache_dir)
+        tokenizer = dc.load_component("tokenizer", CLIPTokenizer.from_pretrained, where)
+        scheduler = dc.load_component("scheduler", DDPMScheduler.from_pretrained, where)
+        unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, fp16=fp16, torch_dtype=dtype)
+        text_encoder = dc.load_component("text_encoder", CLIPTextModel.from_pretrained, where, fp16=fp16, dtype=dtype)
         if taesd:
-            tiny = dc.resolve_source(taesd, "TAESD", "taesd=/path/to/folder", (), cache_dir=cache_dir)
+            tiny = dc.resolve_source(taesd, "TAESD", "taesd=/path/to/folder", (), kind="sd", fp16=fp16,
+                                     cache_dir=cache_dir)
             try:
-                vae = AutoencoderTiny.from_pretrained(tiny, torch_dtype=dtype, cache_dir=cache_dir)
+                vae = AutoencoderTiny.from_pretrained(tiny, torch_dtype=dtype)
             except Exception as e:
                 raise RuntimeError(f"taesd: could not be loaded from {taesd}: {dc.error_detail(e)}") from e
         else:
-            vae = dc.load_component("vae", AutoencoderKL.from_pretrained, where, torch_dtype=dtype, **weights)
+            vae = dc.load_component("vae", AutoencoderKL.from_pretrained, where, fp16=fp16, torch_dtype=dtype)
         dc.check_width("unet", unet.config.cross_attention_dim, text_encoder.config.hidden_size, "text embeddings")
         dc.check_width("unet", unet.config.in_channels, vae.config.latent_channels, "latents")
-        if attention_slicing:
+        if options.attention_slicing:
             unet.set_attention_slice("auto")
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, name=f"sd:{source}", device=device, dtype=dtype,
-                   resolution=resolution, vae_resolution=vae_resolution, perp_neg=perp_neg,
-                   perp_neg_scale=perp_neg_scale, cpu_offload=cpu_offload)
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, name=f"sd:{source}", device=device, options=options,
+                   resolution=resolution, vae_resolution=vae_resolution)
 
     # -- text ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def _encode_texts(self, texts: list[str]) -> tuple[Tensor, bool]:
         """CLIP last hidden states [N, 77, D], and whether any text was truncated."""
-        tok = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
+        tok = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
         full = self.tokenizer(texts, padding=False, truncation=False)["input_ids"]
-        truncated = any(len(ids) > self.tokenizer.model_max_length for ids in full)
-        with dc.on_device(self.device, self.cpu_offload, self.text_encoder):
+        truncated = any(len(ids) > self.max_length for ids in full)
+        with dc.on_device(self.device, self.options.cpu_offload, self.text_encoder):
             emb = self.text_encoder(tok.input_ids.to(self.device))[0]
         return emb, truncated
 
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbedding:
         """cond [4, 77, D]: the prompt with each view suffix; uncond [1, 77, D]: the negative prompt."""
-        return dc.encode_views(self, prompt, negative_prompt, self.tokenizer.model_max_length)
+        return dc.encode_views(self, prompt, negative_prompt, self.max_length)
 
     # -- SDS ----------------------------------------------------------------------------------------
 
@@ -125,8 +120,10 @@ class StableDiffusionPrior:
                  t_range: tuple[float, float], weighting: str, generator: torch.Generator) -> tuple[Tensor, dict]:
         """SDS gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
         b = images.shape[0]
-        # 1. Text: each render's embedding is its view-weighted mix of the four view prompts
-        cond, uncond, neg = dc.text_batch(emb, ctx.view_weights, self.perp_neg, ctx.view_dependent)
+        # 1. Text: each render's embedding is its view-weighted mix of the four view prompts; with Perp-Neg,
+        #    the (render, view prompt) negatives of nonzero weight
+        cond, uncond = dc.text_batch(emb, ctx.view_weights, ctx.view_dependent)
+        neg = dc.perp_neg_branches(emb, ctx, self.options.perp_neg_scale, self.device) if self.options.perp_neg else None
         # 2. Latents: upsample the render to the VAE's size and encode, keeping the graph to the render
         x = images.detach().to(self.device).requires_grad_(True)  # leaf [B, 3, H, W]
         with torch.enable_grad():
@@ -142,13 +139,14 @@ class StableDiffusionPrior:
         eps_cond, eps_uncond, eps_neg = dc.predict_noise(self.unet, z_t.to(self.dtype), t, cond, uncond, neg)
         if self.v_prediction:  # SD 2.x-768
             eps_cond, eps_uncond = dc.v_to_eps(eps_cond, z_t, abar), dc.v_to_eps(eps_uncond, z_t, abar)
-            eps_neg = None if neg is None else dc.v_to_eps(eps_neg, z_t[:, None], abar)
+            eps_neg = None if neg is None else dc.v_to_eps(eps_neg, z_t[neg[1]], abar[neg[1]])
         # 5. Guidance (CFG, or Perp-Neg against multi-face results)
-        lambdas = None if neg is None else dc.perp_neg_weights(ctx.view_weights.to(self.device), self.perp_neg_scale)
-        eps_hat = dc.guide(eps_cond.float(), eps_uncond.float(), guidance_scale, eps_neg, lambdas)
+        eps_hat = dc.guide(eps_cond, eps_uncond, guidance_scale, eps_neg, neg)
         # 6. Latent gradient g = w(t) (eps_hat - eps), mapped to the render by the encoder's VJP J^T g:
         #    the gradient the peers get from 0.5 * ||z - (z - g).detach()||^2 backpropagated through the encoder
-        grad_latents = sds_weight(abar, weighting).view(-1, 1, 1, 1) * (eps_hat - noise)  # NaN kept: the trainer skips
+        w = dc.sigma2_weight(abar, weighting).view(-1, 1, 1, 1)
+        grad_latents = w * (eps_hat - noise)  # NaN kept: the trainer skips the step
         (grad,) = torch.autograd.grad(latents, x, grad_outputs=grad_latents.to(latents.dtype))
-        info = {"t": t.tolist(), "latent_grad_norm": float(grad_latents.norm())}
+        info = {"t": t.tolist(), "latent_grad_norm": float(grad_latents.norm()),
+                "unet_batch": 2 * b + (0 if neg is None else len(neg[1]))}
         return grad.to(device=images.device, dtype=images.dtype), info
