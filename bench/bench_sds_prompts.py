@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.protocol import PROMPTS, add_run_args, run_jobs, summarize  # noqa: E402
+from lab.protocol import PROMPTS, add_run_args, job_of, run_jobs, summarize  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -32,10 +32,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [{"prompt": p, "steps": args.steps, "seconds": args.seconds, "seed": args.seed, "prior": args.prior,
-             "set": args.set, "views": args.views,
-             "preview": str(out / (p.replace(" ", "_") + ".png")),
-             "save": str(out / p.replace(" ", "_")) if args.save_runs else None} for p in args.prompts]
+    jobs = [job_of(args, p, preview=str(out / (p.replace(" ", "_") + ".png")),
+                   save=str(out / p.replace(" ", "_")) if args.save_runs else None) for p in args.prompts]
     t0 = time.perf_counter()
     rows = run_jobs(jobs, args.jobs)
     print("\n| prompt | colour R-P | geometry R-P | shape score | margin | steps | wall s | it/s |")

@@ -17,6 +17,25 @@ def generator():
     return torch.Generator().manual_seed(0)
 
 
+# -- a tiny embedded prior (8-16-16 channels, 100 timesteps): trains and samples in milliseconds ----------
+TINY_EMBEDDED = {"block_out_channels": [8, 16, 16], "text_dim": 16, "num_train_timesteps": 100}
+
+
+@pytest.fixture
+def tiny_embedded_config() -> dict:
+    """The tiny model's config overrides (`EmbeddedModel(config)`, `python -m lab.train_prior --config JSON`)."""
+    return dict(TINY_EMBEDDED)
+
+
+@pytest.fixture
+def tiny_embedded_model(tiny_embedded_config):
+    """A freshly initialised tiny `EmbeddedModel` (seed 0), in eval mode."""
+    from engine.priors.embedded import EmbeddedModel
+
+    torch.manual_seed(0)
+    return EmbeddedModel(tiny_embedded_config).eval()
+
+
 # -- servers for the playground's tests (tests/test_app.py, tests/test_browser.py) ---------------------
 def _free_port() -> int:
     import socket

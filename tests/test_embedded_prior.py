@@ -1,31 +1,12 @@
-"""The embedded prior: tokenizer and warnings, training (loss falls, seeded, resumable), save/load, SDS."""
-
-import json
+"""The embedded prior: tokenizer and warnings, save/load, SDS, sampling (its training: tests/lab/test_train_prior.py)."""
 
 import pytest
 import torch
 
 from engine import world
 from engine.priors.base import SDSContext
-from engine.priors.embedded import (
-    DEFAULT_WEIGHTS,
-    SAMPLE_CFG,
-    EmbeddedModel,
-    EmbeddedPrior,
-    Tokenizer,
-    sample,
-    vocabulary,
-)
-from engine.priors.train_embedded import SHAPE_WEIGHTS, draw_captions, parse_args, parse_shape_weights, render_batch, run
+from engine.priors.embedded import DEFAULT_WEIGHTS, SAMPLE_CFG, EmbeddedPrior, Tokenizer, sample, vocabulary
 from engine.sds import view_weights
-
-TINY = json.dumps({"block_out_channels": [8, 16, 16], "text_dim": 16, "num_train_timesteps": 100})
-
-
-def _train(tmp_path, steps, name="run", seed=0):
-    args = parse_args(["--out", str(tmp_path / name), "--steps", str(steps), "--seed", str(seed), "--batch", "8",
-                       "--pool", "24", "--refresh", "1", "--lr", "3e-3", "--config", TINY])
-    return run(args)
 
 
 def test_tokenizer_maps_synonyms_and_reports_unknown_words():
@@ -37,48 +18,8 @@ def test_tokenizer_maps_synonyms_and_reports_unknown_words():
     assert "snowman" in vocabulary() and "house" in vocabulary()
 
 
-def test_training_loss_falls_is_seeded_and_resumes(tmp_path):
-    a = _train(tmp_path, 40, "a")
-    first, last = sum(a["losses"][:8]) / 8, sum(a["losses"][-8:]) / 8
-    assert last < 0.8 * first, (first, last)
-    b = _train(tmp_path, 40, "b")
-    assert a["losses"] == b["losses"]  # same seed, same run
-    c = _train(tmp_path, 45, "a")  # resumes from a's checkpoint
-    assert c["step"] == 45 and len(c["losses"]) == 5
-
-
-def test_shape_weights_flag_changes_what_is_drawn():
-    assert parse_shape_weights(None) == SHAPE_WEIGHTS
-    w = parse_shape_weights("cube=6, sphere=0.5")
-    assert w["cube"] == 6.0 and w["sphere"] == 0.5 and w["mug"] == SHAPE_WEIGHTS["mug"]
-    for bad in ("cube", "cubes=2", "cube=-1", "cube=nan", "cube=lots"):
-        with pytest.raises(ValueError, match="--shape-weights"):
-            parse_shape_weights(bad)
-    only_cubes = {s: (1.0 if s == "cube" else 1e-9) for s in world.SHAPES}
-    batch = render_batch(6, torch.Generator().manual_seed(0), only_cubes)
-    assert batch["shape"] == ["cube"] * 6 and batch["img"].shape == (6, 3, 32, 32)
-
-
-def test_empty_backdrops_are_plain_and_uncaptioned():
-    plain = render_batch(64, torch.Generator().manual_seed(0))
-    again = render_batch(64, torch.Generator().manual_seed(0), p_empty=0.0)
-    assert torch.equal(plain["img"], again["img"]) and None not in plain["shape"]  # default draws nothing extra
-    batch = render_batch(64, torch.Generator().manual_seed(0), p_empty=0.5)
-    empty = [i for i, s in enumerate(batch["shape"]) if s is None]
-    full = [i for i, s in enumerate(batch["shape"]) if s is not None]
-    assert 16 <= len(empty) <= 48 and full
-    img = batch["img"][empty].float()
-    assert (img == img[:, :, :1, :1]).all()  # one flat colour: the backdrop
-    assert (batch["img"][full].float().flatten(1).std(1) > 0).all()  # the others still show an object
-    caps = draw_captions(batch, list(range(64)), torch.Generator().manual_seed(1), p_drop=0.0)
-    assert all(c == "" for i, c in enumerate(caps) if i in empty) and all(caps[i] for i in full)
-    with pytest.raises(ValueError, match="--empty"):
-        run(parse_args(["--empty", "1.5", "--steps", "0"]))
-
-
-def test_save_load_round_trip_and_protocol(tmp_path):
-    torch.manual_seed(0)
-    model = EmbeddedModel(json.loads(TINY))
+def test_save_load_round_trip_and_protocol(tmp_path, tiny_embedded_model):
+    model = tiny_embedded_model
     model.save(tmp_path / "embedded_prior.safetensors", {"steps": 0}, half=False)
     prior = EmbeddedPrior.load(tmp_path)
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 50])
@@ -100,9 +41,8 @@ def test_save_load_round_trip_and_protocol(tmp_path):
         assert len(info["t"]) == 3
 
 
-def test_view_dependent_off_conditions_on_the_plain_prompt(tmp_path):
-    torch.manual_seed(0)
-    prior = EmbeddedPrior(EmbeddedModel(json.loads(TINY)))
+def test_view_dependent_off_conditions_on_the_plain_prompt(tiny_embedded_model):
+    prior = EmbeddedPrior(tiny_embedded_model)
     emb = prior.encode_prompt("a blue cube")
     images = torch.rand(2, 3, 32, 32)
 
@@ -119,7 +59,7 @@ def test_view_dependent_off_conditions_on_the_plain_prompt(tmp_path):
 
 
 def test_missing_weights_say_how_to_train(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train_embedded"):
+    with pytest.raises(FileNotFoundError, match="python -m lab.train_prior"):
         EmbeddedPrior.load(tmp_path / "nothing.safetensors")
 
 
@@ -141,11 +81,10 @@ def test_shipped_prior_draws_what_it_is_asked():
     assert colour_ok >= 0.75 and shape_ok >= 0.5, (colour_ok, shape_ok)
 
 
-def test_sample_takes_text_encodings_and_blends_them():
+def test_sample_takes_text_encodings_and_blends_them(tiny_embedded_model):
     """sample(text=...) is sampling from given encodings: the captions' own give the captions' samples, and a
-    blend of two views' (what bench/bench_view_blend.py measures) gives something else, from the same noise."""
-    torch.manual_seed(0)
-    model = EmbeddedModel(json.loads(TINY)).eval()
+    blend of two views' (what `python -m lab.view_blend` measures) gives something else, from the same noise."""
+    model = tiny_embedded_model
     caps = ["a red mug, front view", "a red mug, side view"]
 
     def draw(text=None):

@@ -2,32 +2,28 @@
 
 For a saved run, renders the run's field and the world's own solid from the same training-distribution
 cameras and lights, on the run's backdrop colour, and prints the prior's denoising residual on each:
-mean ||eps_c(z_t) - eps||^2 over t ~ U(t_min, t_max) and several noise draws (guidance 1, uniform
-weighting: the conditional score alone). The lower residual is the image the prior finds more likely
+mean ||eps_c(z_t) - eps||^2 over t ~ U(t_min, t_max) and several noise draws (guidance 1: the conditional
+score alone, before any SDS weighting). The lower residual is the image the prior finds more likely
 for the prompt; when the solid's is lower, SDS stopped in a worse optimum than the prior's picture.
 
-    python bench/bench_sds_residual.py runs/s6/protocol/a_blue_cube
+    python -m lab.residual runs/protocol/a_blue_cube
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine import world  # noqa: E402
-from engine.cameras import make_light, sample_cameras  # noqa: E402
-from engine.checkpoint import restore  # noqa: E402
-from engine.config import CameraConfig, LiveParams  # noqa: E402
-from engine.evaluate import parse_prompt  # noqa: E402
-from engine.priors import load_prior  # noqa: E402
-from engine.priors.base import SDSContext  # noqa: E402
+from engine import world
+from engine.cameras import make_light, sample_cameras
+from engine.checkpoint import restore
+from engine.config import CameraConfig, LiveParams
+from engine.evaluate import parse_prompt
+from engine.priors import load_prior
+from engine.priors.base import SDSContext
 
 
 def residuals(run_dir: str | Path, views: int = 32, draws: int = 6, t_range=(0.02, 0.5), seed: int = 1) -> dict:
@@ -51,9 +47,10 @@ def residuals(run_dir: str | Path, views: int = 32, draws: int = 6, t_range=(0.0
             r = []
             for d in range(draws):
                 ctx = SDSContext(view_weights=cams.view_weights(), shading=shading)
-                grad, _ = prior.sds_grad(img, emb, ctx, guidance_scale=1.0, t_range=t_range, weighting="uniform",
+                # eps_err: mean (eps_hat - eps)^2 at the prior's resolution, before any weighting w(t)
+                _, info = prior.sds_grad(img, emb, ctx, guidance_scale=1.0, t_range=t_range, weighting="sigma2",
                                          generator=torch.Generator().manual_seed(100 + d))
-                r.append(grad.square().mean().item() / 4.0)  # sds_grad doubles (eps_hat - eps) for the [0,1] range
+                r.append(info["eps_err"])
             out[f"{shading}_{name}"] = round(sum(r) / len(r), 4)
     return out
 

@@ -7,15 +7,15 @@ method). Every row trains the same prompts under the same budget; the table give
 R-Precision (colour on shaded renders, geometry on textureless ones) and silhouette score.
 `--write` puts the table into BENCHMARKS.md between the ablation markers.
 
-Every run has the SDS protocol's budget (<= 2000 steps / 300 s, as `bench_sds_prompts.py`), so the last row is
-the protocol's own setting; at 600 steps (the budget before session 9) the rows' order differs (BENCHMARKS.md).
+Every run has the SDS protocol's budget (<= 2000 steps / 300 s, as `bench/bench_sds_prompts.py`), so the last
+row is the protocol's own setting.
 
-    python bench/bench_ablation.py --write          # 3 prompts x 5 rows, <= 2000 steps / 300 s each, ~25 min
-    python bench/bench_ablation.py --seeds 2 --prompts ... --write   # more runs per row: smaller s.e.
-    python bench/bench_ablation.py --from-json runs/ablation.json   # the table again from saved runs (--out)
-    python bench/bench_ablation.py --rows base --out runs/row1.json ...   # one row per invocation, then
-    python bench/bench_ablation.py --from-json runs/row*.json --note "..."   # one table from all of them
-    python bench/bench_ablation.py --from-json runs/row*.json --power   # how many runs each step's sign needs
+    python -m lab.ablation --write          # 3 prompts x 5 rows, <= 2000 steps / 300 s each, ~25 min
+    python -m lab.ablation --seeds 2 --prompts ... --write   # more runs per row: smaller s.e.
+    python -m lab.ablation --from-json runs/ablation.json   # the table again from saved runs (--out)
+    python -m lab.ablation --rows base --out runs/row1.json ...   # one row per invocation, then
+    python -m lab.ablation --from-json runs/row*.json --note "..."   # one table from all of them
+    python -m lab.ablation --from-json runs/row*.json --power   # how many runs each step's sign needs
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.protocol import ABLATION, add_run_args, paired_steps, pairs_to_resolve, run_jobs, summarize  # noqa: E402
+from lab.protocol import ABLATION, add_run_args, job_of, paired_steps, pairs_to_resolve, run_jobs, summarize
 
 PROMPTS = ("a red cube", "a green cone", "an orange mug")
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +46,7 @@ def _step(st: dict | None) -> str:
 def table(results: dict[str, dict], steps: dict[str, dict] | None = None,
           shape_steps: dict[str, dict] | None = None) -> str:
     """The Markdown table: per row, the means, and the paired change of geometry and of the silhouette score
-    from the row before (`engine.protocol.paired_steps`)."""
+    from the row before (`lab.protocol.paired_steps`)."""
     steps, shape_steps = steps or {}, shape_steps or {}
     lines = ["| row | colour R-P | geometry R-P (± s.e.) | geometry change from the row before, paired (± s.e.) "
              "| shape score | shape change, paired (± s.e.) | shape margin |", "|---|---|---|---|---|---|---|"]
@@ -133,14 +131,12 @@ def main(argv=None) -> dict:
 def _run(args, argv) -> tuple[dict, str, str]:
     """Run every (row, prompt, seed) job; the per-row results, the table and its note (written to --out too)."""
     seeds = range(args.seed, args.seed + max(1, args.seeds))
-    jobs = [{"prompt": p, "row": row, "steps": args.steps, "seconds": args.seconds, "seed": seed,
-             "prior": args.prior, "set": args.set, "views": args.views}
-            for row in args.rows for p in args.prompts for seed in seeds]
+    jobs = [job_of(args, p, row=row, seed=seed) for row in args.rows for p in args.prompts for seed in seeds]
     t0 = time.perf_counter()
     rows = run_jobs(jobs, args.jobs)
     results, text = tabulate(rows, args.rows)
     wall = time.perf_counter() - t0
-    cmd = "python bench/bench_ablation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m lab.ablation " + shlex.join(argv if argv is not None else sys.argv[1:])
     note = (f"\nPrompts: {', '.join(args.prompts)}; ≤ {args.steps} steps / {args.seconds:.0f} s each, "
             f"seeds {seeds.start}–{seeds.stop - 1}, {args.views} views per score; "
             f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} single-thread workers; {wall / 60:.0f} min. "

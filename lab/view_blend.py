@@ -6,31 +6,65 @@ and the encodings blended as `engine.sds.view_weights` blends them between camer
 azimuth 45, side/back 50/50 at 135, front/side 75/25 at 22.5). The independent classifier says what shape each
 sample is. Prints one line per case and, with --json, writes them all.
 
---world reads the world's own solids instead (`engine.evaluate.geometry_by_view`: textureless renders from
---views random evaluation cameras, the classifier's geometry R-Precision per view label): which views of a
-perfect object the metric itself finds ambiguous.
+--world reads the world's own solids instead (`geometry_by_view`: textureless renders from --views random
+evaluation cameras, the classifier's geometry R-Precision per view label): which views of a perfect object the
+metric itself finds ambiguous.
 
-    python bench/bench_view_blend.py --prompts 'a red cube' 'a red mug' 'an orange mug' 'a red house'
-    python bench/bench_view_blend.py --world --prompts 'a red cube' 'a red mug' 'a red house' 'a pink snowman'
+    python -m lab.view_blend --prompts 'a red cube' 'a red mug' 'an orange mug' 'a red house'
+    python -m lab.view_blend --world --prompts 'a red cube' 'a red mug' 'a red house' 'a pink snowman'
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.evaluate import SHAPE_NAMES, geometry_by_view, load_classifier, parse_prompt, votes, world_render_fn  # noqa: E402
-from engine.priors.embedded import EmbeddedPrior, sample  # noqa: E402
+from engine.cameras import make_light, sample_cameras
+from engine.config import LiveParams
+from engine.evaluate import (
+    EVAL_CAMERAS,
+    SHAPE_NAMES,
+    Classifier,
+    RenderFn,
+    load_classifier,
+    parse_prompt,
+    votes,
+    world_render_fn,
+)
+from engine.priors.embedded import EmbeddedPrior, sample
+from engine.sds import VIEWS, view_weights
 
 BLENDS = {"front/side 50/50": {"front": 0.5, "side": 0.5}, "side/back 50/50": {"side": 0.5, "back": 0.5},
           "front/side 75/25": {"front": 0.75, "side": 0.25}}
+
+
+@torch.no_grad()
+def geometry_by_view(render_fn: RenderFn, shape: str, n_views: int = 512, seed: int = 1000,
+                     classifier: Classifier | None = None) -> dict[str, dict]:
+    """Geometry R-Precision split by the view label of each camera (`engine.sds.view_weights`' argmax), the
+    side views also by which side (azimuth > 0 or < 0). Same cameras and shading as `evaluate`.
+
+    On the world's own solids (`world_render_fn`) this shows which views of a shape are ambiguous even when
+    the shape is perfect, e.g. a mug seen from behind its handle. Returns {view: {"right", "n", "share"}}."""
+    clf = classifier or load_classifier()
+    cams = sample_cameras(EVAL_CAMERAS, n_views, torch.Generator().manual_seed(seed))
+    light = make_light(cams, LiveParams(light_mode="camera"), EVAL_CAMERAS, None)
+    plain, _ = render_fn(cams, light, "textureless")
+    right = clf(plain.float().cpu())[1].argmax(1) == SHAPE_NAMES.index(shape)
+    label = view_weights(cams.azimuth, cams.elevation).argmax(-1).cpu()
+    az = torch.remainder(cams.azimuth.cpu() + 180.0, 360.0) - 180.0
+    groups = {v: label == i for i, v in enumerate(VIEWS)}
+    groups["side (azimuth > 0)"] = groups["side"] & (az > 0)
+    groups["side (azimuth < 0)"] = groups["side"] & (az < 0)
+    groups["all"] = torch.ones_like(right)
+    out = {}
+    for name, m in groups.items():
+        k, n = int((right & m).sum()), int(m.sum())
+        out[name] = {"right": k, "n": n, "share": round(k / n, 3) if n else None}
+    return out
 
 
 @torch.no_grad()

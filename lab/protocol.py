@@ -1,0 +1,231 @@
+"""The SDS protocol of the embedded prior and the paper's Fig. 6 ablation, on the procedural world.
+
+One protocol run = a fresh field trained by SDS from a prompt under a step and a wall-clock budget, then
+scored by `engine.evaluate.evaluate` (toy R-Precision: colour on shaded renders, geometry on textureless
+ones, and the multi-view silhouette score). `bench/bench_sds_prompts.py` runs it over PROMPTS;
+`python -m lab.ablation` runs it under each of ABLATION's configurations. `run_jobs` spreads runs over
+worker processes; the paired statistics (`paired_steps`, `pairs_to_resolve`) compare configurations.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from engine.config import Config, LiveParams, live_defaults, preset
+
+# Ten prompts spanning the vocabulary: every colour and every shape, cubes and the front-facing objects twice
+PROMPTS = ("a red cube", "a blue sphere", "a green cone", "a yellow cylinder", "a purple torus", "an orange mug",
+           "a white house", "a pink snowman", "a blue cube", "a red house")
+
+
+def _base(cfg: Config) -> None:
+    """(i) base: albedo only, the plain prompt, a narrow band of cameras (eye level, fixed distance and focal)."""
+    cfg.camera.elevation_range = (0.0, 30.0)
+    cfg.camera.distance_range = (1.25, 1.25)
+    cfg.camera.focal_range = (1.0, 1.0)
+    cfg.sds.view_dependent = False
+    cfg.shading.albedo_only_steps = 10**9
+
+
+def _view_aug(cfg: Config) -> None:
+    """(ii) + view augmentation: the paper's camera distribution (elevation -10..90, distance, focal)."""
+    _base(cfg)
+    fresh = Config().camera
+    cfg.camera.elevation_range, cfg.camera.distance_range = fresh.elevation_range, fresh.distance_range
+    cfg.camera.focal_range = fresh.focal_range
+
+
+def _view_dep(cfg: Config) -> None:
+    """(iii) + view-dependent prompts ("..., front view" etc. by camera)."""
+    _view_aug(cfg)
+    cfg.sds.view_dependent = True
+
+
+def _lighting(cfg: Config) -> None:
+    """(iv) + lighting: albedo and lambertian shading with a random point light, no textureless."""
+    _view_dep(cfg)
+    cfg.shading.albedo_only_steps = preset(cfg.prior).shading.albedo_only_steps  # the product's warm-up
+    cfg.shading.p_albedo, cfg.shading.p_lambertian, cfg.shading.p_textureless = 0.3, 0.7, 0.0
+
+
+def _textureless(cfg: Config) -> None:
+    """(v) + textureless shading: the full method (the defaults)."""
+
+
+ABLATION: dict[str, Callable[[Config], None]] = {
+    "base": _base, "+view aug": _view_aug, "+view-dependent prompts": _view_dep, "+lighting": _lighting,
+    "+textureless": _textureless,
+}
+
+
+def run_prompt(prompt: str, prior=None, *, cfg: Config | None = None, live: LiveParams | None = None,
+               max_steps: int = 2000, max_seconds: float = 300.0, seed: int = 0, n_views: int = 16,
+               device="cpu", log: Callable[[str], None] | None = None) -> dict:
+    """Train a fresh field on `prompt` with SDS from the prior's defaults until max_steps or max_seconds,
+    then score it. prior: a loaded prior (default: the embedded one). Returns the evaluation plus
+    steps, wall_s and its_per_s."""
+    from engine.evaluate import evaluate, trainer_render_fn
+    from engine.priors import load_prior
+    from engine.trainer import Trainer
+
+    prior = prior or load_prior("embedded", device=device)
+    cfg = cfg or preset(prior.name, str(device))
+    cfg.seed = seed
+    live = live or live_defaults(cfg.prior, prompt=prompt, seed=seed)
+    trainer = Trainer(cfg, prior, device, live)
+    t0 = time.perf_counter()
+    while trainer.step_count < max_steps and time.perf_counter() - t0 < max_seconds:
+        trainer.step(live)
+        if log and trainer.step_count % 250 == 0:
+            log(f"{prompt}: step {trainer.step_count} {time.perf_counter() - t0:.0f} s")
+    wall = time.perf_counter() - t0
+    result = evaluate(trainer_render_fn(trainer), prompt, n_views=n_views, seed=seed + 1000)
+    result.update(steps=trainer.step_count, wall_s=round(wall, 1), its_per_s=round(trainer.step_count / wall, 2),
+                  skipped_steps=trainer.skipped_steps)
+    result["trainer"] = trainer  # callers that save previews pop it
+    return result
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Means over runs (prompts, seeds) of the colour and geometry R-Precision and of the silhouette score,
+    and the standard error of the geometry mean (how far apart two rows must be to mean something)."""
+    def mean(key):
+        vals = [r[key] for r in rows if key in r]
+        return round(statistics.fmean(vals), 3) if vals else None
+
+    geo = [r["geometry_r_precision"] for r in rows if "geometry_r_precision" in r]
+    se = statistics.stdev(geo) / len(geo) ** 0.5 if len(geo) > 1 else None  # standard error of the mean
+    return {"prompts": len(rows), "colour_r_precision": mean("colour_r_precision"),
+            "geometry_r_precision": mean("geometry_r_precision"),
+            "geometry_se": None if se is None else round(se, 3), "shape_score": mean("shape_score"),
+            "shape_margin": mean("shape_margin"), "its_per_s": mean("its_per_s"), "wall_s": mean("wall_s")}
+
+
+def paired_steps(rows: list[dict], order: list[str], key: str = "geometry_r_precision") -> dict[str, dict]:
+    """For each row of `order` after the first: the mean change of `key` from the row before over the runs
+    both share (same prompt and seed), with its standard error. Pairing removes what prompts and seeds
+    add to both rows alike, so a step is judged by its own noise rather than by two rows' spreads."""
+    by = {(r["row"], r["prompt"], r.get("seed", 0)): r[key] for r in rows if key in r}
+    out = {}
+    for prev, row in zip(order, order[1:]):
+        diffs = [by[(row, p, s)] - v for (rw, p, s), v in by.items() if rw == prev and (row, p, s) in by]
+        if diffs:
+            sd = statistics.stdev(diffs) if len(diffs) > 1 else None
+            out[row] = {"mean": round(statistics.fmean(diffs), 3),
+                        "se": None if sd is None else round(sd / len(diffs) ** 0.5, 3),
+                        "n": len(diffs), "sd": None if sd is None else round(sd, 3)}
+    return out
+
+
+def pairs_to_resolve(mean: float, sd: float | None, z: float = 2.0) -> int | None:
+    """How many paired runs a step of this mean and pair-to-pair spread needs before its sign stands clear of
+    its noise (|mean| >= z standard errors, z = 2 by default): ceil((z * sd / |mean|)^2). None when the
+    spread is unknown or the mean is 0 (no finite number of runs resolves a zero step's sign)."""
+    if sd is None or mean == 0:
+        return None
+    return max(1, math.ceil((z * sd / abs(mean)) ** 2))
+
+
+def apply_overrides(cfg: Config, live: LiveParams, overrides: list[str]) -> tuple[Config, LiveParams]:
+    """Apply "section.field=value" overrides (e.g. "sds.t_max_end=0.5", "live.guidance_scale=20"); values are
+    parsed as JSON when they parse (numbers, booleans, lists), else kept as strings."""
+    import json
+
+    changes = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {item!r} is not section.field=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if section == "live":
+            changes[name] = value
+            continue
+        sub = getattr(cfg, section, None)
+        if sub is None or not hasattr(sub, name):
+            raise ValueError(f"unknown config field {key!r}")
+        setattr(sub, name, tuple(value) if isinstance(value, list) else value)
+    return cfg, live.replace(**changes) if changes else live
+
+
+def add_run_args(ap, prompts, steps: int, seconds: float) -> None:
+    """The command-line options the protocol's bench scripts share (argparse parser `ap`)."""
+    ap.add_argument("--prompts", nargs="+", default=list(prompts))
+    ap.add_argument("--steps", type=int, default=steps, help="step budget per run")
+    ap.add_argument("--seconds", type=float, default=seconds, help="wall-clock budget per run")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    ap.add_argument("--prior", default=None, help="prior spec (default: the shipped embedded prior)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--views", type=int, default=16, help="random views each run is scored on")
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="config / live overrides, e.g. sds.t_max_end=0.5 reg.entropy=0.1 live.guidance_scale=20")
+
+
+def job_of(args, prompt: str, **extra) -> dict:
+    """A `run_jobs` job for one prompt from the options `add_run_args` defines (`args`); `extra` adds to it or
+    overrides it (e.g. row=..., seed=..., preview=PATH, save=DIR)."""
+    return {"prompt": prompt, "steps": args.steps, "seconds": args.seconds, "seed": args.seed, "prior": args.prior,
+            "set": args.set, "views": args.views, **extra}
+
+
+def _worker(job: dict) -> dict:
+    """One protocol run in a worker process (a job: prompt, ablation row name or None, budgets, preview path)."""
+    torch.set_num_threads(job.get("threads", 1))
+    cfg = None
+    if job.get("row"):
+        cfg = preset("embedded")
+        ABLATION[job["row"]](cfg)
+    from engine.priors import load_prior
+
+    spec = job.get("prior") or "embedded"
+    prior = load_prior(spec)
+    cfg = cfg or preset(spec)
+    cfg.prior = spec
+    live = live_defaults(spec, prompt=job["prompt"], seed=job.get("seed", 0))
+    cfg, live = apply_overrides(cfg, live, job.get("set", []))
+    result = run_prompt(job["prompt"], prior, cfg=cfg, live=live, max_steps=job["steps"], max_seconds=job["seconds"],
+                        seed=job.get("seed", 0), n_views=job.get("views", 16))
+    trainer = result.pop("trainer")
+    if job.get("save"):  # the run itself, to score again later (`python -m engine eval --run DIR`)
+        from engine.checkpoint import save_checkpoint
+
+        save_checkpoint(trainer, job["save"], live)
+    if job.get("preview"):
+        from engine.cameras import preview_cameras
+        from engine.export import save_png, tile
+
+        shaded = trainer.render_views(preview_cameras("cpu"), 64, 64, "lambertian")
+        plain = trainer.render_views(preview_cameras("cpu"), 64, 64, "textureless")
+        save_png(tile(torch.cat([shaded.rgb, plain.rgb])), job["preview"])
+    result.pop("silhouette_iou", None)
+    return {**result, "row": job.get("row"), "seed": job.get("seed", 0)}
+
+
+def run_jobs(jobs: list[dict], processes: int = 2, log: Callable[[str], None] = print) -> list[dict]:
+    """Run protocol jobs in `processes` spawned workers (one torch thread each); results in job order."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if processes <= 1:
+        return [_worker(j) for j in jobs]
+    out: list[dict | None] = [None] * len(jobs)
+    with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_worker, j): i for i, j in enumerate(jobs)}
+        from concurrent.futures import as_completed
+
+        for f in as_completed(futures):
+            i = futures[f]
+            out[i] = f.result()
+            r = out[i]
+            log(f"{r.get('row') or ''} {r['prompt']!r}: colour {r.get('colour_r_precision')} geometry "
+                f"{r.get('geometry_r_precision')} shape {r.get('shape_score', 0):.2f} "
+                f"({r['steps']} steps, {r['wall_s']} s)")
+    return out  # type: ignore[return-value]

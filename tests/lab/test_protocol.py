@@ -1,0 +1,130 @@
+"""The SDS protocol and the Fig. 6 ablation's configurations (lab/protocol.py)."""
+
+import torch
+
+from engine.config import preset
+from engine.priors import load_prior
+from engine.shading import pick_shading
+from lab import protocol
+
+
+def test_prompts_span_the_vocabulary():
+    from engine.evaluate import parse_prompt
+    from engine.world import COLORS, FRONT_SHAPES, SHAPES
+
+    parsed = [parse_prompt(p) for p in protocol.PROMPTS]
+    assert len(parsed) >= 10
+    assert {c for c, _ in parsed} == set(COLORS) and {s for _, s in parsed} == set(SHAPES)
+    assert sum(s == "cube" for _, s in parsed) >= 2 and set(FRONT_SHAPES) <= {s for _, s in parsed}
+
+
+def test_ablation_rows_add_one_component_each():
+    cfgs = {}
+    for name, apply in protocol.ABLATION.items():
+        cfg = preset("embedded")
+        apply(cfg)
+        cfgs[name] = cfg
+    base, aug, dep, light, full = cfgs.values()
+    assert not base.sds.view_dependent and base.camera.focal_range == (1.0, 1.0)
+    assert aug.camera == preset("embedded").camera and not aug.sds.view_dependent
+    assert dep.sds.view_dependent and dep.shading == base.shading
+    g = torch.Generator().manual_seed(0)
+    modes = lambda cfg: {pick_shading("random", cfg.shading, 500, g) for _ in range(200)}  # noqa: E731
+    assert modes(base) == {"albedo"} and modes(light) == {"albedo", "lambertian"}
+    assert modes(full) == {"albedo", "lambertian", "textureless"}
+    # lighting starts shading when the product does: after the preset's albedo-only warm-up
+    assert light.shading.albedo_only_steps == full.shading.albedo_only_steps < 10**9
+    assert full.to_dict() == preset("embedded").to_dict()  # the last row is the product's defaults
+
+
+def test_embedded_preset_carries_its_tuned_settings():
+    from engine.config import EMBEDDED_DEFAULTS, Config
+
+    cfg, plain = preset("embedded"), Config()
+    assert cfg.reg.entropy == EMBEDDED_DEFAULTS["entropy"] != plain.reg.entropy
+    assert cfg.field.blob_density == EMBEDDED_DEFAULTS["blob_density"] != plain.field.blob_density
+    for other in ("oracle:cube", "sd", "if"):  # the other priors keep the peers' blob and entropy
+        assert preset(other).field.blob_density == plain.field.blob_density
+        assert preset(other).reg.entropy == plain.reg.entropy
+
+
+def test_run_prompt_trains_within_budget_and_scores(tmp_path):
+    prior = load_prior("oracle:sphere")
+    cfg = preset("oracle:sphere")
+    res = protocol.run_prompt("a red sphere", prior, cfg=cfg, max_steps=12, max_seconds=60, n_views=2)
+    trainer = res.pop("trainer")
+    assert res["steps"] == trainer.step_count == 12 and res["its_per_s"] > 0
+    assert 0 <= res["colour_r_precision"] <= 1 and 0 <= res["geometry_r_precision"] <= 1
+    res = protocol.run_prompt("a red sphere", prior, cfg=preset("oracle:sphere"), max_steps=10**6, max_seconds=1.0,
+                              n_views=2)
+    assert 1 <= res["steps"] < 10**6  # the wall-clock budget stops it
+    summary = protocol.summarize([res, {**res, "colour_r_precision": 0.0}])
+    assert summary["prompts"] == 2 and summary["colour_r_precision"] == round(res["colour_r_precision"] / 2, 3)
+
+
+def test_worker_writes_a_preview(tmp_path):
+    job = {"prompt": "a red sphere", "row": "base", "steps": 3, "seconds": 30, "prior": "oracle:sphere",
+           "views": 2, "preview": str(tmp_path / "p.png")}
+    (res,) = protocol.run_jobs([job], processes=1)
+    assert res["row"] == "base" and res["steps"] == 3 and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_overrides_reach_config_and_live_params():
+    import pytest
+
+    from engine.config import LiveParams
+
+    cfg, live = protocol.apply_overrides(preset("embedded"), LiveParams(),
+                                         ["sds.t_max_end=0.4", "reg.entropy=0.1", "camera.focal_range=[1,1]",
+                                          "live.guidance_scale=20", "live.prompt=a blue cone"])
+    assert cfg.sds.t_max_end == 0.4 and cfg.reg.entropy == 0.1 and cfg.camera.focal_range == (1, 1)
+    assert live.guidance_scale == 20 and live.prompt == "a blue cone"
+    for bad in ("sds.nothing=1", "entropy=0.1", "live.guidance_scale=NaN"):
+        with pytest.raises(ValueError):
+            protocol.apply_overrides(preset("embedded"), LiveParams(), [bad])
+
+
+def test_summary_gives_the_standard_error_of_geometry():
+    rows = [{"geometry_r_precision": g, "colour_r_precision": 1.0} for g in (0.25, 0.75, 0.5, 0.5)]
+    s = protocol.summarize(rows)
+    assert s["geometry_r_precision"] == 0.5 and s["prompts"] == 4
+    assert abs(s["geometry_se"] - (1 / 24) ** 0.5 / 2) < 1e-3  # stdev sqrt(1/24) over sqrt(4) runs
+    assert protocol.summarize(rows[:1])["geometry_se"] is None
+
+
+def test_paired_steps_compare_rows_run_by_run():
+    """Each row's change from the row before is taken over runs with the same prompt and seed, so what a
+    prompt adds to both rows cancels: here the prompts differ by 0.5 and every run gains exactly 0.25."""
+    rows = [{"row": row, "prompt": p, "seed": s, "geometry_r_precision": base + gain}
+            for row, gain in (("a", 0.0), ("b", 0.25)) for p, base in (("x", 0.0), ("y", 0.5)) for s in (0, 1)]
+    rows.append({"row": "c", "prompt": "x", "seed": 0, "geometry_r_precision": 0.0})  # one shared run
+    steps = protocol.paired_steps(rows, ["a", "b", "c"])
+    assert steps["b"] == {"mean": 0.25, "se": 0.0, "n": 4, "sd": 0.0}
+    assert steps["c"] == {"mean": -0.25, "se": None, "n": 1, "sd": None}
+    assert protocol.summarize([r for r in rows if r["row"] == "b"])["geometry_se"] > 0.1  # unpaired: large
+
+
+def test_pairs_to_resolve_a_step():
+    """A step's sign stands at 2 s.e. once n >= (2 sd / |mean|)^2: a +0.05 step with pairs spread 0.2 needs 64
+    runs, a quarter of the spread a sixteenth of them; a zero mean or an unknown spread has no such n."""
+    assert protocol.pairs_to_resolve(0.05, 0.2) == 64
+    assert protocol.pairs_to_resolve(-0.05, 0.05) == 4
+    assert protocol.pairs_to_resolve(0.05, 0.2, z=1.0) == 16
+    assert protocol.pairs_to_resolve(0.0, 0.2) is None and protocol.pairs_to_resolve(0.1, None) is None
+
+
+def test_jobs_carry_the_run_options_asked_for(tmp_path):
+    """--views N scores every run on N views (bench_sds_prompts.py once kept the default 16 silently): the options
+    of `add_run_args` reach each job through `job_of`, and the run through `run_jobs`."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    protocol.add_run_args(ap, protocol.PROMPTS, steps=2000, seconds=300.0)
+    args = ap.parse_args(["--prompts", "a red sphere", "--prior", "oracle:sphere", "--steps", "3", "--seconds", "30",
+                          "--views", "3", "--seed", "2", "--set", "reg.entropy=0.1"])
+    job = protocol.job_of(args, args.prompts[0], preview=str(tmp_path / "p.png"))
+    assert job == {"prompt": "a red sphere", "steps": 3, "seconds": 30.0, "seed": 2, "prior": "oracle:sphere",
+                   "set": ["reg.entropy=0.1"], "views": 3, "preview": str(tmp_path / "p.png")}
+    assert protocol.job_of(args, "a red sphere", seed=5, row="base")["seed"] == 5
+    (row,) = protocol.run_jobs([job], processes=1)
+    assert row["n_views"] == 3 and row["steps"] == 3 and row["seed"] == 2 and (tmp_path / "p.png").stat().st_size > 0
