@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import string
+import sys
 import time
 
 import pytest
 import torch
 
+from engine.cameras import fixed_views
+from engine.priors import PriorOptions, load_prior
 from engine.priors import diffusers_common as dc
-from engine.priors import load_prior
 from engine.priors.base import Prior, SDSContext
 from engine.sds import view_weights
+from tests.tiny_pipelines import write_tiny_if, write_tiny_sd, write_tiny_taesd
 
 
 @pytest.fixture(autouse=True)
@@ -30,75 +32,6 @@ def offline(monkeypatch):
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
         monkeypatch.setenv(k, "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-
-WORDS = ("a", "red", "blue", "cube", "sphere", "front", "side", "back", "overhead", "view", "ugly", "blurry")
-
-
-def write_tiny_sd(folder: str) -> str:
-    """A Stable Diffusion 1.x/2.x-shaped pipeline (~0.2M-parameter U-Net) saved to `folder`."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + ",.":  # character-level BPE: every word ends in a "</w>" symbol
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                              steps_offset=1)  # what SD checkpoints ship; the prior reads its betas
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
-                            ).save_pretrained(folder)
-    return folder
-
-
-def write_tiny_if(folder: str) -> str:
-    """A DeepFloyd IF stage I-shaped pipeline (pixel U-Net, 3 -> 6 channels, T5 text encoder) saved to `folder`."""
-    from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    torch.manual_seed(0)
-    pieces = dict.fromkeys(["\u2581" + w for w in WORDS] + [","] + ["\u2581" + c for c in string.ascii_lowercase]
-                           + list(string.ascii_lowercase))
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -float(i)) for i, p in enumerate(pieces)]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=16)  # a unigram model, no sentencepiece file
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                           num_heads=4, relative_attention_num_buckets=8))
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=3, out_channels=6, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        cross_attention_dim=32, encoder_hid_dim=32, attention_head_dim=8, addition_embed_type="text",
-        addition_embed_type_num_heads=2, cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift",
-        act_fn="gelu", norm_num_groups=8)
-    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", thresholding=True,
-                              dynamic_thresholding_ratio=0.95, sample_max_value=1.0)
-    IFPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=scheduler, safety_checker=None,
-               feature_extractor=None, watermarker=None, requires_safety_checker=False).save_pretrained(folder)
-    return folder
-
-
-def write_tiny_taesd(folder: str) -> str:
-    """A tiny `AutoencoderTiny` with the SD VAE's downsampling (x2 here) and 4 latent channels."""
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(0)
-    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
-                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +55,8 @@ def deepfloyd(if_dir):
 
 
 def _ctx(azimuths=(0.0, 180.0), elevations=(10.0, 10.0)) -> SDSContext:
-    return SDSContext(view_weights=view_weights(torch.tensor(azimuths), torch.tensor(elevations)))
+    cams = fixed_views(list(azimuths), list(elevations))
+    return SDSContext(view_weights=view_weights(cams.azimuth, cams.elevation), cameras=cams)
 
 
 def _step(prior, images, emb, ctx=None, seed=0, scale=20.0):
@@ -208,23 +142,139 @@ def test_taesd_encoder(sd_dir, tmp_path):
 
 def test_perp_neg_removes_only_the_perpendicular_part():
     eps_u, eps_c = torch.zeros(1, 1, 2, 1), torch.tensor([[[[1.0], [0.0]]]])  # d_pos = (1, 0)
-    parallel = torch.tensor([[[[2.0], [0.0]]]])[:, None]  # a negative along d_pos: no effect
-    orthogonal = torch.tensor([[[[0.0], [1.0]]]])[:, None]  # fully perpendicular: removed with weight lambda
-    w = torch.tensor([[0.5]])
+    parallel = torch.tensor([[[[2.0], [0.0]]]])  # a negative along d_pos: no effect
+    orthogonal = torch.tensor([[[[0.0], [1.0]]]])  # fully perpendicular: removed with weight lambda
+    branch = (None, torch.tensor([0]), torch.tensor([0.5]))
     cfg = dc.guide(eps_c, eps_u, 7.0)
-    torch.testing.assert_close(dc.guide(eps_c, eps_u, 7.0, parallel, w), cfg)
-    torch.testing.assert_close(dc.guide(eps_c, eps_u, 7.0, orthogonal, w), cfg - 7.0 * 0.5 * orthogonal[:, 0])
-    lam = dc.perp_neg_weights(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]), 2.0)
-    torch.testing.assert_close(lam, torch.tensor([[0.0, 2.0, 2.0], [2.0, 2.0, 2.0]]))
+    torch.testing.assert_close(dc.guide(eps_c, eps_u, 7.0, parallel, branch), cfg)
+    torch.testing.assert_close(dc.guide(eps_c, eps_u, 7.0, orthogonal, branch), cfg - 7.0 * 0.5 * orthogonal)
+
+
+def test_perp_neg_weights_follow_the_references():
+    """stable-dreamfusion's weights (negative_w = -2, decays 2 and 10) and threestudio's overhead rule.
+    Before: lambda_k = scale (1 - w_k)^2 gave overhead views the full scale on all three negatives."""
+    s = PriorOptions().perp_neg_scale
+    assert s == 2.0  # stable-dreamfusion's |negative_w|; threestudio's largest weight is 1.967
+    az = torch.tensor([0.0, 45.0, -45.0, 90.0, 135.0, 180.0, 30.0])
+    el = torch.tensor([10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 75.0])
+    w = dc.perp_neg_weights(az, el, s)
+    e = torch.exp
+    expected = torch.tensor([
+        [0.0, s, 0.0],  # front: push the side away only
+        [float(s * e(torch.tensor(-1.0))), float(s * e(torch.tensor(-5.0))), 0.0],  # r = 0.5
+        [float(s * e(torch.tensor(-1.0))), float(s * e(torch.tensor(-5.0))), 0.0],  # symmetric in azimuth
+        [s, 0.0, 0.0],  # side (back half, r = 1): the front
+        [s, float(s / 2 * e(torch.tensor(-5.0))), 0.0],  # r = 0.5 between side and back
+        [s, s / 2, 0.0],  # back: the front fully, the side half
+        [0.0, 0.0, 0.0],  # overhead: none
+    ])
+    torch.testing.assert_close(w, expected)
+    assert (dc.perp_neg_weights(torch.tensor([85.0]), torch.tensor([0.0]), s)[0, 1] == 0)  # 2 e^-10 < 1e-4: skipped
+
+
+def test_perp_neg_runs_no_branch_for_zero_weights(sd_dir):
+    prior = load_prior(f"sd:{sd_dir}", options=PriorOptions(perp_neg=True), vae_resolution=32)
+    emb = prior.encode_prompt("a red cube")
+    batches = []
+    hook = prior.unet.register_forward_hook(lambda m, args, kw, out: batches.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        images = torch.rand(2, 3, 16, 16)
+        _, info = _step(prior, images, emb, _ctx((0.0, 10.0), (80.0, 80.0)))  # overhead: no negatives
+        assert batches[-1] == info["unet_batch"] == 4
+        _, info = _step(prior, images, emb, _ctx((0.0, 180.0), (10.0, 10.0)))  # front: 1 negative, back: 2
+        assert batches[-1] == info["unet_batch"] == 4 + 3
+    finally:
+        hook.remove()
 
 
 def test_perp_neg_option_runs_and_changes_the_gradient(sd_dir):
     plain = load_prior(f"sd:{sd_dir}", vae_resolution=32)
-    perp = load_prior(f"sd:{sd_dir}", vae_resolution=32, perp_neg=True)
+    perp = load_prior(f"sd:{sd_dir}", options=PriorOptions(perp_neg=True), vae_resolution=32)
     images = torch.rand(2, 3, 16, 16)
     g0, _ = _step(plain, images, plain.encode_prompt("a red cube"))
     g1, _ = _step(perp, images, perp.encode_prompt("a red cube"))
     assert torch.isfinite(g1).all() and not torch.allclose(g0, g1)
+
+
+# -- options ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [{"perp_neg_scale": -1.0}, {"perp_neg_scale": float("nan")}, {"perp_neg_scale": "2"},
+                                 {"perp_neg": "yes"}, {"fp16": 1}, {"cpu_offload": None}, {"attention_slicing": 0}])
+def test_bad_prior_options_are_value_errors(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        PriorOptions(**bad)
+
+
+def test_fp16_by_default_on_cuda_only():
+    assert PriorOptions().dtype("cuda") == torch.float16 and PriorOptions().dtype("cpu") == torch.float32
+    assert PriorOptions(fp16=True).dtype("cpu") == torch.float16
+    assert PriorOptions(fp16=False).dtype("cuda") == torch.float32
+    with pytest.raises(ValueError, match="PriorOptions"):
+        load_prior("sd", options={"fp16": True})
+
+
+def test_fp16_variant_files_are_picked_for_fp16():
+    files = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/spiece.model",
+             "tokenizer/tokenizer_config.json", "unet/config.json", "unet/diffusion_pytorch_model.bin",
+             "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+             "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+             "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors",
+             "text_encoder/model.safetensors.index.fp16.json", "text_encoder/model.fp16-00001-of-00002.safetensors",
+             "text_encoder/model.fp16-00002-of-00002.safetensors", "unet/flax_model.msgpack", "IF-I-XL.ckpt"]
+    comps = ("unet", "text_encoder", "tokenizer", "scheduler")
+    half = dc.pick_files(files, comps, fp16=True)
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in half and "unet/diffusion_pytorch_model.safetensors" not in half
+    assert {"text_encoder/model.safetensors.index.fp16.json", "text_encoder/model.fp16-00002-of-00002.safetensors"} <= set(half)
+    assert not any("model-0000" in f for f in half) and "IF-I-XL.ckpt" not in half and "unet/flax_model.msgpack" not in half
+    full = dc.pick_files(files, comps, fp16=False)
+    assert "unet/diffusion_pytorch_model.safetensors" in full and not any("fp16" in f or f.endswith(".bin") for f in full)
+    assert {"tokenizer/spiece.model", "scheduler/scheduler_config.json", "model_index.json"} <= set(full)
+
+
+def test_sd_tokenizer_without_model_max_length(sd, sd_dir):
+    """The fixture's tokenizer config has no model_max_length (transformers says ~1e30); before the clamp,
+    padding to it failed."""
+    assert "model_max_length" not in json.load(open(os.path.join(sd_dir, "tokenizer", "tokenizer_config.json")))
+    assert sd.tokenizer.model_max_length > 1e6
+    assert sd.max_length == 32  # the tiny CLIP's positions (77 for a real one)
+    assert sd.encode_prompt("a blue sphere").cond.shape[1] == 32
+
+
+def test_if_tokenizer_is_the_real_layout(deepfloyd, if_dir):
+    assert sorted(os.listdir(os.path.join(if_dir, "tokenizer"))) == ["spiece.model", "tokenizer_config.json"]
+    assert deepfloyd.max_length == 77  # IFPipeline's length; the config states none
+    assert deepfloyd.encode_prompt("a red cube").cond.shape[:2] == (4, 77)
+
+
+def test_if_tokenizer_dependency_missing_fails_first_in_one_line(if_dir, monkeypatch):
+    """Before: ~20 GB of U-Net and T5 loaded, then an error about tiktoken."""
+    from diffusers import UNet2DConditionModel
+    from transformers import T5EncoderModel
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the tokenizer")
+
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # `import sentencepiece` now raises ImportError
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_weights)
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", no_weights)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as err:
+        load_prior(f"if:{if_dir}")
+    assert time.monotonic() - t0 < 5
+    msg = str(err.value)
+    assert msg.startswith("tokenizer: ") and "pip install sentencepiece protobuf" in msg and "\n" not in msg
+
+
+def test_t5_leaves_the_device_after_encoding(if_dir):
+    prior = load_prior(f"if:{if_dir}")
+    moves = []
+    real_to = prior.text_encoder.to
+    prior.text_encoder.to = lambda *a, **k: (moves.append(str(a[0] if a else k)), real_to(*a, **k))[1]
+    prior.encode_prompt("a blue cube", "ugly")
+    assert moves == ["cpu", "cpu"]  # to the prior's device (the CPU here) for one batch, then back to the CPU
+    prior.encode_prompt("a blue cube", "ugly")
+    assert len(moves) == 2  # the same prompt: cached, T5 stays put
 
 
 # -- loading and failures ---------------------------------------------------------------------------------
@@ -320,8 +370,9 @@ def test_mixed_checkpoints_name_the_mismatch(sd_dir, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_on_cuda(sd_dir, if_dir):
     for spec, kw in ((f"sd:{sd_dir}", {"vae_resolution": 32}), (f"if:{if_dir}", {})):
-        prior = load_prior(spec, device="cuda", cpu_offload=True, attention_slicing=True, **kw)
+        prior = load_prior(spec, device="cuda", options=PriorOptions(cpu_offload=True, attention_slicing=True), **kw)
         assert prior.dtype == torch.float16
         images = torch.rand(2, 3, 16, 16, device="cuda")
         grad, _ = _step(prior, images, prior.encode_prompt("a red cube"))
         assert grad.device == images.device and torch.isfinite(grad).all()
+        assert next(prior.text_encoder.parameters()).device.type == "cpu"  # off the GPU between prompts
