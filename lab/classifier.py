@@ -59,6 +59,7 @@ def classifier_data(n_images: int, seed: int, cache: Path | None = None) -> tupl
     shapes = torch.tensor([SHAPE_NAMES.index(s) for sc in chunks for s in sc["shapes"]])
     has_color = torch.tensor([m != "textureless" for sc in chunks for m in sc["shading"]])
     if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"imgs": (imgs * 255).round().byte(), "colors": colors, "shapes": shapes, "has_color": has_color,
                     "seed": seed}, cache)
     return imgs, colors, shapes, has_color

@@ -19,7 +19,7 @@ def test_classifier_trains_and_saves(tmp_path, width, strong):
 
 
 def test_cli_writes_where_asked_and_caches_the_renders(tmp_path, capsys):
-    out, cache = tmp_path / "clf.safetensors", tmp_path / "data.pt"
+    out, cache = tmp_path / "clf.safetensors", tmp_path / "runs" / "data.pt"  # runs/ need not exist yet
     argv = ["--images", "40", "--epochs", "1", "--width", "8", "--out", str(out), "--cache", str(cache)]
     first = main(argv)
     assert out.stat().st_size > 0 and cache.stat().st_size > 0 and '"shape"' in capsys.readouterr().out
