@@ -17,6 +17,45 @@ def generator():
     return torch.Generator().manual_seed(0)
 
 
+# -- small runs: a config that trains in milliseconds a step, and a poll for a session's progress ----------
+def _tiny_config(prior: str = "oracle:sphere", **kw):
+    """16x16 renders, 16 samples per ray, a 16^3 grid, one view per step, shading after 2 albedo steps, the
+    occupancy grid from step 2; 10,000 steps, so that a session keeps running. `kw`: Config's own fields."""
+    from engine.config import Config
+
+    cfg = Config(prior=prior, **{"steps": 10_000, **kw})
+    cfg.render.resolution, cfg.render.num_samples, cfg.field.grid_resolution = 16, 16, 16
+    cfg.render.occupancy_warmup, cfg.render.occupancy_every = 2, 2
+    cfg.camera.batch_size = 1
+    cfg.shading.albedo_only_steps = 2
+    return cfg
+
+
+def _wait_for(pred, timeout: float = 30.0, what: str = "condition"):
+    """pred()'s first truthy value, polled every 20 ms; AssertionError naming `what` after `timeout` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def tiny_config():
+    """tiny_config(prior="oracle:sphere", **config_fields) -> a fresh small Config (see `_tiny_config`)."""
+    return _tiny_config
+
+
+@pytest.fixture
+def wait_for():
+    """wait_for(pred, timeout=30.0, what="condition") -> pred()'s first truthy value (see `_wait_for`)."""
+    return _wait_for
+
+
 # -- a tiny embedded prior (8-16-16 channels, 100 timesteps): trains and samples in milliseconds ----------
 TINY_EMBEDDED = {"block_out_channels": [8, 16, 16], "text_dim": 16, "num_train_timesteps": 100}
 

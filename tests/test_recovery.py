@@ -7,13 +7,6 @@ import torch
 from engine.config import LiveParams
 from engine.priors.analytic import OraclePrior
 from engine.trainer import Trainer
-from tests.test_trainer import small_config as _small_config
-
-
-def small_config(**kw):
-    cfg = _small_config(**kw)
-    cfg.field.grid_resolution, cfg.render.num_samples = 16, 16
-    return cfg
 
 
 class FlakyPrior(OraclePrior):
@@ -32,8 +25,8 @@ def state(tr: Trainer) -> list[torch.Tensor]:
     return [t.detach().clone() for t in [*tr.field.state_dict().values(), *tr.background.state_dict().values()]]
 
 
-def test_repeated_non_finite_steps_roll_back_to_the_last_good_state():
-    cfg = small_config()
+def test_repeated_non_finite_steps_roll_back_to_the_last_good_state(tiny_config):
+    cfg = tiny_config()
     cfg.sds.good_state_every, cfg.sds.rollback_after = 3, 4
     tr = Trainer(cfg, FlakyPrior("sphere", range(7, 7 + 4)))
     live = LiveParams(prompt="a red sphere")
@@ -53,8 +46,8 @@ def test_repeated_non_finite_steps_roll_back_to_the_last_good_state():
     assert not m["skipped"] and m["loss"] == m["loss"]
 
 
-def test_rollback_restores_an_older_copy_not_the_latest_weights():
-    cfg = small_config()
+def test_rollback_restores_an_older_copy_not_the_latest_weights(tiny_config):
+    cfg = tiny_config()
     cfg.sds.good_state_every, cfg.sds.rollback_after = 100, 2
     tr = Trainer(cfg, FlakyPrior("sphere", range(5, 7)))
     live = LiveParams(prompt="a red sphere")
@@ -67,8 +60,8 @@ def test_rollback_restores_an_older_copy_not_the_latest_weights():
     assert tr.rollbacks == 1 and all(torch.equal(a, b) for a, b in zip(first, state(tr)))
 
 
-def test_keeping_good_state_leaves_seeded_runs_bit_identical():
-    a_cfg, b_cfg = small_config(seed=5), small_config(seed=5)
+def test_keeping_good_state_leaves_seeded_runs_bit_identical(tiny_config):
+    a_cfg, b_cfg = tiny_config(seed=5), tiny_config(seed=5)
     b_cfg.sds.good_state_every = 1
     b_cfg.sds.rollback_after = 0
     a, b = Trainer(a_cfg, OraclePrior("sphere")), Trainer(b_cfg, OraclePrior("sphere"))
@@ -78,12 +71,11 @@ def test_keeping_good_state_leaves_seeded_runs_bit_identical():
     assert all(torch.equal(x, y) for x, y in zip(state(a), state(b)))
 
 
-def test_shutdown_checkpoints_a_dirty_run_once(tmp_path):
+def test_shutdown_checkpoints_a_dirty_run_once(tmp_path, tiny_config, wait_for):
     from engine.checkpoint import read_checkpoint
     from playground.session import Session
-    from tests.test_session import tiny_config, wait_for
 
-    s = Session(tiny_config(), out_root=tmp_path)
+    s = Session(tiny_config("oracle:cube"), out_root=tmp_path)
     assert s.save_if_dirty() is None  # nothing trained
     s.start()
     wait_for(lambda: s.step >= 2, what="steps")
@@ -96,10 +88,9 @@ def test_shutdown_checkpoints_a_dirty_run_once(tmp_path):
     assert s.save_if_dirty() is None  # clean now
 
 
-def test_session_status_counts_skipped_steps_and_rollbacks(tmp_path):
+def test_session_status_counts_skipped_steps_and_rollbacks(tmp_path, tiny_config, wait_for):
     from playground.panel import status_markdown
     from playground.session import Session
-    from tests.test_session import tiny_config, wait_for
 
     cfg = tiny_config("oracle:cube")
     cfg.sds.good_state_every, cfg.sds.rollback_after = 2, 3

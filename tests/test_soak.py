@@ -8,16 +8,18 @@ error state, no unexpected exception and no thread left hanging.
 
 from __future__ import annotations
 
+import pytest
+
 from bench.bench_soak import Soak
-from tests.test_session import tiny_config, wait_for
 
 
-def test_short_soak_keeps_training_without_errors(tmp_path, free_port):
+@pytest.mark.slow  # 15 s of soak by design
+def test_short_soak_keeps_training_without_errors(tmp_path, free_port, tiny_config, wait_for):
     from playground.panel import Panel
     from playground.session import Session
     from playground.viewer import Viewer
 
-    session = Session(tiny_config(), out_root=tmp_path)
+    session = Session(tiny_config("oracle:cube"), out_root=tmp_path)
     viewer = Viewer(session, host="127.0.0.1", port=free_port)
     panel = Panel(session, viewer.url)
     try:

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 
 from engine.priors.embedded import EmbeddedPrior
@@ -16,7 +15,6 @@ def _train(tmp_path, config: dict, steps: int, name: str = "run", *extra: str) -
     return run(args)
 
 
-@pytest.mark.slow
 def test_training_loss_falls_is_seeded_resumes_and_exports(tmp_path, tiny_embedded_config):
     a = _train(tmp_path, tiny_embedded_config, 40, "a")
     first, last = sum(a["losses"][:8]) / 8, sum(a["losses"][-8:]) / 8
