@@ -57,7 +57,7 @@ def assert_same_state(a: Trainer, b: Trainer) -> None:
         assert torch.equal(x, y), name
     for (name, x), (_, y) in zip(a.background.state_dict().items(), b.background.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
-    assert torch.equal(a.estimator.occs, b.estimator.occs)
+    assert torch.equal(a.occupancy.estimator.occs, b.occupancy.estimator.occs)
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
     assert a.step_count == b.step_count
 

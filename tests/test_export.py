@@ -22,7 +22,6 @@ from engine.export import (
     MODES,
     RenderSource,
     export_mesh,
-    render_mode_image,
     run_folder,
     safe_path,
     slugify,
@@ -68,7 +67,7 @@ def test_render_modes_shapes_and_values(sphere):
     from engine.export import default_camera
 
     cams = default_camera()
-    images = {m: render_mode_image(sphere, cams, 24, 24, m) for m in MODES}
+    images = {m: sphere.image(cams, 24, 24, m) for m in MODES}
     for m, img in images.items():
         assert img.shape == (1, 3, 24, 24), m
         assert float(img.min()) >= 0 and float(img.max()) <= 1, m
@@ -78,7 +77,7 @@ def test_render_modes_shapes_and_values(sphere):
     for grey in ("depth", "opacity"):  # grey images: three equal channels
         assert torch.equal(images[grey][:, 0], images[grey][:, 1])
     with pytest.raises(ValueError, match="unknown render mode"):
-        render_mode_image(sphere, cams, 8, 8, "xray")
+        sphere.image(cams, 8, 8, "xray")
 
 
 def test_from_trainer_is_a_detached_copy():

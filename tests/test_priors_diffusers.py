@@ -277,6 +277,17 @@ def test_t5_leaves_the_device_after_encoding(if_dir):
     assert len(moves) == 2  # the same prompt: cached, T5 stays put
 
 
+def test_cpu_offload_parks_the_unet_while_t5_encodes(if_dir):
+    prior = load_prior(f"if:{if_dir}", options=PriorOptions(cpu_offload=True))
+    moves = []
+    for name in ("unet", "text_encoder"):
+        module = getattr(prior, name)
+        real = module.to
+        module.to = lambda *a, _real=real, _name=name, **k: (moves.append((_name, str(a[0]))), _real(*a, **k))[1]
+    prior.encode_prompt("a red sphere")
+    assert moves == [("unet", "cpu"), ("text_encoder", "cpu"), ("text_encoder", "cpu"), ("unet", "cpu")]
+
+
 # -- loading and failures ---------------------------------------------------------------------------------
 
 
@@ -509,3 +520,28 @@ def test_fp16_on_cuda(sd_dir, if_dir):
         grad, _ = _step(prior, images, prior.encode_prompt("a red cube"))
         assert grad.device == images.device and torch.isfinite(grad).all()
         assert next(prior.text_encoder.parameters()).device.type == "cpu"  # off the GPU between prompts
+
+
+# -- the command line -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sd", "if"])
+def test_cli_run_with_prior_options(kind, sd_dir, if_dir, tmp_path):
+    from engine.__main__ import main
+
+    folder = sd_dir if kind == "sd" else if_dir
+    out = tmp_path / "run"
+    assert main(["run", "--prior", f"{kind}:{folder}", "--steps", "2", "--resolution", "16", "--out", str(out),
+                 "--quiet", "--perp-neg", "--perp-neg-scale", "1.5", "--no-fp16", "--attention-slicing",
+                 "--cpu-offload"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prior_options"] == {"perp_neg": True, "perp_neg_scale": 1.5, "fp16": False, "cpu_offload": True,
+                                        "attention_slicing": True}
+    assert metrics["steps"] == 2 and metrics["prior"] == f"{kind}:{folder}"
+
+
+def test_cli_bad_prior_option_is_one_line(capsys):
+    from engine.__main__ import main
+
+    assert main(["run", "--prior", "sd", "--perp-neg-scale", "-1", "--steps", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: perp_neg_scale must be a number >= 0; got -1.0"

@@ -47,9 +47,7 @@ def test_cfg_and_weights_match_definitions():
     assert torch.allclose(sds.classifier_free_guidance(eu, ec, 7.5), eu + 7.5 * (ec - eu))
     assert torch.allclose(sds.classifier_free_guidance(eu, ec, 1.0), ec, atol=1e-6)
     a = torch.tensor([0.9, 0.5, 0.1])
-    assert torch.allclose(sds.sds_weight(a, "sigma2"), 1 - a)
-    assert torch.allclose(sds.sds_weight(a, "sqrt_alpha_sigma2"), a.sqrt() * (1 - a))
-    assert torch.equal(sds.sds_weight(a, "uniform"), torch.ones(3))
+    assert torch.allclose(sds.sds_weight(a), 1 - a)
 
 
 def test_gaussian_prior_gradient_matches_formula(generator):
