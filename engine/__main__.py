@@ -60,7 +60,8 @@ def cmd_run(args) -> int:
         out = Path(args.out) if args.out else run_folder(args.out_root, args.prompt)
     if cfg.steps < 1:
         raise ValueError(f"--steps must be a positive integer; got {cfg.steps}")
-    prior = load_prior(cfg.prior, device=device)
+    options = prior_options(args)
+    prior = load_prior(cfg.prior, device=device, options=options)
     trainer = Trainer(cfg, prior, device, live)
     if args.resume:
         load_into(trainer, meta, tensors)
@@ -77,12 +78,29 @@ def cmd_run(args) -> int:
     save_png(tile(views.rgb), out / "preview.png")
     metrics = {"steps": trainer.step_count, "steps_this_run": done, "its_per_s": done / wall if wall else 0.0,
                "wall_s": wall, "skipped_steps": trainer.skipped_steps, "final": last, "prior": prior.name,
-               "device": str(device), "live": dataclasses.asdict(live), "config": cfg.to_dict()}
+               "device": str(device), "live": dataclasses.asdict(live), "config": cfg.to_dict(),
+               "prior_options": dataclasses.asdict(options)}
     from engine.checkpoint import atomic_write
 
     atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2)))
     print(json.dumps({"run": str(out), "steps": trainer.step_count, "its_per_s": round(metrics["its_per_s"], 2),
                       "wall_s": round(wall, 1), "loss": last.get("loss")}))
+    return 0
+
+
+def prior_options(args):
+    """The run's PriorOptions from its flags (ValueError for a bad value)."""
+    from engine.priors import PriorOptions
+
+    return PriorOptions(perp_neg=args.perp_neg, perp_neg_scale=args.perp_neg_scale, fp16=args.fp16,
+                        cpu_offload=args.cpu_offload, attention_slicing=args.attention_slicing)
+
+
+def cmd_doctor(args) -> int:
+    from engine.doctor import diagnose, report
+
+    facts = diagnose()
+    print(json.dumps(facts, indent=2) if args.json else report(facts))
     return 0
 
 
@@ -154,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    from engine.priors import PriorOptions
+
+    r.add_argument("--perp-neg", action="store_true", help="SD / IF: Perp-Neg against multi-face (Janus) results")
+    r.add_argument("--perp-neg-scale", type=float, default=PriorOptions.perp_neg_scale,
+                   help="weight of Perp-Neg's opposite-view negative (default: %(default)s, stable-dreamfusion's)")
+    r.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
+                   help="SD / IF half-precision weights (default: on CUDA only)")
+    r.add_argument("--cpu-offload", action="store_true", help="SD: keep the text encoder on the CPU between prompts")
+    r.add_argument("--attention-slicing", action="store_true", help="SD / IF: attention in slices (less memory)")
     r.set_defaults(fn=cmd_run)
 
     from engine.export import MODES
@@ -185,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--classifier", default=None, metavar="FILE",
                    help="classifier weights (default: assets/classifier.safetensors)")
     v.set_defaults(fn=cmd_eval)
+
+    d = sub.add_parser("doctor", help="what this machine can run: device, memory, kernels, priors in the cache")
+    d.add_argument("--json", action="store_true", help="print JSON instead of text")
+    d.set_defaults(fn=cmd_doctor)
+
+    from engine.batch import add_parser as add_batch_parser
+
+    add_batch_parser(sub)
     return p
 
 

@@ -23,7 +23,7 @@ class PriorOptions:
     perp_neg: bool = False  # Perp-Neg against multi-face (Janus) results: up to 2 more U-Net branches per view
     perp_neg_scale: float = 2.0  # weight of the opposite view's negative prompt (stable-dreamfusion's |negative_w|)
     fp16: bool | None = None  # half-precision weights; None: fp16 on CUDA, fp32 on the CPU
-    cpu_offload: bool = False  # SD: keep the text encoder on the CPU between prompts (IF's T5 always is)
+    cpu_offload: bool = False  # text encoder and U-Net never on the GPU together (IF's T5 leaves it after encoding anyway)
     attention_slicing: bool = False  # compute attention in slices: less peak memory, a little slower
 
     def __post_init__(self):

@@ -90,7 +90,8 @@ class DeepFloydIFPrior:
                              add_special_tokens=True, return_tensors="pt")
         full = self.tokenizer(texts, padding=False, truncation=False)["input_ids"]
         truncated = any(len(ids) > self.max_length for ids in full)
-        with dc.on_device(self.device, True, self.text_encoder):
+        park = [self.unet] if self.options.cpu_offload else []  # T5 and the U-Net never on the GPU together
+        with dc.on_device(self.device, [self.text_encoder], park):
             emb = self.text_encoder(tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device))[0]
         return emb.to(self.dtype), truncated
 

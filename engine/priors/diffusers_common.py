@@ -254,17 +254,23 @@ def check_width(component: str, expected: int | None, got: int, what: str) -> No
 
 
 @contextlib.contextmanager
-def on_device(device, offload: bool, *modules: torch.nn.Module):
-    """Run `modules` on `device`; with `offload` they live on the CPU between uses (model-level offload)."""
-    if offload:
-        for m in modules:
-            m.to(device)
+def on_device(device, use: list[torch.nn.Module], park: list[torch.nn.Module] = ()):
+    """Run `use` on `device` and leave it on the CPU afterwards; `park` waits on the CPU meanwhile and comes back.
+
+    So a text encoder holds GPU memory only while it encodes a prompt, and with `park` (cpu_offload) it never
+    shares the GPU with the U-Net: the peak is the larger of the two, not their sum.
+    """
+    for m in park:
+        m.to("cpu")
+    for m in use:
+        m.to(device)
     try:
         yield
     finally:
-        if offload:
-            for m in modules:
-                m.to("cpu")
+        for m in use:
+            m.to("cpu")
+        for m in park:
+            m.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ class StableDiffusionPrior:
                              return_tensors="pt")
         full = self.tokenizer(texts, padding=False, truncation=False)["input_ids"]
         truncated = any(len(ids) > self.max_length for ids in full)
-        with dc.on_device(self.device, self.options.cpu_offload, self.text_encoder):
+        offload = self.options.cpu_offload  # the text encoder visits the GPU alone, the U-Net and VAE wait on the CPU
+        with dc.on_device(self.device, [self.text_encoder] if offload else [], [self.unet, self.vae] if offload else []):
             emb = self.text_encoder(tok.input_ids.to(self.device))[0]
         return emb, truncated
 
