@@ -228,3 +228,95 @@ def test_vocabulary_and_unknown_words_are_shown(tmp_path):
         assert "'shiny'" in text and "`cube`" in text
     finally:
         s.stop()
+
+
+class _NamedPrior:
+    """A cheap stand-in for a large prior (the Gaussian prior under another name), for switch tests."""
+
+    def __new__(cls, spec, device="cpu"):
+        prior = load_prior("gaussian", device=device)
+        prior.name = spec
+        return prior
+
+
+def fake_large_loader(spec, device="cpu"):
+    return _NamedPrior(spec, device) if spec.split(":")[0] in ("sd", "if") else load_prior(spec, device=device)
+
+
+def test_a_prior_switch_applies_that_priors_settings_and_keeps_what_the_user_set(tmp_path):
+    from engine.config import live_defaults, preset
+
+    s = Session(preset("embedded"), live_defaults("embedded"), out_root=tmp_path, prior_loader=fake_large_loader,
+                overrides={"camera.batch_size": 1})
+    try:
+        s.set_params(prompt="a blue cone", shading="albedo")
+        s.reset(prior="sd:/models/tiny")
+        s.wait_idle_queue(60)
+        st = s.status()
+        assert st["prior"] == "sd:/models/tiny" and st["next"]["guidance_scale"] == 100.0  # SD's own guidance
+        assert st["settings"]["resolution"] == 64 and st["steps"] == 10000 and st["settings"]["t_max_end"] == 0.98
+        assert st["next"]["prompt"] == "a blue cone" and st["next"]["shading"] == "albedo"  # what the user set stays
+        assert "guidance_scale 100" in st["settings_note"] and "prompt" in st["settings_note"]
+        s.reset(prior="embedded")
+        s.wait_idle_queue(60)
+        st = s.status()
+        assert st["next"]["guidance_scale"] == 10.0 and st["settings"]["resolution"] == 32
+        assert st["settings"]["t_max_end"] == 0.5 and st["settings"]["entropy"] == 0.2 and st["steps"] == 2000
+        assert st["settings"]["batch_size"] == 1 and st["next"]["prompt"] == "a blue cone"
+        s.set_params(guidance_scale=12.0)
+        s.reset(prior="embedded")  # the same prior: the user's guidance stays
+        s.wait_idle_queue(60)
+        assert s.status()["next"]["guidance_scale"] == 12.0
+    finally:
+        s.stop()
+
+
+def test_switching_large_priors_keeps_only_one_loaded(tmp_path):
+    import gc
+    import weakref
+
+    s = Session(tiny_config(), out_root=tmp_path, prior_loader=fake_large_loader)
+    try:
+        s.reset(prior="sd:a")
+        s.wait_idle_queue(60)
+        first = weakref.ref(s.trainer.prior)
+        s.reset(prior="if:b")
+        s.wait_idle_queue(60)
+        assert list(s._priors) == ["if:b"]
+        gc.collect()
+        assert first() is None, "the previous large prior is still referenced"
+        s.reset(prior="oracle:cube")
+        s.wait_idle_queue(60)
+        assert "if:b" not in s._priors
+    finally:
+        s.stop()
+
+
+def test_out_of_memory_in_a_step_pauses_with_what_to_lower(tmp_path):
+    def loader(spec, device="cpu"):
+        prior = load_prior(spec, device=device)
+
+        def oom(*a, **k):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        prior.sds_grad = oom
+        return prior
+
+    s = Session(tiny_config(), out_root=tmp_path, prior_loader=loader)
+    try:
+        s.start()
+        st = wait_for(lambda: (x := s.status())["state"] == "paused" and x, what="the pause after OOM")
+        assert "out of GPU memory" in st["message"] and "lower the resolution" in st["message"]
+        assert st["error"] is None and s.trainer is not None  # nothing lost: the run can go on
+    finally:
+        s.stop()
+
+
+def test_start_with_another_prior_while_running_says_what_it_did(session):
+    session.start()
+    wait_for(lambda: session.step >= 1)
+    session.start(prior="oracle:sphere")
+    session.wait_idle_queue()
+    st = session.status()
+    assert st["prior"] == "oracle:cube" and st["state"] == "running"
+    assert any("oracle:sphere was not used" in w and "Reset" in w for w in st["warnings"])
