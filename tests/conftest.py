@@ -44,13 +44,13 @@ def _wait_for(pred, timeout: float = 30.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config():
     """tiny_config(prior="oracle:sphere", **config_fields) -> a fresh small Config (see `_tiny_config`)."""
     return _tiny_config
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def wait_for():
     """wait_for(pred, timeout=30.0, what="condition") -> pred()'s first truthy value (see `_wait_for`)."""
     return _wait_for

@@ -39,6 +39,7 @@ def steps_to_iou(solid: str, target: float = 0.9, every: int = 50) -> tuple[Trai
     return trainer, iou, training, time.perf_counter() - t0
 
 
+@pytest.mark.slow  # 20-45 s per solid on the 2-core CPU
 @pytest.mark.parametrize("solid", list(BUDGET))
 def test_oracle_recovers_the_solid(solid):
     torch.set_num_threads(1)
