@@ -93,16 +93,15 @@ def make_session(args):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = preset(args.prior, device)  # the prior's tuned defaults; flags below override them
-    if args.steps:
-        cfg.steps = args.steps
-    if args.resolution:
-        cfg.render.resolution = args.resolution
-    if args.batch_size:
-        cfg.camera.batch_size = args.batch_size
-    if args.samples:
-        cfg.render.num_samples = args.samples
+    flags = {"steps": args.steps, "render.resolution": args.resolution, "camera.batch_size": args.batch_size,
+             "render.num_samples": args.samples}
+    overrides = {name: value for name, value in flags.items() if value}  # kept when another prior is picked
+    for name, value in overrides.items():
+        section, _, key = name.rpartition(".")
+        setattr(getattr(cfg, section) if section else cfg, key, value)
     live = live_defaults(args.prior, **({"prompt": args.prompt} if args.prompt else {}))
-    return Session(cfg, live, device=device, out_root=args.out)
+    return Session(cfg, live, device=device, out_root=args.out, overrides=overrides,
+                   user_live=("prompt",) if args.prompt else ())
 
 
 def main(argv=None) -> int:

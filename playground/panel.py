@@ -48,9 +48,13 @@ def parse_color(value) -> tuple[float, float, float]:
     raise ValueError(f"light_color must be '#rrggbb', 'rgb(r, g, b)' or three numbers; got {value!r}")
 
 
-def light_of(live: LiveParams) -> tuple:
-    """The light controls the pane keeps in step with the session: mode, azimuth, elevation, distance."""
-    return (live.light_mode, live.light_azimuth, live.light_elevation, live.light_distance)
+def followed(session: Session) -> tuple:
+    """The controls the pane keeps in step with the session when something else changes them (the viewer
+    moves the light; a prior switch brings its guidance, learning rate and steps): light mode, azimuth,
+    elevation, distance, guidance, learning rate, steps, prior."""
+    live = session.live
+    return (live.light_mode, live.light_azimuth, live.light_elevation, live.light_distance, live.guidance_scale,
+            live.learning_rate, session.max_steps, session.prior_spec)
 
 
 def to_hex(rgb) -> str:
@@ -68,6 +72,8 @@ def status_markdown(st: dict) -> str:
         lines.append(f"**Error:** {html.escape(st['error'], quote=False)}")
     elif st["message"]:
         lines.append(html.escape(st["message"], quote=False))
+    if st.get("settings_note"):
+        lines += ["", html.escape(st["settings_note"], quote=False)]
     return "\n".join(lines)
 
 
@@ -184,23 +190,22 @@ class Panel:
         """What a page shows when it (re)loads: the session's current settings, not those the app started with,
         so a page opened or reloaded mid-run shows the prompt, guidance, shading and light the run is using.
         Order: prompt, negative prompt, prior, guidance, shading, light mode, azimuth, elevation, distance,
-        colour, ambient, learning rate, seed, steps, and the light tuple the timer compares against."""
+        colour, ambient, learning rate, seed, steps, and the tuple the timer compares against (`followed`)."""
         s, live = self.session, self.session.live
-        light = light_of(live)
-        return [live.prompt, live.negative_prompt, s.prior_spec, live.guidance_scale, live.shading, *light,
-                to_hex(live.light_color), live.ambient, live.learning_rate, live.seed, s.max_steps, light]
+        return [live.prompt, live.negative_prompt, s.prior_spec, live.guidance_scale, live.shading,
+                *followed(s)[:4], to_hex(live.light_color), live.ambient, live.learning_rate, live.seed, s.max_steps,
+                followed(s)]
 
     def _tick(self, synced: tuple, shown_preview: int):
-        """Streamed outputs; the light controls follow the session when something else (the viewer) moved it."""
+        """Streamed outputs; the followed controls move when the session's values changed elsewhere."""
         s, st = self.session, self.session.status()
         df = pd.DataFrame(s.history[-2000:], columns=["step", "loss"])
         pv = s.preview()
         preview = pv[1] if pv is not None and pv[0] != shown_preview else gr.skip()
-        nxt = st["next"]
-        light = (nxt["light_mode"], nxt["light_azimuth"], nxt["light_elevation"], nxt["light_distance"])
-        ui = [gr.skip()] * 4 if tuple(synced or ()) == light else list(light)
+        now = followed(s)
+        ui = [gr.skip()] * len(now) if tuple(synced or ()) == now else list(now)
         exports = "\n".join(f"- {e}" for e in s.exports[-5:])
-        return [status_markdown(st), df, preview, vocabulary_markdown(s), *ui, light,
+        return [status_markdown(st), df, preview, vocabulary_markdown(s), *ui, now,
                 pv[0] if pv is not None else shown_preview, exports]
 
     # -- layout --------------------------------------------------------------------------------------
@@ -216,7 +221,8 @@ class Panel:
                     negative = gr.Textbox(live.negative_prompt, label="Negative prompt", elem_id="negative_prompt")
                     vocab = gr.Markdown(elem_id="vocabulary")
                     prior = gr.Dropdown(prior_choices(s.prior_spec), value=s.prior_spec, label="Prior",
-                                        allow_custom_value=True, info="takes effect on Start of a new run or Reset")
+                                        allow_custom_value=True, info="takes effect on Start of a new run or Reset; "
+                                        "its own settings (resolution, guidance...) come with it")
                     with gr.Row():
                         start = gr.Button("Start", variant="primary", elem_id="start")
                         pause = gr.Button("Pause / resume", elem_id="pause")
@@ -253,7 +259,7 @@ class Panel:
                                        elem_id="preview", height=180)
                     plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss",
                                        title="Loss", height=220, elem_id="loss_plot")
-            synced = gr.State(light_of(live))
+            synced = gr.State(followed(s))
             shown = gr.State(-1)
 
             start.click(self._on_start, [prior, prompt, negative, guidance, shading, lr, seed, steps], message,
@@ -278,8 +284,8 @@ class Panel:
             demo.load(self._controls, None, [prompt, negative, prior, guidance, shading, light_mode, az, el, dist,
                                              color, ambient, lr, seed, steps, synced], api_name="ui_load", **private)
             gr.Timer(self.timer_s).tick(self._tick, [synced, shown],
-                                        [status, plot, preview, vocab, light_mode, az, el, dist, synced, shown,
-                                         exports], api_name="ui_tick", **private)
+                                        [status, plot, preview, vocab, light_mode, az, el, dist, guidance, lr, steps,
+                                         prior, synced, shown, exports], api_name="ui_tick", **private)
 
             gr.api(self.api_start, api_name="start")
             gr.api(self.api_pause, api_name="pause")

@@ -169,18 +169,18 @@ class Session:
                 continue
             if command is None:  # stop
                 return
-            spec = self.prior_spec
+            spec, name = self.prior_spec, getattr(command, "__name__", "command").removeprefix("_do_")
             try:
                 command(arg)
             except PriorUnavailable as err:  # the current run, if any, is untouched: it goes on
-                log.warning("session command: %s", err)
-                self.prior_spec, self.message = spec, str(err)
+                log.warning("session %s: %s", name, err)
+                self.prior_spec, self.message = spec, f"{name} failed: {err}"
                 self.warnings.append(self.message)  # kept in /status: the next step overwrites `message`
                 if self.trainer is None:
                     self._fail(self.message)
             except Exception as err:  # a failed build: shown in the pane, the app stays up
-                log.exception("session command failed")
-                self._fail(f"{getattr(command, '__name__', 'command').removeprefix('_do_')} failed: {err}")
+                log.exception("session %s failed", name)
+                self._fail(f"{name} failed: {err}")
 
     def _do_params(self, arg) -> None:
         changes, steps = arg
