@@ -1,0 +1,198 @@
+"""GPU check: the project's CUDA paths in a few minutes, on any machine with a CUDA GPU and torch built for it.
+
+What it runs, in order, each part timed and reported even when another fails:
+1. the CUDA tests (`tests/test_cuda.py` and the skipif-CUDA tests elsewhere) with pytest;
+2. nerfacc's kernels: `engine.accel.kernels_status()`, and whether a finished build loads (nothing is built);
+3. fp16 SDS steps with tiny Stable Diffusion and DeepFloyd IF pipelines built from config in a temp folder (the
+   tests' own, `tests/tiny_pipelines.py`), loaded through `engine.priors.load_prior`;
+4. the hash-grid backbone's training speed (it/s) at 64x64 with the oracle prior (`engine.trainer.Trainer`);
+5. a 512x512 viewer frame from fixed cameras under no_grad (`Trainer.render_views`, as every view for people is);
+6. peak GPU memory of each part.
+It prints one line per part and writes one JSON (--out). No downloads: the tiny models are made here.
+
+    python bench/gpu_check.py                      # CUDA, writes bench/results/gpu_check.json
+    python bench/gpu_check.py --device cpu --tiny  # smoke run of the script itself (tests/test_gpu_check.py)
+
+A machine with no package registry: it needs Python 3.11 with torch (CUDA build), transformers, safetensors,
+sentencepiece and accelerate already installed; carry the rest as a folder of wheels. On a machine with internet,
+from this repository:
+
+    pip download --only-binary=:all: --no-deps -d wheels/ \\
+        diffusers==0.42.1 nerfacc==0.5.3 huggingface_hub==2.4.0 protobuf==7.36.2 tqdm==4.70.1 \\
+        pytest==9.0.3 pluggy iniconfig packaging filelock importlib_metadata zipp
+    # add --platform manylinux2014_x86_64 --python-version 3.11 for binary wheels (protobuf; numpy, Pillow, regex
+    # if the GPU machine lacks them) when this machine is not the GPU machine's platform
+
+then copy wheels/ and the repository over and, on the GPU machine:
+
+    pip install --no-index --find-links wheels/ diffusers nerfacc huggingface_hub protobuf tqdm pytest
+    python bench/gpu_check.py
+
+diffusers, nerfacc (its kernels are compiled on the GPU machine only by `python -m engine build-kernels`),
+huggingface_hub, tqdm and pytest with its three helpers are pure Python; protobuf is needed by IF's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+CUDA_TESTS = ["tests/test_cuda.py", "tests/test_priors_diffusers.py::test_fp16_on_cuda"]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_gb(device: str) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 1024**3, 3) if device.startswith("cuda") else None
+
+
+def part(results: dict, name: str, fn, device: str) -> None:
+    """Run one part; its dict (or the error) goes to results[name] with its wall time and peak GPU memory."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        out = {"ok": True, **fn()}
+    except Exception as e:  # noqa: BLE001 - one failing part must not hide the others
+        out = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+    out["wall_s"] = round(time.perf_counter() - t0, 2)
+    out["peak_gpu_gb"] = peak_gb(device)
+    results[name] = out
+    shown = {k: v for k, v in out.items() if k not in ("trace", "output")}
+    print(f"{name}: {json.dumps(shown)}", flush=True)
+
+
+def cuda_tests() -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *CUDA_TESTS]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    summary = next((ln for ln in reversed(tail) if " passed" in ln or " failed" in ln or " skipped" in ln), "")
+    if proc.returncode != 0:
+        raise RuntimeError(f"pytest exit {proc.returncode}: {summary}\n" + "\n".join(tail[-40:]))
+    return {"summary": summary.strip("= ")}
+
+
+def kernels() -> dict:
+    from engine.accel import kernels_status, load_kernels
+
+    status = kernels_status()
+    return {**status, "loaded": load_kernels() if status["built"] else False}
+
+
+def sds_steps(kind: str, device: str, steps: int, fp16: bool) -> dict:
+    """SDS steps with a tiny pipeline of `kind` ("sd" or "if") saved to a temp folder and loaded as users load."""
+    from engine.cameras import fixed_views
+    from engine.priors import PriorOptions, SDSContext, load_prior
+    from tests.tiny_pipelines import write_tiny_if, write_tiny_sd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = (write_tiny_sd if kind == "sd" else write_tiny_if)(str(Path(tmp) / kind))
+        extra = {"vae_resolution": 32} if kind == "sd" else {}
+        prior = load_prior(f"{kind}:{folder}", device=device, options=PriorOptions(fp16=fp16, perp_neg=True), **extra)
+        emb = prior.encode_prompt("a red cube")
+        cams = fixed_views([0.0, 135.0], [10.0, 20.0], device=device)
+        ctx = SDSContext(view_weights=cams.view_weights(), cameras=cams)
+        images = torch.rand(2, 3, 16, 16, device=device)
+        g = torch.Generator(device=device).manual_seed(0)
+        times = []
+        for _ in range(steps + 1):  # the first is a warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            grad, _ = prior.sds_grad(images, emb, ctx, guidance_scale=20.0, t_range=(0.02, 0.98), weighting="sigma2",
+                                     generator=g)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        if not torch.isfinite(grad).all():
+            raise RuntimeError("non-finite SDS gradient")
+        t5_device = next(prior.text_encoder.parameters()).device.type
+        return {"dtype": str(prior.dtype).removeprefix("torch."), "ms_per_step": round(1000 * min(times[1:]), 2),
+                "grad_norm": round(float(grad.float().norm()), 5), "text_encoder_after_encode": t5_device}
+
+
+def hash_grid(device: str, resolution: int, steps: int, frame: int, tiny: bool = False) -> dict:
+    """Training it/s of the hash-grid backbone with the oracle prior, then one frame of `frame`^2 pixels.
+    tiny: one view of 16 samples per ray (the smoke run)."""
+    from engine.cameras import fixed_views
+    from engine.config import live_defaults, preset
+    from engine.priors import load_prior
+    from engine.trainer import Trainer
+
+    cfg = preset("oracle:cube", device)
+    cfg.field.backbone = "hash"
+    cfg.render.resolution = resolution
+    if tiny:
+        cfg.camera.batch_size, cfg.render.num_samples = 1, 16
+    live = live_defaults(cfg.prior, prompt="a cube")
+    trainer = Trainer(cfg, load_prior(cfg.prior, device=device), device, live)
+    warm = 1 if tiny else 5
+    for _ in range(warm):
+        trainer.step(live)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        metrics = trainer.step(live).metrics
+    sync(device)
+    its = steps / (time.perf_counter() - t0)
+    cams = fixed_views([30.0], [20.0], device=device)
+    frame_s = []
+    with torch.no_grad():
+        for _ in range(2 if tiny else 4):
+            sync(device)
+            t1 = time.perf_counter()
+            out = trainer.render_views(cams, frame, frame, "lambertian", live)
+            sync(device)
+            frame_s.append(time.perf_counter() - t1)
+    if not torch.isfinite(out.rgb).all():
+        raise RuntimeError("non-finite frame")
+    return {"resolution": resolution, "steps": steps, "its_per_s": round(its, 2), "loss": metrics.get("loss"),
+            "frame_size": frame, "frame_ms": round(1000 * min(frame_s[1:] or frame_s), 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"), help="JSON to write")
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes (smoke run): 8x8 training, a 32x32 frame")
+    ap.add_argument("--no-tests", action="store_true", help="skip the pytest part")
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: no CUDA device (torch sees none); --device cpu runs the smoke version", file=sys.stderr)
+        return 2
+    dev = args.device
+    res, steps, frame, sds = (8, 1, 32, 1) if args.tiny else (64, 100, 512, 10)
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": dev, "python": platform.python_version(),
+                     "torch": torch.__version__, "cuda": torch.version.cuda,
+                     "gpu": torch.cuda.get_device_name() if dev.startswith("cuda") else None}
+    print(json.dumps(results), flush=True)
+    if not args.no_tests:
+        part(results, "cuda_tests", cuda_tests, dev)
+    part(results, "nerfacc_kernels", kernels, dev)
+    fp16 = dev.startswith("cuda")
+    part(results, "sds_sd_tiny", lambda: sds_steps("sd", dev, sds, fp16), dev)
+    part(results, "sds_if_tiny", lambda: sds_steps("if", dev, sds, fp16), dev)
+    part(results, "hash_grid_oracle", lambda: hash_grid(dev, res, steps, frame, args.tiny), dev)
+    results["peak_gpu_gb"] = max((r["peak_gpu_gb"] or 0 for r in results.values() if isinstance(r, dict)), default=None)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    failed = [k for k, v in results.items() if isinstance(v, dict) and not v.get("ok", True)]
+    print(f"wrote {args.out}; " + (f"FAILED: {', '.join(failed)}" if failed else "all parts ok"), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
