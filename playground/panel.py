@@ -15,6 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from engine.config import LIGHT_MODES, SHADING_MODES, LiveParams
+from engine.priors import PriorOptions
 from playground.session import EXPORTS, Session
 
 LIGHT_LABELS = {"random": "random as in training", "camera": "follows the camera", "fixed": "fixed position"}
@@ -144,6 +145,18 @@ class Panel:
         except ValueError as err:
             raise gr.Error(str(err)) from None
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in new.__dict__.items()}
+
+    def api_prior_options(self, perp_neg: bool = False, perp_neg_scale: float = PriorOptions.perp_neg_scale,
+                          fp16: bool | None = None, cpu_offload: bool = False, attention_slicing: bool = False) -> dict:
+        """How Stable Diffusion / IF load and guide, from the next Start or Reset that loads one."""
+        try:
+            options = PriorOptions(perp_neg=perp_neg, perp_neg_scale=perp_neg_scale, fp16=fp16,
+                                   cpu_offload=cpu_offload, attention_slicing=attention_slicing)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        self.session.set_prior_options(options)
+        self.session.wait_idle_queue()
+        return self.session.status()
 
     def api_export(self, kind: str = "snapshot") -> dict:
         """Submit an export (checkpoint, snapshot, video, mesh); the result shows in /status "exports"."""
@@ -294,6 +307,7 @@ class Panel:
             gr.api(self.api_set_params, api_name="set_params")
             gr.api(self.api_status, api_name="status")
             gr.api(self.api_export, api_name="export")
+            gr.api(self.api_prior_options, api_name="prior_options")
         return demo
 
     def _ui_export(self, kind: str) -> str:

@@ -153,6 +153,11 @@ class Session:
         self._commands.put((self._do_params, (changes, steps)))
         return new
 
+    def set_prior_options(self, options) -> None:
+        """How SD / IF load and guide (engine.priors.PriorOptions): used from the next Start or Reset that loads
+        one; an SD / IF prior loaded with other options is reloaded then."""
+        self._commands.put((self._do_prior_options, options))
+
     def wait_idle_queue(self, timeout: float = 10.0) -> None:
         """Block until every queued command has been applied (for tests and scripts)."""
         done = threading.Event()
@@ -191,6 +196,13 @@ class Session:
             self.overrides["steps"] = steps
             if self.state == "done" and self.trainer is not None and self.trainer.step_count < steps:
                 self.state, self.message = "paused", f"run extended to {steps} steps; press Start"
+
+    def _do_prior_options(self, options) -> None:
+        if options == self.prior_options:
+            return
+        self.prior_options = options
+        self._priors = {k: p for k, p in self._priors.items() if prior_kind(k) not in LARGE_PRIORS}
+        self.message = "prior options set: they apply when Start or Reset next loads sd or if"
 
     def _do_pause(self, _) -> None:
         if self.state == "running":
@@ -348,7 +360,8 @@ class Session:
                 "shading_used": self.last_metrics.get("shading"), **live_dict(self.used),
                 "next": live_dict(self.live), "exports": self.exports[-5:],
                 "run_dir": str(self.run_dir) if self.run_dir else None, "settings": self.settings(),
-                "settings_note": self.settings_note}
+                "settings_note": self.settings_note,
+                "prior_options": dataclasses.asdict(self.prior_options) if self.prior_options is not None else None}
 
     def settings(self) -> dict:
         """The run's fixed settings that a prior brings (its preset, after what the user set)."""

@@ -36,7 +36,7 @@ def wait_status(client, pred, timeout=90.0, what="status"):
 
 def test_api_has_stable_names(client):
     names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
-    assert {"/start", "/pause", "/resume", "/reset", "/set_params", "/status", "/export"} <= names
+    assert {"/start", "/pause", "/resume", "/reset", "/set_params", "/status", "/export", "/prior_options"} <= names
     assert not any(n.startswith("/ui_") for n in names), "UI handlers stay out of the API"
 
 
@@ -125,3 +125,12 @@ def test_viewer_camera_conversion_matches_the_engine():
     assert frame_size(256, 4 / 3) == (192, 256) and frame_size(256, 0.5) == (256, 128)
     az, el, dist = spherical_of(point_of(120.0, -30.0, 4.0))
     assert np.allclose((az, el, dist), (120.0, -30.0, 4.0))
+
+
+def test_prior_options_through_the_api(client):
+    st = client.predict(perp_neg=True, perp_neg_scale=1.5, api_name="/prior_options")
+    assert st["prior_options"]["perp_neg"] is True and st["prior_options"]["perp_neg_scale"] == 1.5
+    assert "next Start or Reset" in st["message"] or status(client)["prior_options"]["perp_neg"]
+    with pytest.raises(Exception, match="perp_neg_scale"):
+        client.predict(perp_neg_scale=-1, api_name="/prior_options")
+    assert status(client)["prior_options"]["perp_neg_scale"] == 1.5
