@@ -24,7 +24,7 @@ PIPELINES = {"StableDiffusionPipeline": "sd", "IFPipeline": "if"}  # model_index
 # --cpu-offload (the text encoder and U-Net never together). The arithmetic is in docs/priors.md, "Memory".
 NEEDS_GB = {
     ("sd", "float16"): (4.5, 3.8), ("sd", "float32"): (9.0, 7.6),
-    ("if", "float16"): (20.6, 12.1), ("if", "float32"): (36.7, 19.6),
+    ("if", "float16"): (20.6, 11.7), ("if", "float32"): (36.7, 19.1),
 }
 NAMES = {"sd": "Stable Diffusion 2.1-base", "if": "DeepFloyd IF-I-XL"}
 
