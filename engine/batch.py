@@ -554,7 +554,7 @@ def run_batch(runs: list[RunSpec], out: str | Path, *, outputs: RunOutputs = Run
             driver = _Driver(ray, out, key, rows, every=checkpoint_every, outputs=outputs, max_retries=max_retries,
                              on_event=on_event, bar=bar)
             options = {"num_cpus": cpus_per_run, "num_gpus": gpus, "max_restarts": 0}
-            if not address:  # workers import the engine from this checkout
+            if not address and Path.cwd().resolve() != ROOT:  # Ray's workers see the driver's folder, not ROOT
                 options["runtime_env"] = {"env_vars": {"PYTHONPATH": str(ROOT)}}
             driver.run(valid, min(n, len(valid)), options, "cuda" if gpus else "cpu", max(1, int(cpus_per_run)))
     finally:

@@ -1,0 +1,173 @@
+"""Batch runs on Ray (engine/batch.py): one local Ray with 2 CPUs for the module; a small oracle batch end to
+end (manifest, gallery in headless Chromium), re-run skips, bad lines fail alone, refusals, and a killed worker
+whose run resumes from its checkpoint bit-identical to a run that never stopped."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import batch
+from engine.__main__ import main
+
+ray = pytest.importorskip("ray")
+
+TINY = (("render.resolution", 16), ("render.num_samples", 24))
+OUTPUTS = batch.RunOutputs(exports=("gif", "snapshot"), size=32, frames=4, eval_views=2)
+LINES = ["a red cube", "a blue sphere | prior=oracle:sphere", "a green cone | live.guidance_scale=abc",
+         "a red cube | prior=oracle:dodecahedron"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def tiny_runs(lines=LINES, seeds=(0, 1), steps=20):
+    grid = [tuple(TINY)]
+    return batch.expand(lines, list(seeds), grid, prior="oracle:cube", steps=steps)
+
+
+@pytest.fixture(scope="module")
+def done_batch(local_ray, tmp_path_factory):
+    out = tmp_path_factory.mktemp("batch") / "b"
+    runs = tiny_runs()
+    t0 = time.monotonic()
+    rows = batch.run_batch(runs, out, outputs=OUTPUTS, checkpoint_every=10, progress=False)
+    return {"out": out, "runs": runs, "rows": rows, "wall": time.monotonic() - t0}
+
+
+def test_batch_runs_every_line_and_writes_manifest(done_batch):
+    out, rows = done_batch["out"], done_batch["rows"]
+    status = [(r["prompt"], r["settings"], r["seed"], r["status"], r["message"]) for r in rows]
+    assert len(rows) == 8 and [r["status"] for r in rows].count("done") == 4, status
+    for r in rows:
+        if r["status"] == "done":  # trained to the end, scored, exported, checkpoint on disk
+            assert r["step"] == r["steps"] == 20 and r["its_per_s"] > 0 and r["attempts"] == 0
+            assert 0 <= r["geometry_r_precision"] <= 1 and 0 <= r["colour_r_precision"] <= 1
+            folder = out / r["run_id"]
+            assert {"checkpoint.safetensors", "checkpoint.json", "orbit.gif", "snapshot.png"} <= \
+                {p.name for p in folder.iterdir()}
+            assert r["files"]["gif"] == f"{r['run_id']}/orbit.gif"
+        elif r["prompt"] == "a green cone":  # a bad value fails its run alone, before it starts
+            assert r["status"] == "failed" and "guidance_scale must be a number" in r["message"]
+        else:  # a prior that will not load fails in the worker; its message comes back
+            assert r["status"] == "failed" and "unknown solid 'dodecahedron'" in r["message"], r
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["run_id"] for r in manifest["runs"]] == [r.run_id for r in done_batch["runs"]]
+    with open(out / "manifest.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 8 and set(batch.CSV_COLUMNS) == set(table[0])
+    assert json.loads(table[0]["settings"]) == dict(TINY)
+    assert not [p for p in out.rglob(".*")], "a temp file was left behind"
+
+
+def test_gallery_sorts_cards_in_headless_chromium(done_batch, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                    args=["--headless", "--no-sandbox", "--disable-gpu",
+                                          "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto((done_batch["out"] / "index.html").as_uri())
+            assert page.locator(".card").count() == 8
+            assert page.locator("section.group h2").all_inner_texts() and page.locator("section.group").count() == 3
+            assert page.locator(".card.failed").count() == 4
+            page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            assert page.locator(".card img").count() == 4  # the done runs' GIFs load offline
+            for key in ("shape_margin", "geometry_r_precision"):
+                page.select_option("#sort", key)
+                values = page.evaluate(f"""[...document.querySelectorAll('section.group')].map(g =>
+                    [...g.querySelectorAll('.card')].map(c => parseFloat(c.dataset['{key}'] ?? '-1')))""")
+                for group in values:
+                    assert group == sorted(group, reverse=True), (key, values)
+                best = [max(g) for g in values]
+                assert best == sorted(best, reverse=True)
+            page.screenshot(path=str(tmp_path / "gallery.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "gallery.png").stat().st_size > 0
+
+
+def test_rerun_skips_done_runs(done_batch):
+    out, runs = done_batch["out"], done_batch["runs"]
+    done = [r for r in done_batch["rows"] if r["status"] == "done"]
+    stamps = {r["run_id"]: (out / r["run_id"] / "checkpoint.safetensors").stat().st_mtime_ns for r in done}
+    rows = batch.run_batch(runs, out, outputs=OUTPUTS, checkpoint_every=10, progress=False)
+    assert [r["status"] for r in rows] == [r["status"] for r in done_batch["rows"]]
+    for r in done:  # not trained again
+        assert (out / r["run_id"] / "checkpoint.safetensors").stat().st_mtime_ns == stamps[r["run_id"]]
+        assert next(x for x in rows if x["run_id"] == r["run_id"])["wall_s"] == r["wall_s"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_refusals_are_one_line_and_start_nothing(done_batch, local_ray, tmp_path, capsys, monkeypatch):
+    def refused(*args) -> str:
+        t0 = time.monotonic()
+        rc = main(["batch", "--prompt", "a blue cone", "--prior", "oracle:cone", "--quiet", *args])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith("error: ") and "\n" not in err and time.monotonic() - t0 < 5, err
+        return err
+
+    assert "holds another batch" in refused("--out", str(done_batch["out"]))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert "not a batch folder" in refused("--out", str(tmp_path / "notes"))
+    fresh = tmp_path / "fresh"
+    assert "no Ray cluster answers" in refused("--out", str(fresh), "--address", f"ray://127.0.0.1:{_free_port()}")
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in refused("--out", str(fresh), "--gpus-per-run", "1")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert "Ray is not installed" in refused("--out", str(fresh))
+    assert not fresh.exists()
+
+
+def test_killed_worker_resumes_from_its_checkpoint_bit_identical(local_ray, tmp_path):
+    from engine.priors import load_prior
+    from engine.trainer import Trainer
+
+    (spec,) = tiny_runs(["a red cube"], seeds=[3], steps=40)
+    killed = []
+
+    def kill_first_worker(event):
+        if event["kind"] == "checkpoint" and not killed:
+            killed.append(event["step"])
+            os.kill(event["pid"], signal.SIGKILL)
+
+    (row,) = batch.run_batch([spec], tmp_path / "b", outputs=batch.RunOutputs(eval_views=2), checkpoint_every=10,
+                             progress=False, on_event=kill_first_worker)
+    assert killed == [10] and row["status"] == "done" and row["attempts"] == 1 and row["resumed_from"] == [10]
+    assert row["step"] == 40
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (one CPU per run)
+    try:
+        cfg, live = batch.run_config(spec)
+        trainer = Trainer(cfg, load_prior(cfg.prior), "cpu", live)
+        while trainer.step_count < cfg.steps:
+            trainer.step(live)
+    finally:
+        torch.set_num_threads(threads)
+    from engine.checkpoint import trainer_tensors
+
+    want, got = trainer_tensors(trainer), load_file(tmp_path / "b" / spec.run_id / "checkpoint.safetensors")
+    assert set(want) == set(got)
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
