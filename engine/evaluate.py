@@ -115,7 +115,7 @@ def evaluate(render_fn: RenderFn, prompt: str, n_views: int = 16, seed: int = 0,
         size = opacity.shape[-1]
         ious = {}
         for s in SHAPE_NAMES:  # ground-truth silhouettes of every solid from the same cameras
-            _, mask = world.render([s] * n_views, torch.ones(n_views, 3), cams, light, "albedo", size, 1)
+            _, mask = world.render([s] * n_views, torch.ones(n_views, 3), cams, light, "albedo", size=size, supersample=1)
             ious[s] = _iou(opacity.float().cpu(), mask).mean().item()
         best_other = max(v for k, v in ious.items() if k != shape)
         out["shape_score"] = ious[shape]  # mean multi-view silhouette IoU with the prompted solid
@@ -128,7 +128,7 @@ def world_render_fn(shape: str, color: str, size: int = 32) -> RenderFn:
     """render_fn of a perfect result: the world's own solid (the evaluation's upper bound, used in tests)."""
     def fn(cams: Cameras, light: Light, shading: str) -> tuple[Tensor, Tensor]:
         rgb = torch.tensor(world.COLORS[color]).expand(len(cams), 3)
-        return world.render([shape] * len(cams), rgb, cams, light, shading, size)
+        return world.render([shape] * len(cams), rgb, cams, light, shading, size=size)
     return fn
 
 
@@ -140,7 +140,7 @@ def trainer_render_fn(trainer, size: int = 32) -> RenderFn:
     return fn
 
 
-def evaluate_run(run_dir: str | Path, n_views: int = 16, seed: int = 0, prompt: str | None = None,
+def evaluate_run(run_dir: str | Path, *, n_views: int = 16, seed: int = 0, prompt: str | None = None,
                  size: int = 32, classifier: str | Path | None = None) -> dict:
     """evaluate() of the run saved in run_dir (prompt: the run's own unless given); what `engine eval` prints."""
     from engine.checkpoint import restore

@@ -58,7 +58,7 @@ def default_camera(device="cpu") -> Cameras:
     return fixed_views([30.0], [15.0], ORBIT_DISTANCE, ORBIT_FOCAL, device)
 
 
-def snapshot(source: RenderSource, live: LiveParams | None, run_dir: str | Path, camera: Cameras | None = None,
+def snapshot(source: RenderSource, live: LiveParams | None, run_dir: str | Path, *, camera: Cameras | None = None,
              mode: str = "lambertian", size: int = 256, trainer=None) -> dict:
     """`snapshot-<step>-<mode>.png` of `camera` (several cameras are tiled in a row), and the checkpoint
     of `trainer` when given (saved as it is at the call: hold the session lock for that part, or use
@@ -81,7 +81,7 @@ def _check_size(size) -> int:
 
 
 # -- videos --------------------------------------------------------------------------------------------
-def orbit_frames(source: RenderSource, frames: int, size: int, elevation: float, mode: str, side_by_side: bool,
+def orbit_frames(source: RenderSource, *, frames: int, size: int, elevation: float, mode: str, side_by_side: bool,
                  live: LiveParams | None, batch: int = 4):
     """Yield uint8 frames [H, W, 3] of a full turn, rendering `batch` views at a time."""
     cams = orbit(frames, elevation, ORBIT_DISTANCE, ORBIT_FOCAL)
@@ -93,7 +93,7 @@ def orbit_frames(source: RenderSource, frames: int, size: int, elevation: float,
         yield from to_uint8(img)
 
 
-def write_orbit_video(source: RenderSource, path: str | Path, frames: int = 120, size: int = 256,
+def write_orbit_video(source: RenderSource, path: str | Path, *, frames: int = 120, size: int = 256,
                       elevation: float = 15.0, mode: str = "lambertian", side_by_side: bool = False, fps: int = 30,
                       live: LiveParams | None = None) -> Path:
     """A turntable of the field as .mp4 (H.264 through imageio-ffmpeg) or .gif (Pillow), by suffix."""
@@ -110,7 +110,8 @@ def write_orbit_video(source: RenderSource, path: str | Path, frames: int = 120,
     if mode not in MODES:
         raise ValueError(f"unknown render mode {mode!r}; choose from {', '.join(MODES)}")
     size = _check_size(size)
-    stream = orbit_frames(source, frames, size, float(elevation), mode, side_by_side, live)
+    stream = orbit_frames(source, frames=frames, size=size, elevation=float(elevation), mode=mode,
+                          side_by_side=side_by_side, live=live)
     writer = _write_mp4 if suffix == ".mp4" else _write_gif
     return atomic_write(path, lambda tmp: writer(tmp, stream, fps))
 

@@ -177,8 +177,8 @@ def take(t: Tensor, idx: Tensor) -> Tensor:
 def _shade_samples(query: FieldQuery, x: Tensor, d: Tensor, view: Tensor, mode: str, light: Light):
     """Field and shading at flat samples x [M, 3] with ray dirs d [M, 3] and view index [M]."""
     s = query.samples(x)
-    rgb = shade(mode, s.albedo, s.normal, x, take(light.position, view), take(light.color, view),
-                take(light.ambient, view)[:, None])
+    rgb = shade(mode, s.albedo, s.normal, x, light_pos=take(light.position, view), light_color=take(light.color, view),
+                ambient=take(light.ambient, view)[:, None])
     orient = dot(s.normal, d).clamp(min=0.0) ** 2
     return s.density, torch.cat([rgb, s.albedo, s.normal, orient[:, None]], -1)  # values: [M, 10]
 

@@ -18,7 +18,7 @@ from engine.ops import dot, normalize
 MODES = ("albedo", "lambertian", "textureless", "normal")
 
 
-def shade(mode: str, albedo: Tensor, normal: Tensor, points: Tensor, light_pos: Tensor, light_color: Tensor,
+def shade(mode: str, albedo: Tensor, normal: Tensor, points: Tensor, *, light_pos: Tensor, light_color: Tensor,
           ambient: Tensor) -> Tensor:
     """Colour of samples. albedo, normal, points: [..., 3]; light_pos, light_color: [..., 3] broadcastable;
     ambient: [..., 1] broadcastable. Returns [..., 3]."""

@@ -96,7 +96,7 @@ class RenderSource:
             return self.prepared.query
 
     @torch.no_grad()
-    def render(self, cams: Cameras, height: int, width: int, shading: str = "lambertian",
+    def render(self, cams: Cameras, height: int, width: int, shading: str = "lambertian", *,
                live: LiveParams | None = None, light: Light | None = None) -> RenderOutput:
         """Deterministic render: `light`, else the live light when fixed, else a light at the camera."""
         live = live or LiveParams()

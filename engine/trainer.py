@@ -197,9 +197,9 @@ class Trainer:
 
     # -- rendering for people ----------------------------------------------------------------------------
     @torch.no_grad()
-    def render_views(self, cams: cam.Cameras, height: int, width: int, shading: str = "lambertian",
+    def render_views(self, cams: cam.Cameras, height: int, width: int, shading: str = "lambertian", *,
                      live: LiveParams | None = None, light: cam.Light | None = None) -> RenderOutput:
         """Deterministic render of the current field, as every view for people is made (`RenderSource`)."""
         from engine.source import RenderSource
 
-        return RenderSource.of(self).render(cams, height, width, shading, live, light)
+        return RenderSource.of(self).render(cams, height, width, shading, live=live, light=light)

@@ -175,7 +175,7 @@ def _normals(name: str, p: Tensor, eps: float = 2e-3) -> Tensor:
 
 
 @torch.no_grad()
-def render(shapes: list[str], colors: Tensor, cams: Cameras, light: Light, shading: str | list[str],
+def render(shapes: list[str], colors: Tensor, cams: Cameras, light: Light, shading: str | list[str], *,
            size: int = 32, supersample: int = 2, background: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Render one solid per camera.
 
@@ -200,8 +200,8 @@ def render(shapes: list[str], colors: Tensor, cams: Cameras, light: Light, shadi
         out = torch.empty_like(p)
         for mode in set(modes[i] for i in idx):
             sel = torch.tensor([modes[i] == mode for i in idx])[:, None].expand(-1, s * s).reshape(-1)
-            out[sel] = shade(mode, alb[sel], nrm[sel], p[sel], per_ray(light.position)[sel],
-                             per_ray(light.color)[sel], per_ray(light.ambient[:, None])[sel])
+            out[sel] = shade(mode, alb[sel], nrm[sel], p[sel], light_pos=per_ray(light.position)[sel],
+                             light_color=per_ray(light.color)[sel], ambient=per_ray(light.ambient[:, None])[sel])
         rgb[idx] = out.reshape(len(idx), s, s, 3)
         mask[idx] = hit.float().reshape(len(idx), s, s)
     bg = torch.ones(n, 3) if background is None else background
@@ -231,7 +231,7 @@ def caption(shape: str, color: str | None = None, view: str | None = None) -> st
 CONTRAST_GREY = (0.25, 0.65)  # backdrop range for white and textureless objects under contrast=True
 
 
-def sample_scenes(n: int, generator: torch.Generator, camera_cfg=None, shading_probs=(0.3, 0.45, 0.25),
+def sample_scenes(n: int, generator: torch.Generator, *, camera_cfg=None, shading_probs=(0.3, 0.45, 0.25),
                   shape_weights: dict[str, float] | None = None, contrast: bool = False) -> dict:
     """n random scenes from DreamFusion's camera distribution: shape, colour, camera, light, shading, background.
 
@@ -271,7 +271,7 @@ def sample_scenes(n: int, generator: torch.Generator, camera_cfg=None, shading_p
     }
 
 
-def render_scenes(sc: dict, size: int = 32, supersample: int = 2) -> tuple[Tensor, Tensor]:
+def render_scenes(sc: dict, *, size: int = 32, supersample: int = 2) -> tuple[Tensor, Tensor]:
     """Render the output of sample_scenes: rgb [B, 3, size, size], opacity [B, 1, size, size]."""
-    return render(sc["shapes"], sc["rgb"], sc["cameras"], sc["light"], sc["shading"], size, supersample,
-                  sc["background"])
+    return render(sc["shapes"], sc["rgb"], sc["cameras"], sc["light"], sc["shading"], size=size,
+                  supersample=supersample, background=sc["background"])

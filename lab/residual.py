@@ -42,7 +42,7 @@ def residuals(run_dir: str | Path, views: int = 32, draws: int = 6, t_range=(0.0
         mine = trainer.render_views(cams, res, res, shading, light=light).rgb
         backdrop = mine[:, :, 0, 0].mean(0).expand(views, 3)  # the run's background, read at a corner
         rgb = torch.tensor(world.COLORS[color]).expand(views, 3)
-        solid, _ = world.render([shape] * views, rgb, cams, light, shading, res, 2, background=backdrop)
+        solid, _ = world.render([shape] * views, rgb, cams, light, shading, size=res, supersample=2, background=backdrop)
         for name, img in (("solid", solid), ("run", mine)):
             r = []
             for d in range(draws):

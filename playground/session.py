@@ -62,7 +62,7 @@ class Session:
     `live_defaults`) and only these stay, except the prior-specific live values (guidance, learning rate).
     """
 
-    def __init__(self, cfg: Config | None = None, live: LiveParams | None = None, device="cpu",
+    def __init__(self, cfg: Config | None = None, live: LiveParams | None = None, *, device="cpu",
                  out_root: str | Path = "outputs", prior_loader=load_prior, preview_size: int = 64,
                  overrides: dict | None = None, user_live: tuple[str, ...] = (), prior_options=None):
         self.cfg = cfg or Config()
@@ -418,7 +418,7 @@ class Session:
             from engine.export import tile
 
             with torch.no_grad():
-                img = snap.render(preview_cameras(), self.preview_size, self.preview_size, "lambertian", self.used)
+                img = snap.render(preview_cameras(), self.preview_size, self.preview_size, "lambertian", live=self.used)
             self._preview = (snap.key, tile(img))
         except Exception:
             log.exception("preview render failed")

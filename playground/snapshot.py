@@ -37,7 +37,7 @@ class Snapshot:
         return self.source.with_samples(samples)
 
     @torch.no_grad()
-    def render(self, cams: Cameras, height: int, width: int, mode: str = "lambertian",
+    def render(self, cams: Cameras, height: int, width: int, mode: str = "lambertian", *,
                live: LiveParams | None = None, samples: int | None = None) -> Tensor:
         """[B, 3, H, W] in [0, 1] in one of RENDER_MODES; `samples` per ray defaults to the training's."""
         return self.with_samples(samples).image(cams, height, width, mode, live)

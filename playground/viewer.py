@@ -165,7 +165,7 @@ class ClientRenderer:
         t0 = time.perf_counter()
         with torch.no_grad():
             samples = self.viewer.full_samples if res == self.viewer.full_res else self.viewer.low_samples
-            img = snap.render(camera_from_c2w(c2w, focal), H, W, MODE_LABELS[mode], self.session.used, samples)
+            img = snap.render(camera_from_c2w(c2w, focal), H, W, MODE_LABELS[mode], live=self.session.used, samples=samples)
         self._send(to_uint8(img)[0])
         cost = time.perf_counter() - t0
         self.sent, self.frames, self.last_frame_s = (stamp, snap.key, mode, res), self.frames + 1, cost
@@ -184,7 +184,7 @@ class ClientRenderer:
 class Viewer:
     """A viser server showing the session's field; `url` is where a browser opens it."""
 
-    def __init__(self, session: Session, host: str = "127.0.0.1", port: int = 8080, low_res: int = 64,
+    def __init__(self, session: Session, *, host: str = "127.0.0.1", port: int = 8080, low_res: int = 64,
                  full_res: int = 256, low_samples: int = 24, full_samples: int = 32, still_s: float = 0.2,
                  refresh_s: float = 1.0, refresh_factor: float = 4.0, jpeg_quality: int = 85,
                  show_training_cameras: bool = False):

@@ -178,10 +178,10 @@ def test_render_source_renders_every_mode_while_training(session):
     snap = session.render_source()
     cams = fixed_views([30.0], [20.0])
     for mode in RENDER_MODES:
-        img = snap.render(cams, 24, 20, mode, session.used)
+        img = snap.render(cams, 24, 20, mode, live=session.used)
         assert img.shape == (1, 3, 24, 20) and torch.isfinite(img).all()
         assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
-    fewer = snap.render(cams, 16, 16, "lambertian", session.used, samples=8)
+    fewer = snap.render(cams, 16, 16, "lambertian", live=session.used, samples=8)
     assert fewer.shape == (1, 3, 16, 16) and snap.with_samples(8).field is snap.source.field
     with pytest.raises(ValueError):
         snap.render(cams, 8, 8, "xray")

@@ -15,15 +15,16 @@ def test_lambertian_matches_formula():
     point = torch.tensor([[0.0, 0.0, 0.0]])
     light = torch.tensor([[0.0, 3.0, 3.0]])  # 45 degrees from the normal
     color, amb = torch.tensor([[0.8, 0.8, 0.8]]), torch.tensor([[0.1]])
-    got = shade("lambertian", albedo, normal, point, light, color, amb)
+    got = shade("lambertian", albedo, normal, point, light_pos=light, light_color=color, ambient=amb)
     expected = albedo * (color * (2**-0.5) + 0.1)
     assert torch.allclose(got, expected, atol=1e-6)
-    tl = shade("textureless", albedo, normal, point, light, color, amb)
+    tl = shade("textureless", albedo, normal, point, light_pos=light, light_color=color, ambient=amb)
     assert torch.allclose(tl, torch.ones(1, 3) * (0.8 * 2**-0.5 + 0.1), atol=1e-6)
-    back = shade("lambertian", albedo, -normal, point, light, color, amb)  # facing away: ambient only
+    lit = {"light_pos": light, "light_color": color, "ambient": amb}
+    back = shade("lambertian", albedo, -normal, point, **lit)  # facing away: ambient only
     assert torch.allclose(back, albedo * 0.1, atol=1e-6)
-    assert torch.equal(shade("albedo", albedo, normal, point, light, color, amb), albedo)
-    assert torch.allclose(shade("normal", albedo, normal, point, light, color, amb), torch.tensor([[0.5, 0.5, 1.0]]))
+    assert torch.equal(shade("albedo", albedo, normal, point, light_pos=light, light_color=color, ambient=amb), albedo)
+    assert torch.allclose(shade("normal", albedo, normal, point, **lit), torch.tensor([[0.5, 0.5, 1.0]]))
 
 
 def test_random_shading_mix(generator):

@@ -11,7 +11,7 @@ def _render(shapes, az, el=15.0, color="red", shading="albedo", size=32):
     cams = fixed_views([az] * len(shapes), [el] * len(shapes))
     light = make_light(cams, LiveParams(light_mode="camera"), CameraConfig(), None)
     rgb = torch.tensor(world.COLORS[color]).expand(len(shapes), 3)
-    return world.render(list(shapes), rgb, cams, light, shading, size)
+    return world.render(list(shapes), rgb, cams, light, shading, size=size)
 
 
 def test_solids_fit_the_canonical_sphere_and_contain_the_origin_region():
