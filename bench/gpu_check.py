@@ -154,7 +154,7 @@ def hash_grid(device: str, resolution: int, steps: int, frame: int, tiny: bool =
         for _ in range(2 if tiny else 4):
             sync(device)
             t1 = time.perf_counter()
-            out = trainer.render_views(cams, frame, frame, "lambertian", live)
+            out = trainer.render_views(cams, frame, frame, "lambertian", live=live)
             sync(device)
             frame_s.append(time.perf_counter() - t1)
     if not torch.isfinite(out.rgb).all():

@@ -74,7 +74,7 @@ def cmd_run(args) -> int:
     wall = time.perf_counter() - t0
     done = cfg.steps - start
     save_checkpoint(trainer, out, live)
-    views = trainer.render_views(preview_cameras(device), 128, 128, "lambertian", live)
+    views = trainer.render_views(preview_cameras(device), 128, 128, "lambertian", live=live)
     save_png(tile(views.rgb), out / "preview.png")
     metrics = {"steps": trainer.step_count, "steps_this_run": done, "its_per_s": done / wall if wall else 0.0,
                "wall_s": wall, "skipped_steps": trainer.skipped_steps, "final": last, "prior": prior.name,

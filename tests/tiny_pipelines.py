@@ -61,8 +61,8 @@ def write_spiece_tokenizer(folder: str) -> int:
     sentences = [" ".join(WORDS[i:] + WORDS[:i]) + ", view" for i in range(len(WORDS))] * 4
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=32, model_type="unigram", hard_vocab_limit=False, pad_id=0, eos_id=1,
-        unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=32, model_type="unigram", hard_vocab_limit=False,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
     with open(os.path.join(folder, "spiece.model"), "wb") as fh:
