@@ -230,6 +230,8 @@ def test_fp16_variant_files_are_picked_for_fp16():
     full = dc.pick_files(files, comps, fp16=False)
     assert "unet/diffusion_pytorch_model.safetensors" in full and not any("fp16" in f or f.endswith(".bin") for f in full)
     assert {"tokenizer/spiece.model", "scheduler/scheduler_config.json", "model_index.json"} <= set(full)
+    taesd = ["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "taesd_encoder.pth"]
+    assert dc.pick_files(taesd, (), fp16=True) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def test_sd_tokenizer_without_model_max_length(sd, sd_dir):

@@ -49,6 +49,7 @@ TOKEN_LIMIT = 77  # CLIP's and IFPipeline's prompt length, used when a tokenizer
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.")
 _WEIGHTS = (".safetensors", ".bin")
+_OTHER_FORMATS = (".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".pb", ".h5")  # never fetched
 
 
 def view_prompts(prompt: str) -> list[str]:
@@ -195,10 +196,11 @@ def pick_files(files: list[str], components: tuple[str, ...], fp16: bool) -> lis
     """The repository files a prior needs: model_index.json, each component's configuration and tokenizer files,
     and one set of weights per component (safetensors over .bin; the fp16 variant first when fp16 is used)."""
     keep = [f for f in files if f == "model_index.json"]
-    for c in components:
-        inside = [f for f in files if f.startswith(c + "/") and "/" not in f[len(c) + 1:]]
+    for c in components or ("",):  # no components: a single model at the repository's top (TAESD)
+        prefix = f"{c}/" if c else ""
+        inside = [f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
         weights = [f for f in inside if f.endswith(_WEIGHTS) or ".index" in f]
-        keep += [f for f in inside if f not in weights and not f.endswith((".ckpt", ".msgpack", ".onnx", ".pb", ".h5"))]
+        keep += [f for f in inside if f not in weights and not f.endswith(_OTHER_FORMATS)]
         keep += choose_weights(weights, fp16)
     return keep
 
