@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lab.protocol import PROMPTS, add_run_args, job_of, run_jobs, summarize  # noqa: E402
+from lab.protocol import PROMPTS, add_run_args, job_of, run_protocol, summarize  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     jobs = [job_of(args, p, preview=str(out / (p.replace(" ", "_") + ".png")),
                    save=str(out / p.replace(" ", "_")) if args.save_runs else None) for p in args.prompts]
     t0 = time.perf_counter()
-    rows = run_jobs(jobs, args.jobs)
+    rows = run_protocol(jobs, args.batch, workers=args.jobs)
     print("\n| prompt | colour R-P | geometry R-P | shape score | margin | steps | wall s | it/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -147,23 +147,6 @@ def expand(lines: list[str], seeds: list[int], grid: list[tuple] = ((),), prior:
     return runs
 
 
-def _coerce(key: str, old, value):
-    """`value` as the type of the field it replaces (lists to tuples, ints to floats), or ValueError."""
-    if isinstance(old, bool) or isinstance(old, str):
-        ok = isinstance(value, type(old))
-    elif isinstance(old, int | float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and (isinstance(old, float) or
-                                                                              isinstance(value, int))
-        value = type(old)(value) if ok else value
-    elif isinstance(old, tuple):
-        ok, value = isinstance(value, list) and len(value) == len(old), tuple(value) if isinstance(value, list) else value
-    else:
-        ok = True
-    if not ok:
-        raise ValueError(f"{key} must be like {json.dumps(old)}; got {json.dumps(value)}")
-    return value
-
-
 def apply_settings(cfg: Config, live: LiveParams, settings: dict) -> tuple[Config, LiveParams]:
     """Apply {"section.field": value} to `cfg` and {"live.name": value} to `live`; ValueError names a bad one."""
     changes = {}
@@ -173,7 +156,7 @@ def apply_settings(cfg: Config, live: LiveParams, settings: dict) -> tuple[Confi
         if section == "live" and dot:
             changes[name] = value
         elif dataclasses.is_dataclass(sub) and name in {f.name for f in dataclasses.fields(sub)}:
-            setattr(sub, name, _coerce(key, getattr(sub, name), value))
+            setattr(sub, name, tuple(value) if isinstance(value, list) else value)
         else:
             raise ValueError(f"unknown setting {key!r}: use section.field of the config, live.<name>, prior or steps")
     return cfg, live.replace(**changes)

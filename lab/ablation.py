@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from lab.protocol import ABLATION, add_run_args, job_of, paired_steps, pairs_to_resolve, run_jobs, summarize
+from lab.protocol import ABLATION, add_run_args, job_of, paired_steps, pairs_to_resolve, run_protocol, summarize
 
 PROMPTS = ("a red cube", "a green cone", "an orange mug")
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def _run(args, argv) -> tuple[dict, str, str]:
     seeds = range(args.seed, args.seed + max(1, args.seeds))
     jobs = [job_of(args, p, row=row, seed=seed) for row in args.rows for p in args.prompts for seed in seeds]
     t0 = time.perf_counter()
-    rows = run_jobs(jobs, args.jobs)
+    rows = run_protocol(jobs, args.batch, workers=args.jobs)
     results, text = tabulate(rows, args.rows)
     wall = time.perf_counter() - t0
     cmd = "python -m lab.ablation " + shlex.join(argv if argv is not None else sys.argv[1:])

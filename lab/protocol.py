@@ -3,19 +3,21 @@
 One protocol run = a fresh field trained by SDS from a prompt under a step and a wall-clock budget, then
 scored by `engine.evaluate.evaluate` (toy R-Precision: colour on shaded renders, geometry on textureless
 ones, and the multi-view silhouette score). `bench/bench_sds_prompts.py` runs it over PROMPTS;
-`python -m lab.ablation` runs it under each of ABLATION's configurations. `run_jobs` spreads runs over
-worker processes; the paired statistics (`paired_steps`, `pairs_to_resolve`) compare configurations.
+`python -m lab.ablation` runs it under each of ABLATION's configurations. `run_protocol` runs the jobs through
+the batch runner (`engine.batch.run_batch`, on Ray); the paired statistics (`paired_steps`, `pairs_to_resolve`)
+compare configurations.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-import torch
-
+from engine.batch import RunOutputs, RunSpec, apply_settings, parse_value, run_batch
 from engine.config import Config, LiveParams, live_defaults, preset
 
 # Ten prompts spanning the vocabulary: every colour and every shape, cubes and the front-facing objects twice
@@ -134,26 +136,15 @@ def pairs_to_resolve(mean: float, sd: float | None, z: float = 2.0) -> int | Non
 def apply_overrides(cfg: Config, live: LiveParams, overrides: list[str]) -> tuple[Config, LiveParams]:
     """Apply "section.field=value" overrides (e.g. "sds.t_max_end=0.5", "live.guidance_scale=20"); values are
     parsed as JSON when they parse (numbers, booleans, lists), else kept as strings."""
-    import json
+    return apply_settings(cfg, live, overrides_dict(overrides))
 
-    changes = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot:
-            raise ValueError(f"override {item!r} is not section.field=value")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        if section == "live":
-            changes[name] = value
-            continue
-        sub = getattr(cfg, section, None)
-        if sub is None or not hasattr(sub, name):
-            raise ValueError(f"unknown config field {key!r}")
-        setattr(sub, name, tuple(value) if isinstance(value, list) else value)
-    return cfg, live.replace(**changes) if changes else live
+
+def overrides_dict(overrides: list[str]) -> dict:
+    """["section.field=value", ...] -> {"section.field": value} (ValueError for an item without "=")."""
+    pairs = [item.partition("=") for item in overrides]
+    if any(not sep for _, sep, _ in pairs):
+        raise ValueError(f"override {next(i for i in overrides if '=' not in i)!r} is not section.field=value")
+    return {key.strip(): parse_value(raw) for key, _, raw in pairs}
 
 
 def add_run_args(ap, prompts, steps: int, seconds: float) -> None:
@@ -161,7 +152,9 @@ def add_run_args(ap, prompts, steps: int, seconds: float) -> None:
     ap.add_argument("--prompts", nargs="+", default=list(prompts))
     ap.add_argument("--steps", type=int, default=steps, help="step budget per run")
     ap.add_argument("--seconds", type=float, default=seconds, help="wall-clock budget per run")
-    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (Ray workers, one torch thread each)")
+    ap.add_argument("--batch", default=None, metavar="DIR", help="batch folder: each run's checkpoint and preview, "
+                    "manifest, index.html; the same DIR again skips the runs done (default: runs/batch-<time>)")
     ap.add_argument("--prior", default=None, help="prior spec (default: the shipped embedded prior)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--views", type=int, default=16, help="random views each run is scored on")
@@ -170,62 +163,47 @@ def add_run_args(ap, prompts, steps: int, seconds: float) -> None:
 
 
 def job_of(args, prompt: str, **extra) -> dict:
-    """A `run_jobs` job for one prompt from the options `add_run_args` defines (`args`); `extra` adds to it or
+    """A protocol job (for `run_protocol`) for one prompt from the options `add_run_args` defines (`args`); `extra` adds to it or
     overrides it (e.g. row=..., seed=..., preview=PATH, save=DIR)."""
     return {"prompt": prompt, "steps": args.steps, "seconds": args.seconds, "seed": args.seed, "prior": args.prior,
             "set": args.set, "views": args.views, **extra}
 
 
-def _worker(job: dict) -> dict:
-    """One protocol run in a worker process (a job: prompt, ablation row name or None, budgets, preview path)."""
-    torch.set_num_threads(job.get("threads", 1))
-    cfg = None
-    if job.get("row"):
-        cfg = preset("embedded")
-        ABLATION[job["row"]](cfg)
-    from engine.priors import load_prior
-
-    spec = job.get("prior") or "embedded"
-    prior = load_prior(spec)
-    cfg = cfg or preset(spec)
-    cfg.prior = spec
-    live = live_defaults(spec, prompt=job["prompt"], seed=job.get("seed", 0))
-    cfg, live = apply_overrides(cfg, live, job.get("set", []))
-    result = run_prompt(job["prompt"], prior, cfg=cfg, live=live, max_steps=job["steps"], max_seconds=job["seconds"],
-                        seed=job.get("seed", 0), n_views=job.get("views", 16))
-    trainer = result.pop("trainer")
-    if job.get("save"):  # the run itself, to score again later (`python -m engine eval --run DIR`)
-        from engine.checkpoint import save_checkpoint
-
-        save_checkpoint(trainer, job["save"], live)
-    if job.get("preview"):
-        from engine.cameras import preview_cameras
-        from engine.export import save_png, tile
-
-        shaded = trainer.render_views(preview_cameras("cpu"), 64, 64, "lambertian")
-        plain = trainer.render_views(preview_cameras("cpu"), 64, 64, "textureless")
-        save_png(tile(torch.cat([shaded.rgb, plain.rgb])), job["preview"])
-    result.pop("silhouette_iou", None)
-    return {**result, "row": job.get("row"), "seed": job.get("seed", 0)}
+def ablation_settings(row: str | None, prior: str = "embedded") -> dict:
+    """An ablation row as settings of the batch runner: the config fields its function changes in the preset."""
+    if not row:
+        return {}
+    cfg = preset(prior)
+    ABLATION[row](cfg)
+    base = preset(prior).to_dict()
+    return {f"{section}.{k}": v for section, fields in cfg.to_dict().items() if isinstance(fields, dict)
+            for k, v in fields.items() if base[section][k] != v}
 
 
-def run_jobs(jobs: list[dict], processes: int = 2, log: Callable[[str], None] = print) -> list[dict]:
-    """Run protocol jobs in `processes` spawned workers (one torch thread each); results in job order."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+def spec_of(job: dict) -> RunSpec:
+    """The batch runner's run for a protocol job (prompt, row, steps, seconds, seed, prior, set)."""
+    prior = job.get("prior") or "embedded"
+    settings = {**ablation_settings(job.get("row"), prior), **overrides_dict(job.get("set", []))}
+    return RunSpec(job["prompt"], job.get("seed", 0), prior, job["steps"], tuple(settings.items()),
+                   seconds=job.get("seconds"))
 
-    if processes <= 1:
-        return [_worker(j) for j in jobs]
-    out: list[dict | None] = [None] * len(jobs)
-    with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_worker, j): i for i, j in enumerate(jobs)}
-        from concurrent.futures import as_completed
 
-        for f in as_completed(futures):
-            i = futures[f]
-            out[i] = f.result()
-            r = out[i]
-            log(f"{r.get('row') or ''} {r['prompt']!r}: colour {r.get('colour_r_precision')} geometry "
-                f"{r.get('geometry_r_precision')} shape {r.get('shape_score', 0):.2f} "
-                f"({r['steps']} steps, {r['wall_s']} s)")
-    return out  # type: ignore[return-value]
+def run_protocol(jobs: list[dict], out: str | Path | None = None, workers: int = 2, progress: bool = True) -> list[dict]:
+    """Run protocol jobs through the batch runner (`engine.batch.run_batch`: Ray, one torch thread per run) in
+    the batch folder `out` (default: runs/batch-<time>); results in job order: each run's evaluation, steps,
+    wall_s, its_per_s, row and seed. A job's "preview" (PNG path) and "save" (folder) get copies of its run's
+    preview and checkpoint."""
+    views = {j.get("views", 16) for j in jobs}
+    if len(views) > 1:
+        raise ValueError(f"one batch scores every run on the same number of views; got {sorted(views)}")
+    out = Path(out or f"runs/batch-{time.strftime('%Y%m%d-%H%M%S')}")
+    outputs = RunOutputs(exports=("preview",), eval_views=views.pop() if views else 16)
+    rows = run_batch([spec_of(j) for j in jobs], out, outputs=outputs, workers=workers, progress=progress)
+    for job, r in zip(jobs, rows):
+        if r["status"] != "done":
+            print(f"{r['prompt']!r} ({job.get('row') or 'protocol'}): {r['status']} {r['message']}")
+        if job.get("preview") and "preview" in r["files"]:
+            shutil.copyfile(out / r["files"]["preview"], job["preview"])
+        if job.get("save") and r["status"] == "done":
+            shutil.copytree(out / r["run_id"], job["save"], dirs_exist_ok=True)
+    return [{**r, "steps": r["step"], "row": job.get("row"), "seed": job.get("seed", 0)} for job, r in zip(jobs, rows)]

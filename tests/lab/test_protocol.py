@@ -65,7 +65,7 @@ def test_run_prompt_trains_within_budget_and_scores(tmp_path):
 def test_worker_writes_a_preview(tmp_path):
     job = {"prompt": "a red sphere", "row": "base", "steps": 3, "seconds": 30, "prior": "oracle:sphere",
            "views": 2, "preview": str(tmp_path / "p.png")}
-    (res,) = protocol.run_jobs([job], processes=1)
+    (res,) = protocol.run_protocol([job], tmp_path / "batch", workers=1, progress=False)
     assert res["row"] == "base" and res["steps"] == 3 and (tmp_path / "p.png").stat().st_size > 0
 
 
@@ -115,7 +115,7 @@ def test_pairs_to_resolve_a_step():
 
 def test_jobs_carry_the_run_options_asked_for(tmp_path):
     """--views N scores every run on N views (bench_sds_prompts.py once kept the default 16 silently): the options
-    of `add_run_args` reach each job through `job_of`, and the run through `run_jobs`."""
+    of `add_run_args` reach each job through `job_of`, and the run through `run_protocol`."""
     import argparse
 
     ap = argparse.ArgumentParser()
@@ -126,5 +126,5 @@ def test_jobs_carry_the_run_options_asked_for(tmp_path):
     assert job == {"prompt": "a red sphere", "steps": 3, "seconds": 30.0, "seed": 2, "prior": "oracle:sphere",
                    "set": ["reg.entropy=0.1"], "views": 3, "preview": str(tmp_path / "p.png")}
     assert protocol.job_of(args, "a red sphere", seed=5, row="base")["seed"] == 5
-    (row,) = protocol.run_jobs([job], processes=1)
+    (row,) = protocol.run_protocol([job], tmp_path / "batch", workers=1, progress=False)
     assert row["n_views"] == 3 and row["steps"] == 3 and row["seed"] == 2 and (tmp_path / "p.png").stat().st_size > 0
