@@ -1,7 +1,8 @@
 """GPU check: the project's CUDA paths in a few minutes, on any machine with a CUDA GPU and torch built for it.
 
 What it runs, in order, each part timed and reported even when another fails:
-1. the CUDA tests (`tests/test_cuda.py` and the skipif-CUDA tests elsewhere) with pytest;
+1. the CUDA tests with pytest: `tests/test_cuda.py` and every test marked
+   `@pytest.mark.skipif(not torch.cuda.is_available(), ...)` elsewhere (found by `cuda_tests_ids`);
 2. nerfacc's kernels: `engine.accel.kernels_status()`, and whether a finished build loads (nothing is built);
 3. fp16 SDS steps with tiny Stable Diffusion and DeepFloyd IF pipelines built from config in a temp folder (the
    tests' own, `tests/tiny_pipelines.py`), loaded through `engine.priors.load_prior`;
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -49,7 +51,23 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-CUDA_TESTS = ["tests/test_cuda.py", "tests/test_priors_diffusers.py::test_fp16_on_cuda"]
+SKIP_WITHOUT_CUDA = re.compile(r"^(pytestmark = )?@?pytest\.mark\.skipif\(not torch\.cuda\.is_available\(\)")
+
+
+def cuda_tests_ids() -> list[str]:
+    """tests/test_cuda.py and every test elsewhere skipped without CUDA (a whole file where `pytestmark` says so)."""
+    ids = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        lines = path.read_text().splitlines()
+        rel = str(path.relative_to(ROOT))
+        if path.name == "test_cuda.py" or any(SKIP_WITHOUT_CUDA.match(ln) and ln.startswith("pytestmark") for ln in lines):
+            ids.append(rel)
+            continue
+        for i, ln in enumerate(lines[:-1]):
+            nxt = next((x for x in lines[i + 1:] if not x.startswith("@")), "")
+            if SKIP_WITHOUT_CUDA.match(ln) and nxt.startswith("def test_"):
+                ids.append(f"{rel}::{nxt[4:nxt.index('(')]}")
+    return ids
 
 
 def sync(device: str) -> None:
@@ -78,13 +96,14 @@ def part(results: dict, name: str, fn, device: str) -> None:
 
 
 def cuda_tests() -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *CUDA_TESTS]
+    ids = cuda_tests_ids()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *ids]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr).strip().splitlines()
     summary = next((ln for ln in reversed(tail) if " passed" in ln or " failed" in ln or " skipped" in ln), "")
     if proc.returncode != 0:
         raise RuntimeError(f"pytest exit {proc.returncode}: {summary}\n" + "\n".join(tail[-40:]))
-    return {"summary": summary.strip("= ")}
+    return {"tests": ids, "summary": summary.strip("= ")}
 
 
 def kernels() -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -37,3 +38,11 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
 def test_gpu_check_without_cuda_says_so(tmp_path):
     proc = run_check("--out", str(tmp_path / "x.json"))
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_gpu_check_finds_the_cuda_tests():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ids = module.cuda_tests_ids()
+    assert ids[0] == "tests/test_cuda.py" and "tests/test_priors_diffusers.py::test_fp16_on_cuda" in ids
