@@ -15,22 +15,26 @@ It prints one line per part and writes one JSON (--out). No downloads: the tiny 
     python bench/gpu_check.py --device cpu --tiny  # smoke run of the script itself (tests/test_gpu_check.py)
 
 A machine with no package registry: it needs Python 3.11 with torch (CUDA build), transformers, safetensors,
-sentencepiece and accelerate already installed; carry the rest as a folder of wheels. On a machine with internet,
-from this repository:
+sentencepiece and accelerate already installed (with their own dependencies: numpy, huggingface_hub, tokenizers,
+regex, tqdm, pyyaml, filelock); carry the rest as a folder of wheels. On a machine with internet, from this
+repository (the versions are the ones the project is tested with):
 
-    pip download --only-binary=:all: --no-deps -d wheels/ \\
-        diffusers==0.42.1 nerfacc==0.5.3 huggingface_hub==2.4.0 protobuf==7.36.2 tqdm==4.70.1 \\
-        pytest==9.0.3 pluggy iniconfig packaging filelock importlib_metadata zipp
-    # add --platform manylinux2014_x86_64 --python-version 3.11 for binary wheels (protobuf; numpy, Pillow, regex
-    # if the GPU machine lacks them) when this machine is not the GPU machine's platform
+    pip download --only-binary=:all: --no-deps -d wheels/ \
+        diffusers==0.42.1 importlib_metadata==10.2.0 zipp==4.1.2 requests==2.34.2 urllib3==2.7.0 idna==3.21 \
+        certifi==2026.5.20 charset_normalizer==3.4.7 nerfacc==0.5.3 rich==14.3.4 markdown-it-py==4.3.0 mdurl==0.1.2 \
+        pygments==2.20.0 pytest==9.0.3 iniconfig==2.3.0 pluggy==1.6.0 protobuf==7.36.2 pillow==12.3.0
+    # pillow (and protobuf's fastest wheel) are per platform: when this machine is not the GPU machine's
+    # platform, add --platform manylinux2014_x86_64 --python-version 3.11 (or the GPU machine's own)
 
 then copy wheels/ and the repository over and, on the GPU machine:
 
-    pip install --no-index --find-links wheels/ diffusers nerfacc huggingface_hub protobuf tqdm pytest
-    python bench/gpu_check.py
+    pip install --no-index --find-links wheels/ wheels/*.whl
+    python -m engine doctor && python bench/gpu_check.py
 
-diffusers, nerfacc (its kernels are compiled on the GPU machine only by `python -m engine build-kernels`),
-huggingface_hub, tqdm and pytest with its three helpers are pure Python; protobuf is needed by IF's tokenizer.
+All but pillow and protobuf are pure Python. diffusers (and pillow, which it imports) for the SD / IF priors,
+nerfacc (+ rich, markdown-it-py, mdurl, pygments) for the renderer's occupancy grid (its CUDA kernels are compiled
+only by `python -m engine build-kernels`, never here), protobuf for IF's tokenizer, pytest (+ iniconfig, pluggy)
+for the tests.
 """
 
 from __future__ import annotations
