@@ -26,7 +26,6 @@ NEEDS_GB = {
     ("sd", "float16"): (4.5, 3.8), ("sd", "float32"): (9.0, 7.6),
     ("if", "float16"): (20.6, 11.7), ("if", "float32"): (36.7, 19.1),
 }
-NAMES = {"sd": "Stable Diffusion 2.1-base", "if": "DeepFloyd IF-I-XL"}
 
 
 def versions() -> dict:

