@@ -33,7 +33,7 @@ def formed(trainer: Trainer, solid: str = "cube", iters: int = 300) -> None:
     for _ in range(iters):
         x = torch.rand(8192, 3) * 2 - 1
         x = x[x.norm(dim=-1) <= 1]
-        s, t = trainer.field.prepare()(x), target.prepare()(x)
+        s, t = trainer.field.prepare().samples(x), target.prepare().samples(x)
         loss = ((s.density - t.density) ** 2).mean() / 100 + ((s.albedo - t.albedo) ** 2).mean()
         opt.zero_grad()
         loss.backward()
@@ -42,8 +42,8 @@ def formed(trainer: Trainer, solid: str = "cube", iters: int = 300) -> None:
     rc = trainer.cfg.render
     cell = 2.0 / rc.occupancy_resolution * 3**0.5
     with torch.no_grad():
-        trainer.estimator.update_every_n_steps(0, occ_eval_fn=lambda x: trainer.field.query_density(x) * cell,
-                                               occ_thre=rc.occupancy_threshold, n=1, warmup_steps=1)
+        trainer.occupancy.estimator.update_every_n_steps(0, occ_eval_fn=lambda x: trainer.field.query_density(x) * cell,
+                                                         occ_thre=rc.occupancy_threshold, n=1, warmup_steps=1)
 
 
 def time_steps(trainer: Trainer, live: LiveParams, steps: int) -> dict:
