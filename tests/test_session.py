@@ -14,24 +14,12 @@ from engine.config import Config
 from engine.priors import load_prior
 from playground.session import Session
 from playground.snapshot import RENDER_MODES
+from tests.conftest import _tiny_config
+from tests.conftest import _wait_for as wait_for
 
 
 def tiny_config(prior: str = "oracle:cube") -> Config:
-    cfg = Config(prior=prior, steps=10_000)
-    cfg.render.resolution, cfg.render.num_samples = 16, 16
-    cfg.camera.batch_size = 1
-    cfg.field.grid_resolution = 16
-    return cfg
-
-
-def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return _tiny_config(prior)
 
 
 @pytest.fixture
