@@ -119,7 +119,7 @@ def if_texts(folder: str, dtype) -> dict:
     from diffusers import IFPipeline
 
     pipe = IFPipeline.from_pretrained(folder, unet=None, safety_checker=None, feature_extractor=None, watermarker=None,
-                                      requires_safety_checker=False, torch_dtype=dtype)
+                                      requires_safety_checker=False, dtype=dtype)
     texts = {}
     for v in ("front", "side", "back", "overhead"):
         cond, uncond = pipe.encode_prompt(f"{PROMPT}, {v} view", negative_prompt="", device="cpu")
@@ -131,8 +131,8 @@ def reference_sd(folder, images, azimuths, elevations, seed, *, perp_neg=False, 
     """threestudio's stable-diffusion SDS, gradient w.r.t. the render."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype)
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     abar_all = sched.alphas_cumprod
 
@@ -159,7 +159,7 @@ def reference_if(folder, images, azimuths, elevations, seed, *, perp_neg=False, 
     """threestudio's deepfloyd-if SDS, gradient w.r.t. the render."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype)
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     texts = {k: v.to(dtype) for k, v in if_texts(folder, dtype).items()}
     x = images.clone().requires_grad_(True)

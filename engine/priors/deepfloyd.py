@@ -70,7 +70,7 @@ class DeepFloydIFPrior:
         # 1. The tokenizer first: a missing dependency fails here in seconds, before ~20 GB of weights load
         tokenizer = load_tokenizer(where)
         scheduler = dc.load_component("scheduler", DDPMScheduler.from_pretrained, where)
-        unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, fp16=fp16, torch_dtype=dtype)
+        unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, fp16=fp16, dtype=dtype)
         dc.check_width("unet", 3, unet.config.in_channels, "input channels (IF stage I works on RGB pixels)")
         # 2. T5 (its `wo` layers stay fp32 in transformers: _keep_in_fp32_modules)
         text_encoder = dc.load_component("text_encoder", T5EncoderModel.from_pretrained, where, fp16=fp16, dtype=dtype)

@@ -44,7 +44,6 @@ HUB = {
     "if": ("DeepFloyd/IF-I-XL-v1.0", "DeepFloyd/IF-I-L-v1.0", "DeepFloyd/IF-I-M-v1.0"),  # gated
 }
 VIEW_SUFFIXES = tuple(f", {v} view" for v in VIEWS)  # appended to the prompt, peers' style
-RING = 3  # the first three VIEWS (front, side, back) are Perp-Neg's negative prompts
 TOKEN_LIMIT = 77  # CLIP's and IFPipeline's prompt length, used when a tokenizer states none
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.")

@@ -73,17 +73,17 @@ class StableDiffusionPrior:
                                   fp16=fp16, cache_dir=cache_dir)
         tokenizer = dc.load_component("tokenizer", CLIPTokenizer.from_pretrained, where)
         scheduler = dc.load_component("scheduler", DDPMScheduler.from_pretrained, where)
-        unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, fp16=fp16, torch_dtype=dtype)
+        unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, fp16=fp16, dtype=dtype)
         text_encoder = dc.load_component("text_encoder", CLIPTextModel.from_pretrained, where, fp16=fp16, dtype=dtype)
         if taesd:
             tiny = dc.resolve_source(taesd, "TAESD", "taesd=/path/to/folder", (), kind="sd", fp16=fp16,
                                      cache_dir=cache_dir)
             try:
-                vae = AutoencoderTiny.from_pretrained(tiny, torch_dtype=dtype)
+                vae = AutoencoderTiny.from_pretrained(tiny, dtype=dtype)
             except Exception as e:
                 raise RuntimeError(f"taesd: could not be loaded from {taesd}: {dc.error_detail(e)}") from e
         else:
-            vae = dc.load_component("vae", AutoencoderKL.from_pretrained, where, fp16=fp16, torch_dtype=dtype)
+            vae = dc.load_component("vae", AutoencoderKL.from_pretrained, where, fp16=fp16, dtype=dtype)
         dc.check_width("unet", unet.config.cross_attention_dim, text_encoder.config.hidden_size, "text embeddings")
         dc.check_width("unet", unet.config.in_channels, vae.config.latent_channels, "latents")
         if options.attention_slicing:
