@@ -1,0 +1,83 @@
+"""The app with a prior switch, as a GPU user meets it: embedded -> Stable Diffusion (a tiny pipeline saved
+in a folder, loaded through the real diffusers code) -> embedded, each run with its prior's own settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+from tests.tiny_pipelines import write_tiny_sd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait(client, pred, what, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = client.predict(api_name="/status")
+        if pred(st):
+            return st
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last status {st}")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, free_port_pair):
+    port, viewer_port = free_port_pair
+    out = tmp_path_factory.mktemp("app_priors")
+    log = out / "app.log"
+    cmd = [sys.executable, "app.py", "--prior", "embedded", "--port", str(port), "--viewer-port", str(viewer_port),
+           "--out", str(out / "outputs"), "--prompt", "a red cube"]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    end = time.monotonic() + 120
+    while "Press Ctrl-C" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise RuntimeError(f"app.py did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False), out
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def free_port_pair():
+    from tests.conftest import _free_port
+
+    a = _free_port()
+    b = _free_port()
+    while b == a:
+        b = _free_port()
+    return a, b
+
+
+def test_a_switch_to_stable_diffusion_and_back_runs_each_prior_with_its_own_settings(app):
+    client, out = app
+    st = client.predict(api_name="/status")
+    assert st["prior"] == "embedded" and st["guidance_scale"] == 10.0
+    sd = write_tiny_sd(str(out / "tiny-sd"))
+    client.predict(prior=f"sd:{sd}", api_name="/reset")
+    st = wait(client, lambda s: s["prior"] == f"sd:{sd}" and s["message"].startswith("new field"), "the SD run")
+    assert st["next"]["guidance_scale"] == 100.0 and st["settings"]["resolution"] == 64
+    assert st["settings"]["t_max_end"] == 0.98 and st["settings"]["entropy"] == 0.05 and st["steps"] == 10000
+    assert st["next"]["prompt"] == "a red cube" and "sd settings" in st["settings_note"]
+    client.predict(api_name="/start")
+    st = wait(client, lambda s: s["step"] >= 2, "SD steps")
+    assert st["guidance_scale"] == 100.0 and st["error"] is None and st["loss"] is not None
+    client.predict(api_name="/pause")
+    client.predict(prior="embedded", api_name="/reset")
+    st = wait(client, lambda s: s["prior"] == "embedded" and s["step"] == 0, "the embedded run again")
+    assert st["next"]["guidance_scale"] == 10.0 and st["settings"]["resolution"] == 32
+    assert st["settings"]["t_max_end"] == 0.5 and st["settings"]["entropy"] == 0.2 and st["steps"] == 2000
+    client.predict(api_name="/start")
+    st = wait(client, lambda s: s["step"] >= 2 and s["state"] == "running", "embedded steps")
+    assert st["guidance_scale"] == 10.0
