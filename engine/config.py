@@ -18,6 +18,16 @@ SHADING_MODES = ("random", "albedo", "lambertian", "textureless", "normal")
 LIGHT_MODES = ("random", "camera", "fixed")
 
 
+def quoted(value, limit: int = 80) -> str:
+    """repr(value) for an error message, cut to about `limit` characters: a 10 kB prompt or a huge list is
+    named by its start and its size, never echoed whole."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} items" if isinstance(value, (list, tuple, dict, set)) else f"{len(text)} characters"
+    return f"{text[:limit - 1]}… ({size})"
+
+
 @dataclass(frozen=True)
 class LiveParams:
     """Values the UI may change while a run goes on; the trainer reads them once per step."""
@@ -45,9 +55,9 @@ class LiveParams:
             raise ValueError("negative_prompt must be a string of at most 2000 characters")
         _finite_in("guidance_scale", self.guidance_scale, 0.0, 200.0)
         if self.shading not in SHADING_MODES:
-            raise ValueError(f"shading must be one of {', '.join(SHADING_MODES)}; got {self.shading!r}")
+            raise ValueError(f"shading must be one of {', '.join(SHADING_MODES)}; got {quoted(self.shading)}")
         if self.light_mode not in LIGHT_MODES:
-            raise ValueError(f"light_mode must be one of {', '.join(LIGHT_MODES)}; got {self.light_mode!r}")
+            raise ValueError(f"light_mode must be one of {', '.join(LIGHT_MODES)}; got {quoted(self.light_mode)}")
         _finite_in("light_azimuth", self.light_azimuth, -360.0, 360.0)
         _finite_in("light_elevation", self.light_elevation, -90.0, 90.0)
         _finite_in("light_distance", self.light_distance, 0.5, 100.0)
@@ -58,7 +68,7 @@ class LiveParams:
         _finite_in("ambient", self.ambient, 0.0, 1.0)
         _finite_in("learning_rate", self.learning_rate, 1e-6, 1.0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2^63); got {self.seed!r}")
+            raise ValueError(f"seed must be an integer in [0, 2^63); got {quoted(self.seed)}")
         return self
 
     def replace(self, **changes) -> LiveParams:
@@ -75,14 +85,14 @@ def _finite_in(name: str, value, lo: float, hi: float) -> None:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number; got {value!r}") from None
+        raise ValueError(f"{name} must be a number; got {quoted(value)}") from None
     if not math.isfinite(v) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}]; got {value!r}")
+        raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}]; got {quoted(value)}")
 
 
 def _choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {quoted(value)}")
 
 
 BACKBONES = ("grid", "hash")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from engine.config import quoted
 from engine.priors.base import Prior, PriorOptions, PromptEmbedding, SDSContext
+from engine.world import SHAPES  # the oracle's solids: the one list every message names
 
 __all__ = ["Prior", "PriorOptions", "PromptEmbedding", "SDSContext", "check_prior_spec", "load_prior", "PRIOR_HELP"]
 
-PRIOR_HELP = ("embedded (default, shipped in assets/), oracle:<solid> (sphere, cube, cylinder, cone, torus), "
+PRIOR_HELP = (f"embedded (default, shipped in assets/), oracle:<solid> ({', '.join(SHAPES)}), "
               "gaussian, sd[:<hub id or folder>], if[:<hub id or folder>]")
 
 
@@ -18,7 +20,7 @@ def check_prior_spec(spec) -> str:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"prior must be a non-empty spec; choose from: {PRIOR_HELP}")
     if spec.strip().partition(":")[0].lower() not in PRIOR_KINDS:
-        raise ValueError(f"unknown prior {spec!r}; choose from: {PRIOR_HELP}")
+        raise ValueError(f"unknown prior {quoted(spec)}; choose from: {PRIOR_HELP}")
     return spec.strip()
 
 
@@ -55,4 +57,4 @@ def load_prior(spec: str | None, device="cpu", options: PriorOptions | None = No
         from engine.priors.deepfloyd import DEFAULT_IF, DeepFloydIFPrior
 
         return DeepFloydIFPrior.from_pretrained(arg or DEFAULT_IF, device=device, options=options, **kwargs)
-    raise ValueError(f"unknown prior {spec!r}; choose from: {PRIOR_HELP}")
+    raise ValueError(f"unknown prior {quoted(spec)}; choose from: {PRIOR_HELP}")
