@@ -404,6 +404,8 @@ class _Driver:
                     self.ray.kill(actor)
                 except Exception:  # noqa: BLE001 - after Ctrl-C Ray itself may be going down
                     pass
+            for row in self.rows.values():  # stopped early: what did not finish is pending again
+                row["status"] = "pending" if row["status"] == "running" else row["status"]
             self.save()
 
     def _new_worker(self) -> None:
@@ -448,7 +450,8 @@ class _Driver:
         write_checkpoint(self.out / spec.run_id, reply["meta"], load_tensors(reply["weights"]))
         row.update(step=reply["step"], steps=reply["meta"]["config"]["steps"], wall_s=round(reply["train_s"], 2),
                    its_per_s=round(reply["segment_steps"] / max(reply["segment_s"], 1e-9), 2), node=reply["node"])
-        self.on_event({"kind": "checkpoint", "run_id": spec.run_id, "step": reply["step"], "pid": reply["pid"]})
+        self.on_event({"kind": "checkpoint", "run_id": spec.run_id, "step": reply["step"], "pid": reply["pid"],
+                       "its_per_s": row["its_per_s"]})
         self._progress()
 
     def _done(self, spec: RunSpec, reply: dict) -> None:
