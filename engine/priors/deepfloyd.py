@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.priors import diffusers_common as dc
+from engine.priors import hub
 from engine.priors.base import PriorOptions, PromptEmbedding, SDSContext
 from engine.sds import add_noise, sample_timesteps
 
-DEFAULT_IF = dc.HUB["if"][0]
+DEFAULT_IF = hub.HUB["if"][0]
 DEFAULT_GUIDANCE = 20.0  # threestudio's deepfloyd-if guidance scale (SD uses 100)
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 TOKENIZER_DEPS = "DeepFloyd IF's tokenizer (spiece.model) needs sentencepiece and protobuf: pip install sentencepiece protobuf"
@@ -65,7 +66,7 @@ class DeepFloydIFPrior:
         options = options or PriorOptions()
         dtype = options.dtype(device)
         fp16 = dtype == torch.float16
-        where = dc.resolve_source(source, "DeepFloyd IF", "`--prior if:/path/to/folder`", COMPONENTS, kind="if",
+        where = hub.resolve_source(source, "DeepFloyd IF", "`--prior if:/path/to/folder`", COMPONENTS, kind="if",
                                   fp16=fp16, cache_dir=cache_dir, gated=True)
         # 1. The tokenizer first: a missing dependency fails here in seconds, before ~20 GB of weights load
         tokenizer = load_tokenizer(where)
@@ -148,5 +149,5 @@ def load_tokenizer(folder: str):
     try:
         return T5Tokenizer.from_pretrained(folder, subfolder="tokenizer")
     except Exception as e:
-        hint = TOKENIZER_DEPS if re.search("sentencepiece|protobuf|tiktoken", str(e), re.I) else dc.error_detail(e)
+        hint = TOKENIZER_DEPS if re.search("sentencepiece|protobuf|tiktoken", str(e), re.I) else hub.error_detail(e)
         raise RuntimeError(f"tokenizer: could not be loaded from {folder}: {hint}") from e

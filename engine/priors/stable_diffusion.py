@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.priors import diffusers_common as dc
+from engine.priors import hub
 from engine.priors.base import PriorOptions, PromptEmbedding, SDSContext
 from engine.sds import add_noise, sample_timesteps
 
-DEFAULT_SD = dc.HUB["sd"][0]
+DEFAULT_SD = hub.HUB["sd"][0]
 DEFAULT_GUIDANCE = 100.0  # the paper's and the peers' CFG scale for Stable Diffusion
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -69,19 +70,19 @@ class StableDiffusionPrior:
         dtype = options.dtype(device)
         fp16 = dtype == torch.float16
         components = tuple(c for c in COMPONENTS if not (taesd and c == "vae"))  # TAESD replaces the VAE
-        where = dc.resolve_source(source, "Stable Diffusion", "`--prior sd:/path/to/folder`", components, kind="sd",
+        where = hub.resolve_source(source, "Stable Diffusion", "`--prior sd:/path/to/folder`", components, kind="sd",
                                   fp16=fp16, cache_dir=cache_dir)
         tokenizer = dc.load_component("tokenizer", CLIPTokenizer.from_pretrained, where)
         scheduler = dc.load_component("scheduler", DDPMScheduler.from_pretrained, where)
         unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, fp16=fp16, dtype=dtype)
         text_encoder = dc.load_component("text_encoder", CLIPTextModel.from_pretrained, where, fp16=fp16, dtype=dtype)
         if taesd:
-            tiny = dc.resolve_source(taesd, "TAESD", "taesd=/path/to/folder", (), kind="sd", fp16=fp16,
+            tiny = hub.resolve_source(taesd, "TAESD", "taesd=/path/to/folder", (), kind="sd", fp16=fp16,
                                      cache_dir=cache_dir)
             try:
                 vae = AutoencoderTiny.from_pretrained(tiny, dtype=dtype)
             except Exception as e:
-                raise RuntimeError(f"taesd: could not be loaded from {taesd}: {dc.error_detail(e)}") from e
+                raise RuntimeError(f"taesd: could not be loaded from {taesd}: {hub.error_detail(e)}") from e
         else:
             vae = dc.load_component("vae", AutoencoderKL.from_pretrained, where, fp16=fp16, dtype=dtype)
         dc.check_width("unet", unet.config.cross_attention_dim, text_encoder.config.hidden_size, "text embeddings")
