@@ -1,0 +1,131 @@
+"""The runs of a session: run A always, run B while a fork is open.
+
+A `Run` is one trainer and what the pane and the API show of it: the live parameters of its next step and
+of its last one, its loss history, its scores, its export folder and the viewer's copy of its field.
+`fork_trainer` makes run B: a new trainer of the same prior loaded with a deep copy of A's state (field,
+background, optimizer moments, occupancy grid, step, generator), so B goes on exactly as A would have
+with the same live parameters, and differs only by what the fork changed. Any live parameter can differ:
+the fork takes `LiveParams` whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.checkpoint import checkpoint_state, load_into
+from engine.config import LiveParams
+from engine.trainer import StepResult, Trainer
+from playground.snapshot import Snapshot
+
+RUN_NAMES = ("A", "B")
+HISTORY_MAX = 4000  # loss points kept per run; halved (every other point) when exceeded
+
+
+def live_dict(live: LiveParams) -> dict:
+    d = dataclasses.asdict(live)
+    d["light_color"] = list(d["light_color"])
+    return d
+
+
+def differences(a: LiveParams, b: LiveParams) -> dict:
+    """{name: [A's value, B's value]} for every live parameter that differs (JSON-ready)."""
+    da, db = live_dict(a), live_dict(b)
+    return {k: [da[k], db[k]] for k in da if da[k] != db[k]}
+
+
+def fork_trainer(trainer: Trainer, live: LiveParams) -> Trainer:
+    """A new trainer continuing `trainer`'s state (a deep copy: nothing is shared but the frozen prior).
+
+    Call it on the session thread (the only writer of `trainer`), so the state copied is one step's.
+    """
+    meta, tensors = checkpoint_state(trainer, live)  # cloned tensors: B never aliases A
+    twin = Trainer(trainer.cfg, trainer.prior, trainer.device, live)
+    load_into(twin, meta, tensors)
+    twin.rollbacks = trainer.rollbacks
+    return twin
+
+
+@dataclass(eq=False)
+class Run:
+    """One run: its trainer and what is shown of it. Written by the session thread; `add_score` by the
+    scorer, which only appends to the run whose trainer it scored."""
+
+    name: str  # "A" or "B": how the pane, the viewer, the API and exports name it
+    live: LiveParams  # what its next step uses
+    trainer: Trainer | None = None
+    used: LiveParams | None = None  # what its last step used (`live` until it steps)
+    history: list = field(default_factory=list)  # (step, loss)
+    scores: list = field(default_factory=list)  # {"step", "color_r_precision", "geometry_r_precision"}
+    last_metrics: dict = field(default_factory=dict)
+    recent_cameras: tuple | None = None  # (c2w [B, 4, 4], focal [B]) of the last step, for the viewer
+    run_dir: Path | None = None  # its export folder, made on the first export
+    saved: tuple | None = None  # (id(trainer), step) of the last checkpoint written
+    warnings: list = field(default_factory=list)  # prompt words its prior does not know
+    snap: Snapshot | None = None  # the viewer's latest frozen copy of its field
+    snap_wanted: threading.Event = field(default_factory=threading.Event)  # a viewer asked for a fresher copy
+    times: list = field(default_factory=list)  # perf_counter of its last steps
+
+    def __post_init__(self):
+        self.used = self.used or self.live
+
+    @property
+    def step(self) -> int:
+        tr = self.trainer
+        return tr.step_count if tr is not None else 0
+
+    @property
+    def score(self) -> dict | None:
+        scores = self.scores
+        return scores[-1] if scores else None
+
+    def restart(self, trainer: Trainer, live: LiveParams) -> None:
+        """A new field: everything shown of the old one goes (the caller holds the session lock)."""
+        self.trainer, self.live, self.used, self.run_dir, self.saved, self.snap = trainer, live, live, None, None, None
+        self.history, self.scores, self.last_metrics, self.times, self.recent_cameras = [], [], {}, [], None
+
+    def record(self, result: StepResult, live: LiveParams) -> None:
+        """What a step did: the live values it used, its loss and cameras, and the time (for its/s)."""
+        self.used, self.last_metrics = live, result.metrics
+        self.recent_cameras = (result.cameras.c2w.detach().cpu(), result.cameras.focal.detach().cpu())
+        self.history.append((result.metrics["step"], result.metrics.get("loss", float("nan"))))
+        if len(self.history) > HISTORY_MAX:
+            self.history = self.history[::2]
+        self.times = self.times[-19:] + [time.perf_counter()]
+
+    def add_score(self, trainer: Trainer, score: dict) -> bool:
+        """Keep a score of `trainer`'s field if it is still this run's (a reset may have replaced it)."""
+        if trainer is not self.trainer:
+            return False
+        self.scores = self.scores[-(HISTORY_MAX - 1):] + [score]
+        return True
+
+    def its_per_s(self, running: bool) -> float:
+        t = self.times
+        if not running or len(t) < 2 or time.perf_counter() - t[-1] > 5.0:
+            return 0.0
+        return (len(t) - 1) / max(t[-1] - t[0], 1e-9)
+
+    def folder(self, out_root: Path, make, *, named: bool) -> Path:
+        """Its export folder: `make(out_root, prompt)` once, then the same; ending in "-A" / "-B" when `named`
+        (while a fork is open), so the exports of the two runs say which is which."""
+        if self.run_dir is None:
+            base = Path(make(out_root, self.used.prompt))
+            self.run_dir = base.with_name(f"{base.name}-{self.name}") if named else base
+        return self.run_dir
+
+    def summary(self, *, state: str, max_steps: int, reference: LiveParams | None = None) -> dict:
+        """JSON-ready: name, state, step, loss, its/s, score, live values, and how they differ from `reference`."""
+        tr = self.trainer
+        done = tr is not None and tr.step_count >= max_steps
+        return {"name": self.name, "state": "done" if done and state in ("running", "paused") else state,
+                "step": self.step, "loss": self.last_metrics.get("loss"),
+                "its_per_s": round(self.its_per_s(state == "running"), 3), "score": self.score,
+                "skipped_steps": tr.skipped_steps if tr is not None else 0,
+                "shading_used": self.last_metrics.get("shading"), "live": live_dict(self.used),
+                "next": live_dict(self.live), "warnings": list(self.warnings),
+                "differs": differences(reference, self.used) if reference is not None else {},
+                "run_dir": str(self.run_dir) if self.run_dir else None}
