@@ -23,7 +23,7 @@ PIPELINES = {"StableDiffusionPipeline": "sd", "IFPipeline": "if"}  # model_index
 # GB a prior needs on its device at the defaults (64x64 renders, batch 1, CFG batch 2): the peak, and the peak with
 # --cpu-offload (the text encoder and U-Net never together). The arithmetic is in docs/priors.md, "Memory".
 NEEDS_GB = {
-    ("sd", "float16"): (4.5, 3.8), ("sd", "float32"): (9.0, 7.6),
+    ("sd", "float16"): (4.5, 3.9), ("sd", "float32"): (9.1, 7.7),
     ("if", "float16"): (20.6, 11.7), ("if", "float32"): (36.7, 19.1),
 }
 
