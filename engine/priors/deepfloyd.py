@@ -67,7 +67,7 @@ class DeepFloydIFPrior:
         dtype = options.dtype(device)
         fp16 = dtype == torch.float16
         where = hub.resolve_source(source, "DeepFloyd IF", "`--prior if:/path/to/folder`", COMPONENTS, kind="if",
-                                  fp16=fp16, cache_dir=cache_dir, gated=True)
+                                   fp16=fp16, cache_dir=cache_dir, gated=True)
         # 1. The tokenizer first: a missing dependency fails here in seconds, before ~20 GB of weights load
         tokenizer = load_tokenizer(where)
         scheduler = dc.load_component("scheduler", DDPMScheduler.from_pretrained, where)

@@ -71,14 +71,14 @@ class StableDiffusionPrior:
         fp16 = dtype == torch.float16
         components = tuple(c for c in COMPONENTS if not (taesd and c == "vae"))  # TAESD replaces the VAE
         where = hub.resolve_source(source, "Stable Diffusion", "`--prior sd:/path/to/folder`", components, kind="sd",
-                                  fp16=fp16, cache_dir=cache_dir)
+                                   fp16=fp16, cache_dir=cache_dir)
         tokenizer = dc.load_component("tokenizer", CLIPTokenizer.from_pretrained, where)
         scheduler = dc.load_component("scheduler", DDPMScheduler.from_pretrained, where)
         unet = dc.load_component("unet", UNet2DConditionModel.from_pretrained, where, fp16=fp16, dtype=dtype)
         text_encoder = dc.load_component("text_encoder", CLIPTextModel.from_pretrained, where, fp16=fp16, dtype=dtype)
         if taesd:
             tiny = hub.resolve_source(taesd, "TAESD", "taesd=/path/to/folder", (), kind="sd", fp16=fp16,
-                                     cache_dir=cache_dir)
+                                      cache_dir=cache_dir)
             try:
                 vae = AutoencoderTiny.from_pretrained(tiny, dtype=dtype)
             except Exception as e:
