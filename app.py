@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="training render size (default: the config's)")
     p.add_argument("--batch-size", type=int, default=None, help="views per training step")
     p.add_argument("--samples", type=int, default=None, help="samples per ray")
-    p.add_argument("--viewer-resolution", type=int, default=256, help="long side of full viewer frames")
+    p.add_argument("--viewer-resolution", type=int, default=None, help="largest long side of viewer frames at "
+                   "rest (default 512 on a CPU, 1024 on a GPU; each frame matches the browser's canvas up to it, "
+                   "as far as its render time allows)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: training and each viewer "
                    "render then run side by side; more threads fight over a small, shared CPU)")
     p.add_argument("--start", action="store_true", help="start training at launch")

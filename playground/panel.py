@@ -1,26 +1,75 @@
-"""The Gradio pane: prompt, prior and live controls, start / pause / reset, a streamed status, loss
-plot and preview, the embedded 3D viewer, exports, and a scripting API with stable names.
+"""The Gradio pane: prompt (with example prompts), prior and live controls, start / pause / reset, a fork
+(run B beside run A), a streamed status, loss and score curves, preview, the embedded 3D viewer, exports, and
+a scripting API with stable names.
 
 Handlers only set values on the session or submit work; a `gr.Timer` streams progress. Every control
 is also reachable through Gradio's API (`gradio_client`): /start, /pause, /resume, /reset,
-/set_params (any subset of the live parameters, by keyword), /status, /export. See docs/api.md.
+/set_params (any subset of the live parameters, by keyword), /fork, /close_fork, /status, /export.
+See docs/api.md.
 """
 
 from __future__ import annotations
 
 import html
 import importlib.util
+import logging
 
 import gradio as gr
 import pandas as pd
 
-from engine.config import LIGHT_MODES, SHADING_MODES, LiveParams
+from engine.config import LIGHT_MODES, SHADING_MODES, LiveParams, quoted
 from engine.priors import PriorOptions
+from engine.world import SHAPES
 from playground.session import EXPORTS, Session
 
+log = logging.getLogger(__name__)
 LIGHT_LABELS = {"random": "random as in training", "camera": "follows the camera", "fixed": "fixed position"}
-PRIORS = ["embedded", "oracle:sphere", "oracle:cube", "oracle:cylinder", "oracle:cone", "oracle:torus", "gaussian"]
+PRIORS = ["embedded", *(f"oracle:{s}" for s in SHAPES), "gaussian"]
+# prompts that form well with the embedded prior at its defaults: colour and geometry R-Precision >= 0.88 on
+# both seeds of the SDS protocol (BENCHMARKS.md)
+EXAMPLES = ("a blue sphere", "a green cone", "a yellow cylinder", "a purple torus", "a pink snowman", "a blue cube")
+SMOOTHING = 0.9  # EMA factor of the loss curve drawn over the raw one
+SERIES_COLORS = {"A": "#d9480f", "A raw": "#f8d3bf", "B": "#1c7ed6", "B raw": "#c3dcf5"}
+SCORE_COLORS = {"A colour": "#d9480f", "A geometry": "#862e9c", "B colour": "#1c7ed6", "B geometry": "#0b7285"}
 D = LiveParams()
+
+
+def smoothed(values: list[float], factor: float = SMOOTHING) -> list[float]:
+    """Exponential moving average, debiased (as TensorBoard draws it): the first points are not pulled to 0."""
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        if v == v:  # NaN (a skipped step) leaves the average as it is
+            avg, weight = factor * avg + (1 - factor) * v, factor * weight + (1 - factor)
+        out.append(avg / weight if weight else float("nan"))
+    return out
+
+
+def loss_frame(runs, last: int = 2000) -> pd.DataFrame:
+    """step, loss, series: each run's raw loss ("A raw", faint) and its EMA ("A") over its last points."""
+    rows = []
+    for run in runs:
+        hist = run.history[-last:]
+        steps, losses = [h[0] for h in hist], [h[1] for h in hist]
+        rows += [(st, v, f"{run.name} raw") for st, v in zip(steps, losses)]
+        rows += [(st, v, run.name) for st, v in zip(steps, smoothed(losses))]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def score_frame(runs) -> pd.DataFrame:
+    """step, R-Precision, series: each run's live colour and geometry scores."""
+    rows = []
+    for run in runs:
+        for sc in run.scores:
+            for key, word in (("color_r_precision", "colour"), ("geometry_r_precision", "geometry")):
+                if sc.get(key) is not None:
+                    rows.append((sc["step"], sc[key], f"{run.name} {word}"))
+    return pd.DataFrame(rows, columns=["step", "R-Precision", "series"])
+
+
+def refuse(where: str, err: Exception) -> gr.Error:
+    """A refused value: one line in the server's log (no traceback) and the message for the client."""
+    log.warning("refused %s: %s", where, err)
+    return gr.Error(str(err))
 
 
 def prior_choices(current: str) -> list[str]:
@@ -35,7 +84,7 @@ def parse_color(value) -> tuple[float, float, float]:
     """"#rrggbb", "rgb(r, g, b)" / "rgba(...)" (0-255) or three floats in [0, 10] -> an RGB tuple."""
     if isinstance(value, (list, tuple)):
         if len(value) != 3:
-            raise ValueError(f"light_color needs three numbers; got {value!r}")
+            raise ValueError(f"light_color needs three numbers; got {quoted(value)}")
         return tuple(float(c) for c in value)
     s = str(value).strip().lower()
     try:
@@ -46,7 +95,7 @@ def parse_color(value) -> tuple[float, float, float]:
             return tuple(float(p) / 255.0 for p in parts)
     except ValueError:
         pass
-    raise ValueError(f"light_color must be '#rrggbb', 'rgb(r, g, b)' or three numbers; got {value!r}")
+    raise ValueError(f"light_color must be '#rrggbb', 'rgb(r, g, b)' or three numbers; got {quoted(value)}")
 
 
 def followed(session: Session) -> tuple:
@@ -62,11 +111,32 @@ def to_hex(rgb) -> str:
     return "#" + "".join(f"{max(0, min(255, round(c * 255))):02x}" for c in rgb)
 
 
+def score_text(score: dict | None) -> str:
+    if not score:
+        return "score –"
+    names = (("color_r_precision", "colour"), ("geometry_r_precision", "geometry"))
+    parts = [f"{word} {score[k]:.2f}" for k, word in names if score.get(k) is not None]
+    return f"score {' · '.join(parts)} (step {score['step']})"
+
+
+def fork_markdown(st: dict) -> str:
+    """Run A against run B: step, loss, score, and what differs (empty while no fork is open)."""
+    b = st.get("fork")
+    if not b:
+        return ""
+    lines = ["| run | step | loss | live score |", "|---|---|---|---|"]
+    for r in st["runs"]:
+        loss = "–" if r["loss"] is None else f"{r['loss']:.4g}"
+        lines.append(f"| **{r['name']}** | {r['step']} | {loss} | {score_text(r['score']).removeprefix('score ')} |")
+    diff = "; ".join(f"{k}: A {html.escape(str(v[0]))} → B {html.escape(str(v[1]))}" for k, v in b["differs"].items())
+    return "\n".join(lines) + f"\n\nB differs in: {diff or 'nothing (yet)'}"
+
+
 def status_markdown(st: dict) -> str:
     icon = {"running": "▶", "paused": "⏸", "done": "✓", "error": "⚠", "idle": "○"}.get(st["state"], "")
     loss = "–" if st["loss"] is None else f"{st['loss']:.4g}"
     lines = [f"**{icon} {st['state']}** · step **{st['step']}** / {st['steps']} · **{st['its_per_s']:.2f}** it/s · "
-             f"loss {loss} · prior `{st['prior']}`", ""]
+             f"loss {loss} · {score_text(st.get('score'))} · prior `{st['prior']}`", ""]
     if st.get("skipped_steps") or st.get("rollbacks"):
         lines[0] += f" · skipped {st.get('skipped_steps', 0)} non-finite steps, {st.get('rollbacks', 0)} rollbacks"
     if st["error"]:
@@ -101,7 +171,7 @@ class Panel:
         try:
             self.session.start(prior or None)
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise refuse("/start", err) from None
         return self.session.status()
 
     def api_pause(self) -> dict:
@@ -119,7 +189,7 @@ class Panel:
         try:
             self.session.reset(prior or None)
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise refuse("/reset", err) from None
         return self.session.status()
 
     def api_status(self) -> dict:
@@ -132,19 +202,47 @@ class Panel:
                        light_elevation: float | None = None, light_distance: float | None = None,
                        light_color: str | list[float] | None = None, ambient: float | None = None,
                        learning_rate: float | None = None, seed: int | None = None,
-                       steps: int | None = None) -> dict:
-        """Change any subset of the live parameters; they take effect at the next step."""
+                       steps: int | None = None, run: str = "A") -> dict:
+        """Change any subset of a run's live parameters (run "A", or "B" while forked); they take effect at
+        its next step."""
+        kw = {k: v for k, v in locals().items() if k not in ("self", "run") and v is not None}
+        try:
+            new = self.session.set_params(run=run or "A", **self._live_kwargs(kw))
+        except ValueError as err:
+            raise refuse("/set_params", err) from None
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in new.__dict__.items()}
+
+    def api_fork(self, prompt: str | None = None, negative_prompt: str | None = None,
+                 guidance_scale: float | None = None, shading: str | None = None,
+                 light_mode: str | None = None, light_azimuth: float | None = None,
+                 light_elevation: float | None = None, light_distance: float | None = None,
+                 light_color: str | list[float] | None = None, ambient: float | None = None,
+                 learning_rate: float | None = None, seed: int | None = None) -> dict:
+        """Start run B as a copy of run A (field, optimizer, step) with any of A's live parameters changed;
+        A and B then train in turns. Returns /status."""
         kw = {k: v for k, v in locals().items() if k != "self" and v is not None}
         try:
-            if "light_color" in kw:
-                kw["light_color"] = parse_color(kw["light_color"])
-            for name in ("seed", "steps"):
-                if name in kw and isinstance(kw[name], float) and kw[name].is_integer():
-                    kw[name] = int(kw[name])
-            new = self.session.set_params(**kw)
+            self.session.fork(**self._live_kwargs(kw))
         except ValueError as err:
-            raise gr.Error(str(err)) from None
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in new.__dict__.items()}
+            raise refuse("/fork", err) from None
+        self.session.wait_idle_queue()
+        return self.session.status()
+
+    def api_close_fork(self) -> dict:
+        """Close run B; run A goes on alone. Returns /status."""
+        self.session.close_fork()
+        self.session.wait_idle_queue()
+        return self.session.status()
+
+    @staticmethod
+    def _live_kwargs(kw: dict) -> dict:
+        """API values as LiveParams takes them: a colour string parsed, whole floats as ints for seed / steps."""
+        if "light_color" in kw:
+            kw["light_color"] = parse_color(kw["light_color"])
+        for name in ("seed", "steps"):
+            if name in kw and isinstance(kw[name], float) and kw[name].is_integer():
+                kw[name] = int(kw[name])
+        return kw
 
     def api_prior_options(self, perp_neg: bool = False, perp_neg_scale: float = PriorOptions.perp_neg_scale,
                           fp16: bool | None = None, cpu_offload: bool = False, attention_slicing: bool = False) -> dict:
@@ -153,18 +251,19 @@ class Panel:
             options = PriorOptions(perp_neg=perp_neg, perp_neg_scale=perp_neg_scale, fp16=fp16,
                                    cpu_offload=cpu_offload, attention_slicing=attention_slicing)
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise refuse("/prior_options", err) from None
         self.session.set_prior_options(options)
         self.session.wait_idle_queue()
         return self.session.status()
 
-    def api_export(self, kind: str = "snapshot") -> dict:
-        """Submit an export (checkpoint, snapshot, video, mesh); the result shows in /status "exports"."""
+    def api_export(self, kind: str = "snapshot", run: str = "A") -> dict:
+        """Submit an export (checkpoint, snapshot, video, mesh) of run A or B; the result shows in /status
+        "exports"."""
         try:
-            self.session.export(kind)
+            self.session.export(kind, run=run or "A")
         except ValueError as err:
-            raise gr.Error(str(err)) from None
-        return {"submitted": kind}
+            raise refuse("/export", err) from None
+        return {"submitted": kind, "run": run or "A"}
 
     # -- UI handlers ---------------------------------------------------------------------------------
     def _apply(self, **kw) -> str:
@@ -193,6 +292,29 @@ class Panel:
         except ValueError as err:
             gr.Warning(str(err))
 
+    def _on_fork(self, guidance):
+        try:
+            self.session.fork(**({"guidance_scale": guidance} if guidance is not None else {}))
+            return ""
+        except ValueError as err:
+            log.warning("refused fork: %s", err)
+            gr.Warning(str(err))
+            return f"⚠ {err}"
+
+    def _on_fork_guidance(self, guidance):
+        """B's guidance slider: changes run B live while a fork is open (before, it is what Fork uses)."""
+        if self.session.fork_run is None or guidance is None:
+            return ""
+        return self._apply(guidance_scale=guidance, run="B")
+
+    def _on_example(self, prompt: str):
+        """One click: the example's prompt on a fresh run (a running run restarts on a new field)."""
+        msg = self._apply(prompt=prompt)
+        if not msg:
+            self.session.reset()
+            self.session.start()
+        return prompt, msg
+
     def _on_pause(self):
         if self.session.state == "paused":
             self.session.resume()
@@ -212,14 +334,15 @@ class Panel:
     def _tick(self, synced: tuple, shown_preview: int):
         """Streamed outputs; the followed controls move when the session's values changed elsewhere."""
         s, st = self.session, self.session.status()
-        df = pd.DataFrame(s.history[-2000:], columns=["step", "loss"])
+        runs = list(s.runs)
+        df, scores = loss_frame(runs), score_frame(runs)
         pv = s.preview()
         preview = pv[1] if pv is not None and pv[0] != shown_preview else gr.skip()
         now = followed(s)
         ui = [gr.skip()] * len(now) if tuple(synced or ()) == now else list(now)
         exports = "\n".join(f"- {e}" for e in s.exports[-5:])
         return [status_markdown(st), df, preview, vocabulary_markdown(s), *ui, now,
-                pv[0] if pv is not None else shown_preview, exports]
+                pv[0] if pv is not None else shown_preview, exports, scores, fork_markdown(st)]
 
     # -- layout --------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
@@ -231,6 +354,9 @@ class Panel:
             with gr.Row():
                 with gr.Column(scale=2, min_width=320):
                     prompt = gr.Textbox(live.prompt, label="Prompt", elem_id="prompt")
+                    gr.Markdown("Examples that form well with the embedded prior (a click starts a fresh run):")
+                    with gr.Row(elem_id="examples"):
+                        example_buttons = {p: gr.Button(p, size="sm", min_width=80) for p in EXAMPLES}
                     negative = gr.Textbox(live.negative_prompt, label="Negative prompt", elem_id="negative_prompt")
                     vocab = gr.Markdown(elem_id="vocabulary")
                     prior = gr.Dropdown(prior_choices(s.prior_spec), value=s.prior_spec, label="Prior",
@@ -241,6 +367,15 @@ class Panel:
                         pause = gr.Button("Pause / resume", elem_id="pause")
                         reset = gr.Button("Reset", elem_id="reset")
                     message = gr.Markdown(elem_id="message")
+                    with gr.Accordion("Compare: fork run B", open=True):
+                        gr.Markdown("Run B starts as a copy of run A (field, optimizer, step) with its own guidance; "
+                                    "A and B train in turns and the viewer shows both side by side.")
+                        fork_guidance = gr.Slider(0, 200, live.guidance_scale, step=0.5, label="Guidance of run B",
+                                                  elem_id="fork_guidance")
+                        with gr.Row():
+                            fork = gr.Button("Fork B", elem_id="fork")
+                            close_fork = gr.Button("Close B", elem_id="close_fork")
+                        fork_info = gr.Markdown(elem_id="fork_info")
                     guidance = gr.Slider(0, 200, live.guidance_scale, step=0.5, label="Guidance scale",
                                          elem_id="guidance")
                     shading = gr.Radio(list(SHADING_MODES), value=live.shading, label="Shading",
@@ -270,8 +405,14 @@ class Panel:
                                 'on its own</a>', elem_id="viewer")
                     preview = gr.Image(label="Fixed views: front, side, back, overhead", interactive=False,
                                        elem_id="preview", height=180)
-                    plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss",
-                                       title="Loss", height=220, elem_id="loss_plot")
+                    with gr.Row():
+                        plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": [], "series": []}), x="step", y="loss",
+                                           color="series", color_map=SERIES_COLORS, title="Loss (EMA over the raw)",
+                                           height=220, elem_id="loss_plot")
+                        score_plot = gr.LinePlot(pd.DataFrame({"step": [], "R-Precision": [], "series": []}), x="step",
+                                                 y="R-Precision", color="series", color_map=SCORE_COLORS,
+                                                 title="Live score (toy R-Precision)", y_lim=[0, 1], height=220,
+                                                 elem_id="score_plot")
             synced = gr.State(followed(s))
             shown = gr.State(-1)
 
@@ -291,6 +432,12 @@ class Panel:
                 conv = int if name in ("seed", "steps") else (lambda v: v)
                 comp.input(lambda v, n=name, c=conv: self._apply(**{n: c(v)}) if v is not None else "", comp, message,
                            api_name=f"ui_{name}", **private)
+            fork.click(self._on_fork, fork_guidance, message, api_name="ui_fork", **private)
+            close_fork.click(lambda: self.session.close_fork(), None, None, api_name="ui_close_fork", **private)
+            fork_guidance.release(self._on_fork_guidance, fork_guidance, message, api_name="ui_fork_guidance", **private)
+            for text, button in example_buttons.items():
+                button.click(lambda t=text: self._on_example(t), None, [prompt, message],
+                             api_name=f"ui_example_{text.replace(' ', '_')}", **private)
             for kind, button in export_buttons.items():
                 button.click(lambda k=kind: self._ui_export(k), None, exports, api_name=f"ui_export_{kind}", **private)
 
@@ -298,7 +445,8 @@ class Panel:
                                              color, ambient, lr, seed, steps, synced], api_name="ui_load", **private)
             gr.Timer(self.timer_s).tick(self._tick, [synced, shown],
                                         [status, plot, preview, vocab, light_mode, az, el, dist, guidance, lr, steps,
-                                         prior, synced, shown, exports], api_name="ui_tick", **private)
+                                         prior, synced, shown, exports, score_plot, fork_info],
+                                        api_name="ui_tick", **private)
 
             gr.api(self.api_start, api_name="start")
             gr.api(self.api_pause, api_name="pause")
@@ -307,12 +455,16 @@ class Panel:
             gr.api(self.api_set_params, api_name="set_params")
             gr.api(self.api_status, api_name="status")
             gr.api(self.api_export, api_name="export")
+            gr.api(self.api_fork, api_name="fork")
+            gr.api(self.api_close_fork, api_name="close_fork")
             gr.api(self.api_prior_options, api_name="prior_options")
         return demo
 
     def _ui_export(self, kind: str) -> str:
+        """Export every run (A, and B while forked): each folder's name says which run it holds."""
         try:
-            self.session.export(kind)
+            for run in list(self.session.runs):
+                self.session.export(kind, run=run.name)
             return f"{kind}: working…"
         except ValueError as err:
             return f"⚠ {err}"

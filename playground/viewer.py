@@ -2,8 +2,11 @@
 
 Each client's thread follows a small transition table (nerfstudio's render state machine, nerfview's
 renderer): while the camera moves it sends low-resolution frames as fast as they render; once the
-camera has rested for `still_s` it sends one full-resolution frame; while training runs it refreshes
-that frame when the field has changed, at most as often as keeps the viewer's share of the CPU small.
+camera has rested for `still_s` it sends a frame at rest, sized to the browser's canvas (up to `full_res`)
+as far as the last rest frame's cost says fits `rest_budget_s`, and refines it once when the first one came
+out smaller; while training runs it refreshes that frame when the field has changed, at most as often as
+keeps the viewer's share of the CPU small. While a fork is open the frame shows run A and run B side by
+side from the same camera, each half the width, labelled.
 Frames are rendered from a frozen copy of the field (`Session.render_source`) under `torch.no_grad()`.
 A render error is logged and shown in the viewer's panel; the thread goes on. An out-of-memory error (CUDA)
 halves that client's frame size instead (down to MIN_SIDE pixels): training keeps its memory and goes on.
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 import viser
 import viser.transforms as vtf
+from PIL import Image, ImageDraw, ImageFont
 
 from engine.cameras import camera_from_c2w
 from engine.export import to_uint8
@@ -34,6 +38,32 @@ MODE_LABELS = {"shaded": "lambertian", "albedo": "albedo", "normals": "normal", 
 OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])  # flip y and z: viser looks down +z with y down
 assert set(MODE_LABELS.values()) == set(RENDER_MODES)
 MIN_SIDE = 32  # smallest long side the out-of-memory fallback goes down to
+FIRST_REST = 256  # long side of the first frame at rest, before any cost is known
+
+
+def rest_side(*, last_side: int, last_cost: float, budget_s: float, canvas: int, cap: int, floor: int) -> int:
+    """Long side of the next frame at rest: the canvas's, up to `cap`, as far as the budget allows.
+
+    A frame's cost grows with its pixels, so the side that fits `budget_s` is last_side * sqrt(budget / cost);
+    it is at most doubled at once, rounded to 16 px and kept in [floor, min(canvas, cap)].
+    """
+    limit = max(floor, min(cap, canvas or cap))
+    if last_side <= 0 or last_cost <= 0:
+        return max(floor, min(limit, FIRST_REST))
+    side = min(last_side * math.sqrt(budget_s / last_cost), 2 * last_side)
+    return max(floor, min(limit, int(side) // 16 * 16))
+
+
+def label(frame: np.ndarray, text: str) -> np.ndarray:
+    """The frame with `text` in a dark box at its top-left corner (names the run of each half)."""
+    img = Image.fromarray(frame)
+    size = max(10, frame.shape[0] // 16)
+    font = ImageFont.load_default(size=size)
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = draw.textbbox((size // 2, size // 3), text, font=font)
+    draw.rectangle((x0 - 4, y0 - 3, x1 + 4, y1 + 3), fill=(20, 20, 20))
+    draw.text((size // 2, size // 3), text, fill=(255, 255, 255), font=font)
+    return np.asarray(img)
 
 
 def quat_to_matrix(wxyz) -> np.ndarray:
@@ -76,8 +106,8 @@ class ClientRenderer:
     def __init__(self, viewer: Viewer, client: viser.ClientHandle):
         self.viewer, self.client, self.session = viewer, client, viewer.session
         self.moved_at = 0.0  # when the camera last changed
-        self.sent: tuple | None = None  # (camera stamp, snapshot key, mode, resolution) of the last frame sent
-        self.full_at, self.full_cost = 0.0, 0.0  # when the last full frame was sent and its render time
+        self.sent: tuple | None = None  # (camera stamp, snapshot keys, mode, kind, long side) of the last frame sent
+        self.full_at, self.full_cost, self.full_side = 0.0, 0.0, 0  # the last frame at rest: when, its cost, its side
         self.frames, self.last_frame_s = 0, 0.0
         self.scale = 1.0  # frame-size factor, halved on each out-of-memory error
         self.errors = 0  # render errors shown to this client (out-of-memory ones included)
@@ -101,15 +131,30 @@ class ClientRenderer:
         self._wake.set()
 
     # -- the transition table: what to render next, if anything -----------------------------------------
-    def _next_job(self, now: float, snap_key) -> int | None:
-        cfg, mode = self.viewer, self.mode.value
+    def _next_job(self, now: float, snap_key) -> str | None:
+        """"low" (moving), "rest" (at rest: a new view or mode, a refinement, a changed field) or None."""
+        cfg, mode, sent = self.viewer, self.mode.value, self.sent
         if now - self.moved_at < cfg.still_s:  # moving: a low-resolution frame of every new camera
-            return cfg.low_res if self.sent is None or self.sent[0] != self._stamp else None
-        if self.sent is None or self.sent[0] != self._stamp or self.sent[2] != mode or self.sent[3] != cfg.full_res:
-            return cfg.full_res  # camera came to rest (or mode changed): full resolution now
-        if self.sent[1] != snap_key and now - self.full_at >= max(cfg.refresh_s, cfg.refresh_factor * self.full_cost):
-            return cfg.full_res  # the field changed: refresh, keeping the viewer's share of the CPU small
+            return "low" if sent is None or sent[0] != self._stamp else None
+        if sent is None or sent[0] != self._stamp or sent[2] != mode or sent[3] != "rest":
+            return "rest"  # camera came to rest (or mode changed)
+        if sent[4] < 0.8 * self.rest_side():
+            return "rest"  # the first frame at rest was cheap: refine it once to the canvas's size
+        if sent[1] != snap_key and now - self.full_at >= max(cfg.refresh_s, cfg.refresh_factor * self.full_cost):
+            return "rest"  # the field changed: refresh, keeping the viewer's share of the CPU small
         return None
+
+    def canvas_side(self) -> int:
+        """The long side of the browser's canvas in pixels (0 until the browser has reported it)."""
+        try:
+            return int(max(self.client.camera.image_width, self.client.camera.image_height))
+        except (AssertionError, AttributeError, TypeError, ValueError):
+            return 0
+
+    def rest_side(self) -> int:
+        cfg = self.viewer
+        return rest_side(last_side=self.full_side, last_cost=self.full_cost, budget_s=cfg.rest_budget_s,
+                         canvas=self.canvas_side(), cap=cfg.full_res, floor=cfg.low_res)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -136,7 +181,7 @@ class ClientRenderer:
         self.errors += 1
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        side = round(self.viewer.full_res * self.scale)
+        side = round((self.full_side or self.viewer.full_res) * self.scale)
         if side <= MIN_SIDE:
             log.error("viewer out of memory even at %d px", side)
             self.info.content = f"**out of memory** even at {side} px: close other viewers or pause training"
@@ -144,38 +189,46 @@ class ClientRenderer:
             return
         self.scale /= 2
         log.warning("viewer out of memory: frames now at %.0f %% size", 100 * self.scale)
-        self.info.content = f"**out of memory:** frames lowered to {round(self.viewer.full_res * self.scale)} px"
+        self.info.content = f"**out of memory:** frames lowered to {round(side / 2)} px"
         self.sent = None  # render the current view again at the new size
         self._wake.set()
 
     def _render_once(self) -> None:
         self.viewer.sync_scene()
-        snap = self.session.render_source()
-        if snap is None:
+        sources = self.session.render_sources()  # [(name, snapshot, live)]: A, and B while forked
+        if not sources:
             self.info.content = f"**{self.session.state}** · no field yet: press Start in the pane"
             return
         now = time.perf_counter()
-        res = self._next_job(now, snap.key)
-        if res is None:
+        keys = tuple(snap.key for _, snap, _ in sources)
+        job = self._next_job(now, keys)
+        if job is None:
             return
+        side = self.viewer.low_res if job == "low" else self.rest_side()
         cam, stamp, mode = self.client.camera, self._stamp, self.mode.value
-        H, W = frame_size(max(MIN_SIDE, round(res * self.scale)), cam.aspect)
+        H, W = frame_size(max(MIN_SIDE, round(side * self.scale)), cam.aspect)
         c2w = torch.from_numpy(viser_to_c2w(cam.position, cam.wxyz)).float()
-        focal = (0.5 / math.tan(cam.fov / 2)) * H / W  # engine focal is in units of the image width
+        samples = self.viewer.low_samples if job == "low" else self.viewer.full_samples
         t0 = time.perf_counter()
-        with torch.no_grad():
-            samples = self.viewer.full_samples if res == self.viewer.full_res else self.viewer.low_samples
-            img = snap.render(camera_from_c2w(c2w, focal), H, W, MODE_LABELS[mode], live=self.session.used, samples=samples)
-        self._send(to_uint8(img)[0])
+        halves, w = [], W // len(sources)  # side by side: each run gets its share of the width, same camera
+        for name, snap, live in sources:
+            focal = (0.5 / math.tan(cam.fov / 2)) * H / w  # engine focal is in units of the image width
+            with torch.no_grad():
+                img = snap.render(camera_from_c2w(c2w, focal), H, w, MODE_LABELS[mode], live=live, samples=samples)
+            frame = to_uint8(img)[0]
+            halves.append(label(frame, name) if len(sources) > 1 else frame)
+        frame = halves[0] if len(halves) == 1 else np.concatenate(halves, axis=1)
+        self._send(frame)
         cost = time.perf_counter() - t0
-        self.sent, self.frames, self.last_frame_s = (stamp, snap.key, mode, res), self.frames + 1, cost
-        self.log.append((time.perf_counter(), res, cost))
-        if res == self.viewer.full_res:
-            self.full_at, self.full_cost = time.perf_counter(), cost
+        self.sent, self.frames, self.last_frame_s = (stamp, keys, mode, job, side), self.frames + 1, cost
+        self.log.append((time.perf_counter(), side, cost))
+        if job == "rest":
+            self.full_at, self.full_cost, self.full_side = time.perf_counter(), cost, side
         else:
             self._wake.set()  # keep going while the camera moves; the rest frame follows
-        st = self.session.status()
-        self.info.content = (f"**{st['state']}** · step {snap.step} · {W}×{H} {mode} in {1e3 * cost:.0f} ms")
+        steps = " · ".join(f"{name + ' ' if len(sources) > 1 else ''}step {snap.step}" for name, snap, _ in sources)
+        size = f"{frame.shape[1]}×{frame.shape[0]}"
+        self.info.content = f"**{self.session.state}** · {steps} · {size} {mode} in {1e3 * cost:.0f} ms"
 
     def _send(self, frame: np.ndarray) -> None:
         self.client.scene.set_background_image(frame, format="jpeg", jpeg_quality=self.viewer.jpeg_quality)
@@ -185,12 +238,17 @@ class Viewer:
     """A viser server showing the session's field; `url` is where a browser opens it."""
 
     def __init__(self, session: Session, *, host: str = "127.0.0.1", port: int = 8080, low_res: int = 64,
-                 full_res: int = 256, low_samples: int = 24, full_samples: int = 32, still_s: float = 0.2,
-                 refresh_s: float = 1.0, refresh_factor: float = 4.0, jpeg_quality: int = 85,
-                 show_training_cameras: bool = False):
-        """low_res / full_res: long side of frames while the camera moves / rests; *_samples: samples per
-        ray of each (32 samples step about one cell of the 32^3 grid); a frame at rest is refreshed as the
+                 full_res: int | None = None, rest_budget_s: float | None = None, low_samples: int = 24,
+                 full_samples: int = 32, still_s: float = 0.2, refresh_s: float = 1.0, refresh_factor: float = 4.0,
+                 jpeg_quality: int = 85, show_training_cameras: bool = False):
+        """low_res: long side of frames while the camera moves; full_res: the largest long side at rest (default
+        512 on a CPU, 1024 on a GPU): frames at rest match the browser's canvas up to it, as far as their
+        render time stays within rest_budget_s (default 0.35 s on a CPU, 0.15 s on a GPU); *_samples: samples
+        per ray of each (32 samples step about one cell of the 32^3 grid); a frame at rest is refreshed as the
         field changes, at most every max(refresh_s, refresh_factor x its render time)."""
+        gpu = str(session.device).startswith("cuda")
+        full_res = full_res or (1024 if gpu else 512)
+        self.rest_budget_s = rest_budget_s or (0.15 if gpu else 0.35)
         self.session, self.low_res, self.full_res, self.still_s = session, low_res, full_res, still_s
         self.low_samples, self.full_samples = low_samples, full_samples
         self.refresh_s, self.refresh_factor, self.jpeg_quality = refresh_s, refresh_factor, jpeg_quality

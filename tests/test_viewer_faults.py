@@ -46,15 +46,16 @@ class FakeSnapshot:
 
 
 def make_renderer(snap):
-    session = types.SimpleNamespace(render_source=lambda: snap, used=None, state="running",
+    session = types.SimpleNamespace(render_sources=lambda: [("A", snap, None)], used=None, state="running",
                                     status=lambda: {"state": "running"})
     viewer = types.SimpleNamespace(session=session, low_res=64, full_res=256, low_samples=8, full_samples=8,
                                    still_s=0.0, refresh_s=1.0, refresh_factor=4.0, jpeg_quality=80,
-                                   sync_scene=lambda: None)
+                                   rest_budget_s=0.35, sync_scene=lambda: None)
     r = vw.ClientRenderer.__new__(vw.ClientRenderer)  # the real class, without starting its thread
     client = FakeClient()
     r.viewer, r.client, r.session = viewer, client, session
     r.moved_at, r.sent, r.full_at, r.full_cost, r.frames, r.last_frame_s = -10.0, None, 0.0, 0.0, 0, 0.0
+    r.full_side = 0
     r.scale, r.errors, r._stamp = 1.0, 0, 0
     r.log = []
     r._wake, r._stop = types.SimpleNamespace(set=lambda: None), None
