@@ -52,7 +52,7 @@ def loss_frame(runs, last: int = 2000) -> pd.DataFrame:
         steps, losses = [h[0] for h in hist], [h[1] for h in hist]
         rows += [(st, v, f"{run.name} raw") for st, v in zip(steps, losses)]
         rows += [(st, v, run.name) for st, v in zip(steps, smoothed(losses))]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": int, "loss": float, "series": str})
 
 
 def score_frame(runs) -> pd.DataFrame:
@@ -63,7 +63,8 @@ def score_frame(runs) -> pd.DataFrame:
             for key, word in (("color_r_precision", "colour"), ("geometry_r_precision", "geometry")):
                 if sc.get(key) is not None:
                     rows.append((sc["step"], sc[key], f"{run.name} {word}"))
-    return pd.DataFrame(rows, columns=["step", "R-Precision", "series"])
+    return pd.DataFrame(rows, columns=["step", "R-Precision", "series"]).astype(
+        {"step": int, "R-Precision": float, "series": str})
 
 
 def refuse(where: str, err: Exception) -> gr.Error:
@@ -406,10 +407,10 @@ class Panel:
                     preview = gr.Image(label="Fixed views: front, side, back, overhead", interactive=False,
                                        elem_id="preview", height=180)
                     with gr.Row():
-                        plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": [], "series": []}), x="step", y="loss",
+                        plot = gr.LinePlot(loss_frame([]), x="step", y="loss",
                                            color="series", color_map=SERIES_COLORS, title="Loss (EMA over the raw)",
                                            height=220, elem_id="loss_plot")
-                        score_plot = gr.LinePlot(pd.DataFrame({"step": [], "R-Precision": [], "series": []}), x="step",
+                        score_plot = gr.LinePlot(score_frame([]), x="step",
                                                  y="R-Precision", color="series", color_map=SCORE_COLORS,
                                                  title="Live score (toy R-Precision)", y_lim=[0, 1], height=220,
                                                  elem_id="score_plot")
@@ -434,7 +435,7 @@ class Panel:
                            api_name=f"ui_{name}", **private)
             fork.click(self._on_fork, fork_guidance, message, api_name="ui_fork", **private)
             close_fork.click(lambda: self.session.close_fork(), None, None, api_name="ui_close_fork", **private)
-            fork_guidance.release(self._on_fork_guidance, fork_guidance, message, api_name="ui_fork_guidance", **private)
+            fork_guidance.input(self._on_fork_guidance, fork_guidance, message, api_name="ui_fork_guidance", **private)
             for text, button in example_buttons.items():
                 button.click(lambda t=text: self._on_example(t), None, [prompt, message],
                              api_name=f"ui_example_{text.replace(' ', '_')}", **private)
