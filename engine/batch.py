@@ -125,7 +125,8 @@ def parse_line(line: str) -> tuple[str, dict, str | None]:
 
 def expand(lines: list[str], seeds: list[int], grid: list[tuple] = ((),), prior: str = "embedded",
            steps: int | None = None) -> list[RunSpec]:
-    """Every line x grid combination x seed; a line's own settings win over the grid's."""
+    """Every line x grid combination x seed; a line's own settings win over the grid's (the runs this makes
+    alike count once)."""
     runs = []
     for line in lines:
         prompt, own, error = parse_line(line)
@@ -133,7 +134,7 @@ def expand(lines: list[str], seeds: list[int], grid: list[tuple] = ((),), prior:
             settings = {**dict(combo), **own}
             p, st = settings.pop("prior", prior), settings.pop("steps", steps)
             runs += [RunSpec(prompt, seed, p, st, tuple(settings.items()), error=error) for seed in seeds]
-    return runs
+    return list({r.run_id: r for r in runs}.values())
 
 
 def apply_settings(cfg: Config, live: LiveParams, settings: dict) -> tuple[Config, LiveParams]:
@@ -451,6 +452,7 @@ class _Driver:
 
     def _end(self, spec: RunSpec, status: str, message: str = "") -> None:
         self.rows[spec.run_id].update(status=status, message=message)
+        self.ckpt.pop(spec.run_id, None)  # the driver keeps checkpoints of unfinished runs only
         self.bar.update(1)
         self.on_event({"kind": status, "run_id": spec.run_id, "step": self.rows[spec.run_id]["step"], "pid": None})
         write_manifest(self.out, self.key, list(self.rows.values()))

@@ -17,7 +17,7 @@ SCORES = (("geometry_r_precision", "geometry R-P"), ("colour_r_precision", "colo
 IMAGE_ORDER = ("gif", "snapshot", "preview")  # the first a run has is its card's picture
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
-h2{font-size:16px;margin:1.2em 0 .4em}.cards{display:flex;flex-wrap:wrap;gap:12px}
+h2{font-size:16px;margin:1.2em 0 .4em}.cards{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
 .card{width:200px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}
 .card img{width:100%;image-rendering:pixelated;background:#eee}.card.failed{border-color:#c33}
 .card.pending{opacity:.6}.meta{font-size:12px;color:#555;word-break:break-word}.err{color:#c33;font-size:12px}

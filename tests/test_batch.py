@@ -171,3 +171,21 @@ def test_killed_worker_resumes_from_its_checkpoint_bit_identical(local_ray, tmp_
     want, got = trainer_tensors(trainer), load_file(tmp_path / "b" / spec.run_id / "checkpoint.safetensors")
     assert set(want) == set(got)
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
+
+
+def test_runs_expand_from_lines_seeds_and_grids():
+    assert batch.parse_seeds("0-3") == [0, 1, 2, 3] and batch.parse_seeds("5,0-1,5") == [5, 0, 1]
+    with pytest.raises(ValueError, match="--seeds"):
+        batch.parse_seeds("a-b")
+    grid = batch.parse_grid(["live.guidance_scale=10,20", "camera.elevation_range=[0,30],[0,60]"])
+    assert len(grid) == 4 and grid[1] == (("live.guidance_scale", 10), ("camera.elevation_range", [0, 60]))
+    runs = batch.expand(["a red cube | live.guidance_scale=5 prior=oracle:cube", "a cone | nonsense", "a mug"],
+                        [0, 1], grid, prior="embedded", steps=50)
+    assert len(runs) == 2 * 2 + 2 * 4 * 2 and len({r.run_id for r in runs}) == len(runs)  # the line's 5 wins
+    first = runs[0]
+    assert first.prior == "oracle:cube" and dict(first.settings)["live.guidance_scale"] == 5 and first.steps == 50
+    assert runs[4].error and "KEY=VALUE" in runs[4].error  # a bad line: its runs fail without starting
+    cfg, live = batch.run_config(runs[-1])
+    assert cfg.camera.elevation_range == (0, 60) and live.guidance_scale == 20 and cfg.steps == 50 and cfg.seed == 1
+    with pytest.raises(ValueError, match="unknown setting"):
+        batch.run_config(batch.RunSpec("a mug", settings=(("sds.nothing", 1),)))
