@@ -54,6 +54,16 @@ API_CASES = [
     ("unknown export kind", "/export", {"kind": "pdf"}, "export must be one of"),
     ("unknown prior on start", "/start", {"prior": "nope"}, "unknown prior 'nope'"),
     ("unknown prior on reset", "/reset", {"prior": "dalle"}, "unknown prior 'dalle'"),
+    ("10 kB shading mode", "/set_params", {"shading": "toon" * 2500}, "shading must be one of"),
+    ("10 kB light mode", "/set_params", {"light_mode": "x" * 10_000}, "light_mode must be one of"),
+    ("10,000-number light colour", "/set_params", {"light_color": [0.5] * 10_000}, "light_color needs three"),
+    ("10 kB light colour", "/set_params", {"light_color": "#" + "f" * 10_000}, "light_color must be"),
+    ("10 kB guidance", "/set_params", {"guidance_scale": "9" * 10_000}, "guidance_scale must be"),
+    ("10 kB export kind", "/export", {"kind": "pdf" * 3000}, "export must be one of"),
+    ("10 kB run name", "/export", {"kind": "snapshot", "run": "C" * 10_000}, "run must be one of"),
+    ("export of run B without a fork", "/export", {"kind": "snapshot", "run": "B"}, "there is no run B"),
+    ("10 kB prior", "/start", {"prior": "dalle" * 2000}, "unknown prior"),
+    ("10 kB fork guidance", "/fork", {"guidance_scale": "9" * 10_000}, "guidance_scale must be"),
     ("non-Latin prompt", "/set_params", {"prompt": "красный куб 赤い立方体"}, None),
     ("guidance 0", "/set_params", {"guidance_scale": 0.0}, None),
 ]
@@ -123,7 +133,7 @@ def call_api(panel, where: str, kw: dict):
     import gradio as gr
 
     fn = {"/set_params": panel.api_set_params, "/export": panel.api_export, "/start": panel.api_start,
-          "/reset": panel.api_reset}[where]
+          "/reset": panel.api_reset, "/fork": panel.api_fork}[where]
     try:
         fn(**kw)
     except gr.Error as err:
@@ -155,11 +165,66 @@ def test_api_bad_input_gets_a_message_and_the_run_goes_on(running, case, where, 
         session.set_params(**{k: v for k, v in GOOD.items() if k in kw}, prompt="a red cube")
     else:
         assert message and words in message, f"{case}: {message!r}"
+        for value in kw.values():  # a bad value is quoted by at most ~80 characters, never echoed whole
+            text = value if isinstance(value, str) else repr(value)
+            assert len(text) < 100 or text[:100] not in message, f"{case}: the value is echoed whole"
+        assert len(message) < 400, f"{case}: {len(message)} characters"
     session.wait_idle_queue()
     wait_for(lambda: session.step > before, what="steps after the bad input")
     st = session.status()
     assert st["state"] == "running" and st["error"] is None, st["message"]
     assert {k: st[k] for k in GOOD} == GOOD
+
+
+def test_quoted_values_are_cut_to_about_80_characters():
+    from engine.config import quoted
+
+    assert quoted("toon") == "'toon'" and quoted(3.5) == "3.5"
+    long = quoted("x" * 10_000)
+    assert len(long) < 110 and long.startswith("'xxx") and "10002 characters" in long
+    assert "10000 items" in quoted([1.0] * 10_000) and len(quoted([1.0] * 10_000)) < 110
+
+
+def test_a_refused_value_logs_one_line_not_a_traceback(running, caplog):
+    import logging
+
+    session, panel = running
+    with caplog.at_level(logging.INFO):
+        assert call_api(panel, "/set_params", {"shading": "toon" * 2500})
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and lines[0].exc_info is None, [r.getMessage()[:200] for r in lines]
+    text = lines[0].getMessage()
+    assert text.startswith("refused /set_params: shading must be one of") and "\n" not in text and len(text) < 300
+
+
+def test_every_message_that_lists_the_oracles_solids_lists_the_same_ones(running):
+    """engine.world.SHAPES is the one list: the prior help of errors, the pane's prior menu, an unknown solid's
+    error, the README's table and a failed load all name exactly those solids."""
+    import re
+
+    from engine import world
+    from engine.priors import PRIOR_HELP, check_prior_spec
+    from playground.panel import PRIORS
+
+    def named(text: str) -> set[str]:
+        return {w for w in re.findall(r"[a-z]+", text) if w in world.SHAPES}
+
+    solids = set(world.SHAPES)
+    assert len(solids) == 8
+    with pytest.raises(ValueError) as err:
+        check_prior_spec("nope")
+    assert named(str(err.value)) == solids and named(PRIOR_HELP) == solids
+    with pytest.raises(ValueError) as err:
+        world.solid_sdf("pyramid", torch.zeros(1, 3))
+    assert named(str(err.value)) == solids
+    assert {p.split(":")[1] for p in PRIORS if p.startswith("oracle:")} == solids
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `oracle:<solid>`"))
+    assert named(row) == solids
+    session, _ = running
+    session.reset("oracle:pyramid")  # fails to load: the run goes on and the warning names the solids
+    session.wait_idle_queue(30)
+    assert named(session.status()["warnings"][-1]) == solids
 
 
 def test_a_prior_that_fails_to_load_keeps_the_run(running):
