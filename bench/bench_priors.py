@@ -22,10 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from engine.priors import load_prior  # noqa: E402
+from engine.cameras import fixed_views  # noqa: E402
+from engine.priors import PriorOptions, load_prior  # noqa: E402
 from engine.priors.base import SDSContext  # noqa: E402
-from engine.sds import view_weights  # noqa: E402
-from tests.test_priors_diffusers import write_tiny_if, write_tiny_sd, write_tiny_taesd  # noqa: E402
+from tests.tiny_pipelines import write_tiny_if, write_tiny_sd, write_tiny_taesd  # noqa: E402
 
 
 def time_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -43,10 +43,11 @@ def time_ms(fn, repeats: int, warmup: int = 2) -> float:
 def sds_step_ms(prior, batch: int, size: int, repeats: int) -> float:
     emb = prior.encode_prompt("a red cube")
     images = torch.rand(batch, 3, size, size)
-    ctx = SDSContext(view_weights=view_weights(torch.linspace(0, 180, batch), torch.full((batch,), 15.0)))
+    cams = fixed_views(torch.linspace(0, 180, batch).tolist(), [15.0] * batch)
+    ctx = SDSContext(view_weights=cams.view_weights(), cameras=cams)  # Perp-Neg reads the cameras' angles
     gen = torch.Generator().manual_seed(0)
     return time_ms(lambda: prior.sds_grad(images, emb, ctx, guidance_scale=20.0, t_range=(0.02, 0.98),
-                                          weighting="sigma2", generator=gen), repeats)
+                                          generator=gen), repeats)
 
 
 def tiny(repeats: int) -> None:
@@ -57,9 +58,9 @@ def tiny(repeats: int) -> None:
             ("SD tiny, VAE at 32^2 (latents 16^2)", load_prior(f"sd:{sd}", vae_resolution=32)),
             ("SD tiny, VAE at 64^2 (latents 32^2)", load_prior(f"sd:{sd}", vae_resolution=64)),
             ("SD tiny, TAESD at 64^2", load_prior(f"sd:{sd}", vae_resolution=64, taesd=taesd)),
-            ("SD tiny, VAE at 32^2, Perp-Neg", load_prior(f"sd:{sd}", vae_resolution=32, perp_neg=True)),
+            ("SD tiny, VAE at 32^2, Perp-Neg", load_prior(f"sd:{sd}", vae_resolution=32, options=PriorOptions(perp_neg=True))),
             ("IF tiny, 16^2 pixels", load_prior(f"if:{deepfloyd}")),
-            ("IF tiny, 16^2 pixels, Perp-Neg", load_prior(f"if:{deepfloyd}", perp_neg=True)),
+            ("IF tiny, 16^2 pixels, Perp-Neg", load_prior(f"if:{deepfloyd}", options=PriorOptions(perp_neg=True))),
         ]
         print("| prior (render 2 x 3 x 64^2) | ms / SDS step |\n|---|---|")
         for label, prior in rows:

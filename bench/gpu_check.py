@@ -136,8 +136,7 @@ def sds_steps(kind: str, device: str, steps: int, fp16: bool) -> dict:
         for _ in range(steps + 1):  # the first is a warm-up
             sync(device)
             t0 = time.perf_counter()
-            grad, _ = prior.sds_grad(images, emb, ctx, guidance_scale=20.0, t_range=(0.02, 0.98), weighting="sigma2",
-                                     generator=g)
+            grad, _ = prior.sds_grad(images, emb, ctx, guidance_scale=20.0, t_range=(0.02, 0.98), generator=g)
             sync(device)
             times.append(time.perf_counter() - t0)
         if not torch.isfinite(grad).all():

@@ -26,10 +26,8 @@ def sample_timesteps(batch: int, t_min: float, t_max: float, num_train_timesteps
     return t.clamp_(0, num_train_timesteps - 1).to(device)
 
 
-def sds_weight(alphas_cumprod_t: Tensor, kind: str = "sigma2") -> Tensor:
+def sds_weight(alphas_cumprod_t: Tensor) -> Tensor:
     """The paper's w(t) = sigma_t^2 = 1 - abar_t (variance preserving) for the prior's abar_t."""
-    if kind != "sigma2":
-        raise ValueError(f"unknown SDS weighting {kind!r}: only the paper's 'sigma2' is implemented")
     return 1.0 - alphas_cumprod_t
 
 

@@ -121,7 +121,7 @@ class Trainer:
                          view_dependent=cfg.sds.view_dependent, step=self.step_count)
         t_range = (cfg.sds.t_min, t_max_at(cfg.sds, self.step_count))
         grad, info = self.prior.sds_grad(out.rgb.detach(), emb, ctx, guidance_scale=live.guidance_scale,
-                                         t_range=t_range, weighting="sigma2", generator=g)
+                                         t_range=t_range, generator=g)
         t2 = time.perf_counter()
         # 4. losses, backward, optimizer step; a non-finite step is skipped (and repeated ones roll back)
         losses = self._losses(out, grad.to(out.rgb))

@@ -48,7 +48,7 @@ def residuals(run_dir: str | Path, views: int = 32, draws: int = 6, t_range=(0.0
             for d in range(draws):
                 ctx = SDSContext(view_weights=cams.view_weights(), shading=shading)
                 # eps_err: mean (eps_hat - eps)^2 at the prior's resolution, before any weighting w(t)
-                _, info = prior.sds_grad(img, emb, ctx, guidance_scale=1.0, t_range=t_range, weighting="sigma2",
+                _, info = prior.sds_grad(img, emb, ctx, guidance_scale=1.0, t_range=t_range,
                                          generator=torch.Generator().manual_seed(100 + d))
                 r.append(info["eps_err"])
             out[f"{shading}_{name}"] = round(sum(r) / len(r), 4)

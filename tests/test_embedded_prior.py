@@ -35,7 +35,7 @@ def test_save_load_round_trip_and_protocol(tmp_path, tiny_embedded_model):
         images = torch.rand(3, 3, size, size)
         ctx = SDSContext(view_weights(torch.tensor([0.0, 90.0, 200.0]), torch.tensor([0.0, 30.0, 80.0])),
                          shading=shading)
-        grad, info = prior.sds_grad(images, emb, ctx, guidance_scale=10.0, t_range=(0.02, 0.98), weighting="sigma2",
+        grad, info = prior.sds_grad(images, emb, ctx, guidance_scale=10.0, t_range=(0.02, 0.98),
                                     generator=torch.Generator().manual_seed(0))
         assert grad.shape == images.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
         assert len(info["t"]) == 3
@@ -49,7 +49,7 @@ def test_view_dependent_off_conditions_on_the_plain_prompt(tiny_embedded_model):
     def grad(azimuths, view_dependent):
         ctx = SDSContext(view_weights(torch.tensor(azimuths), torch.tensor([10.0, 10.0])), shading="albedo",
                          view_dependent=view_dependent)
-        return prior.sds_grad(images, emb, ctx, guidance_scale=10.0, t_range=(0.3, 0.7), weighting="sigma2",
+        return prior.sds_grad(images, emb, ctx, guidance_scale=10.0, t_range=(0.3, 0.7),
                               generator=torch.Generator().manual_seed(0))[0]
 
     # with view prompts the camera's azimuth changes the text and so the gradient; without, it cannot

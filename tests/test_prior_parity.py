@@ -180,8 +180,7 @@ def reference_if(folder, images, azimuths, elevations, seed, *, perp_neg=False, 
 
 def project_grad(prior, images, azimuths, elevations, seed):
     grad, info = prior.sds_grad(images, prior.encode_prompt(PROMPT), ctx_for(azimuths, elevations),
-                                guidance_scale=SCALE, t_range=(0.02, 0.98), weighting="sigma2",
-                                generator=torch.Generator().manual_seed(seed))
+                                guidance_scale=SCALE, t_range=(0.02, 0.98), generator=torch.Generator().manual_seed(seed))
     return grad, info
 
 

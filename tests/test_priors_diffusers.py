@@ -61,7 +61,7 @@ def _ctx(azimuths=(0.0, 180.0), elevations=(10.0, 10.0)) -> SDSContext:
 
 def _step(prior, images, emb, ctx=None, seed=0, scale=20.0):
     return prior.sds_grad(images, emb, ctx or _ctx(), guidance_scale=scale, t_range=(0.02, 0.98),
-                          weighting="sigma2", generator=torch.Generator().manual_seed(seed))
+                          generator=torch.Generator().manual_seed(seed))
 
 
 # -- SDS steps --------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_gaussian_prior_gradient_matches_formula(generator):
     emb = prior.encode_prompt("anything")
     g1 = torch.Generator().manual_seed(5)
     grad, info = prior.sds_grad(x, emb, SDSContext(torch.zeros(3, 4)), guidance_scale=1.0, t_range=(0.02, 0.98),
-                                weighting="sigma2", generator=g1)
+                                generator=g1)
     # redo the draw by hand
     g2 = torch.Generator().manual_seed(5)
     t = sds.sample_timesteps(3, 0.02, 0.98, 1000, g2, "cpu")
@@ -77,7 +77,7 @@ def test_sds_on_a_free_image_converges_to_the_gaussian_mean(generator):
     start = (x.detach() - prior.mean).abs().mean()
     for _ in range(600):
         grad, _ = prior.sds_grad(x.detach(), emb, SDSContext(torch.zeros(1, 4)), guidance_scale=1.0,
-                                 t_range=(0.02, 0.98), weighting="sigma2", generator=generator)
+                                 t_range=(0.02, 0.98), generator=generator)
         opt.zero_grad()
         sds.sds_loss(x, grad).backward()
         opt.step()

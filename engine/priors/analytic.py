@@ -58,12 +58,12 @@ class GaussianPrior(_Analytic):
             mean = torch.stack([xx, yy, 1.0 - xx * yy], 0) * 0.8 + 0.1
         self.mean, self.std = mean.to(self.device), float(std)
 
-    def sds_grad(self, images, emb, ctx, *, guidance_scale, t_range, weighting, generator):
+    def sds_grad(self, images, emb, ctx, *, guidance_scale, t_range, generator):
         t, eps, abar, z = self._noise(images, t_range, generator)
         mu = F.interpolate(self.mean[None], size=images.shape[-2:], mode="bilinear", align_corners=False)
         a = abar.view(-1, 1, 1, 1)
         eps_hat = (1 - a).sqrt() * (z - a.sqrt() * mu) / (a * self.std**2 + 1 - a)
-        grad = sds.sds_weight(abar, weighting).view(-1, 1, 1, 1) * (eps_hat - eps)
+        grad = sds.sds_weight(abar).view(-1, 1, 1, 1) * (eps_hat - eps)
         return grad, {"t": t.tolist()}
 
 
@@ -157,14 +157,14 @@ class OraclePrior(_Analytic):
                          occupancy=self.occupancy())
         return out.rgb
 
-    def sds_grad(self, images, emb, ctx, *, guidance_scale, t_range, weighting, generator):
+    def sds_grad(self, images, emb, ctx, *, guidance_scale, t_range, generator):
         if ctx.cameras is None or ctx.light is None:
             raise ValueError("the oracle prior needs the step's cameras and light in its SDSContext")
         x0 = self.target(ctx, emb.prompt, images.shape[-2:]).to(images)
         t, eps, abar, z = self._noise(images, t_range, generator)
         a = abar.view(-1, 1, 1, 1)
         eps_hat = (z - a.sqrt() * x0) / (1 - a).sqrt()
-        grad = sds.sds_weight(abar, weighting).view(-1, 1, 1, 1) * (eps_hat - eps)
+        grad = sds.sds_weight(abar).view(-1, 1, 1, 1) * (eps_hat - eps)
         return grad, {"t": t.tolist()}
 
 

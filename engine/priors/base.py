@@ -80,7 +80,7 @@ class Prior(Protocol):
         ...
 
     def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
-                 t_range: tuple[float, float], weighting: str, generator: torch.Generator
+                 t_range: tuple[float, float], generator: torch.Generator
                  ) -> tuple[Tensor, dict]:
         """SDS gradient w(t)(eps_hat - eps) mapped to image space.
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from engine.priors import diffusers_common as dc
 from engine.priors import hub
 from engine.priors.base import PriorOptions, PromptEmbedding, SDSContext
-from engine.sds import add_noise, sample_timesteps
+from engine.sds import add_noise, sample_timesteps, sds_weight
 
 DEFAULT_IF = hub.HUB["if"][0]
 DEFAULT_GUIDANCE = 20.0  # threestudio's deepfloyd-if guidance scale (SD uses 100)
@@ -103,7 +103,7 @@ class DeepFloydIFPrior:
     # -- SDS ----------------------------------------------------------------------------------------
 
     def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
-                 t_range: tuple[float, float], weighting: str, generator: torch.Generator) -> tuple[Tensor, dict]:
+                 t_range: tuple[float, float], generator: torch.Generator) -> tuple[Tensor, dict]:
         """SDS gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
         b = images.shape[0]
         # 1. Text: each render's embedding is its view-weighted mix of the four view prompts; with Perp-Neg,
@@ -128,7 +128,7 @@ class DeepFloydIFPrior:
         eps_hat = dc.guide(eps_cond, eps_uncond, guidance_scale, eps_neg, neg)
         # 6. Pixel gradient g = w(t) (eps_hat - eps), mapped to the render through the resize and *2 - 1:
         #    the gradient of 0.5 * ||x0 - (x0 - g).detach()||^2 w.r.t. the render, as the peers compute it
-        grad_x0 = dc.sigma2_weight(abar, weighting).view(-1, 1, 1, 1) * (eps_hat - noise)  # NaN kept: the trainer skips
+        grad_x0 = sds_weight(abar).view(-1, 1, 1, 1) * (eps_hat - noise)  # NaN kept: the trainer skips
         (grad,) = torch.autograd.grad(x0, x, grad_outputs=grad_x0)
         info = {"t": t.tolist(), "pixel_grad_norm": float(grad_x0.norm()),
                 "unet_batch": 2 * b + (0 if neg is None else len(neg[1]))}

@@ -225,13 +225,6 @@ def v_to_eps(v: Tensor, z_t: Tensor, abar: Tensor) -> Tensor:
     return a.sqrt() * v.float() + (1.0 - a).sqrt() * z_t.float()
 
 
-def sigma2_weight(abar: Tensor, weighting: str) -> Tensor:
-    """w(t) = sigma_t^2 = 1 - abar_t, the paper's weighting (the only one these priors take)."""
-    if weighting != "sigma2":
-        raise ValueError(f"unknown SDS weighting {weighting!r}; the diffusers priors use 'sigma2'")
-    return 1.0 - abar
-
-
 def randn(shape, generator: torch.Generator, device, dtype) -> Tensor:
     """Noise drawn on the generator's device (so runs repeat whatever the model's device), then moved."""
     return torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)

@@ -210,7 +210,7 @@ class EmbeddedPrior:
                    "plain_textureless": self._encode([colourless])})
 
     def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
-                 t_range: tuple[float, float], weighting: str, generator: torch.Generator) -> tuple[Tensor, dict]:
+                 t_range: tuple[float, float], generator: torch.Generator) -> tuple[Tensor, dict]:
         # 1. Bring the renders to the prior's size and range: x in [-1, 1], [B, 3, R, R]
         src = images.detach().to(self.device, torch.float32).requires_grad_(images.shape[-1] != self.resolution)
         x = src if not src.requires_grad else F.interpolate(src, size=(self.resolution,) * 2, mode="bilinear",
@@ -237,7 +237,7 @@ class EmbeddedPrior:
         eps_u, eps_c = eps.chunk(2)
         eps_hat = classifier_free_guidance(eps_u, eps_c, guidance_scale)
         # 5. g = w(t) (eps_hat - eps) w.r.t. x; x = 2 * image - 1, so d/d(image) doubles it
-        w = sds_weight(abar, weighting).view(-1, 1, 1, 1)
+        w = sds_weight(abar).view(-1, 1, 1, 1)
         grad = 2.0 * w * (eps_hat - noise)
         # 6. Back to the renders' size through the adjoint of the resize
         if src.requires_grad:

@@ -20,7 +20,7 @@ from torch import Tensor
 from engine.priors import diffusers_common as dc
 from engine.priors import hub
 from engine.priors.base import PriorOptions, PromptEmbedding, SDSContext
-from engine.sds import add_noise, sample_timesteps
+from engine.sds import add_noise, sample_timesteps, sds_weight
 
 DEFAULT_SD = hub.HUB["sd"][0]
 DEFAULT_GUIDANCE = 100.0  # the paper's and the peers' CFG scale for Stable Diffusion
@@ -119,7 +119,7 @@ class StableDiffusionPrior:
         return latents * self.vae.config.scaling_factor
 
     def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
-                 t_range: tuple[float, float], weighting: str, generator: torch.Generator) -> tuple[Tensor, dict]:
+                 t_range: tuple[float, float], generator: torch.Generator) -> tuple[Tensor, dict]:
         """SDS gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
         b = images.shape[0]
         # 1. Text: each render's embedding is its view-weighted mix of the four view prompts; with Perp-Neg,
@@ -146,7 +146,7 @@ class StableDiffusionPrior:
         eps_hat = dc.guide(eps_cond, eps_uncond, guidance_scale, eps_neg, neg)
         # 6. Latent gradient g = w(t) (eps_hat - eps), mapped to the render by the encoder's VJP J^T g:
         #    the gradient the peers get from 0.5 * ||z - (z - g).detach()||^2 backpropagated through the encoder
-        w = dc.sigma2_weight(abar, weighting).view(-1, 1, 1, 1)
+        w = sds_weight(abar).view(-1, 1, 1, 1)
         grad_latents = w * (eps_hat - noise)  # NaN kept: the trainer skips the step
         (grad,) = torch.autograd.grad(latents, x, grad_outputs=grad_latents.to(latents.dtype))
         info = {"t": t.tolist(), "latent_grad_norm": float(grad_latents.norm()),
