@@ -90,3 +90,53 @@ def test_other_render_errors_are_shown_and_the_loop_goes_on(monkeypatch):
     r.render_safely()
     r.render_safely()
     assert r.errors == 2 and "RuntimeError: bad field" in r.info.content and r.scale == 1.0
+
+
+class ColourSnapshot(FakeSnapshot):
+    """Renders a flat colour, so each half of a side-by-side frame can be told apart."""
+
+    def __init__(self, colour, step):
+        super().__init__(limit=10**9)
+        self.colour, self.key, self.step = colour, (id(self), step), step
+
+    def render(self, cams, H, W, mode, live, samples):
+        self.sizes.append((H, W))
+        return torch.tensor(self.colour).view(1, 3, 1, 1).expand(1, 3, H, W).clone()
+
+
+def test_a_fork_is_shown_side_by_side_labelled_from_the_same_camera():
+    a, b = ColourSnapshot((1.0, 0.0, 0.0), 7), ColourSnapshot((0.0, 0.0, 1.0), 8)
+    r, client = make_renderer(a)
+    r.session.render_sources = lambda: [("A", a, None), ("B", b, None)]
+    r.render_safely()
+    frame = client.frames[-1]
+    assert frame.shape == (256, 256, 3) and a.sizes == [(256, 128)] and b.sizes == [(256, 128)]
+    left, right = frame[128:, :128].reshape(-1, 3).mean(0), frame[128:, 128:].reshape(-1, 3).mean(0)
+    assert left[0] > 200 > left[2] and right[2] > 200 > right[0]
+    assert (frame[:24, :40] != frame[200, 20]).any(axis=-1).sum() > 30, "run A's half carries its label"
+    assert (frame[:24, 128:168] != frame[200, 200]).any(axis=-1).sum() > 30, "run B's half carries its label"
+    assert "A step 7 · B step 8" in r.info.content
+
+
+def test_rest_frames_follow_the_canvas_within_the_render_budget():
+    side = vw.rest_side
+    assert side(last_side=0, last_cost=0.0, budget_s=0.35, canvas=900, cap=512, floor=64) == vw.FIRST_REST
+    assert side(last_side=0, last_cost=0.0, budget_s=0.35, canvas=200, cap=512, floor=64) == 200
+    # a cheap first frame: twice the side at most, then up to the canvas, never over the cap
+    assert side(last_side=256, last_cost=0.02, budget_s=0.35, canvas=900, cap=512, floor=64) == 512
+    assert side(last_side=256, last_cost=0.02, budget_s=0.35, canvas=400, cap=512, floor=64) == 400
+    assert side(last_side=512, last_cost=0.01, budget_s=0.35, canvas=2000, cap=1024, floor=64) == 1024
+    # a slow frame: the side that fits the budget (cost grows with the pixels)
+    assert side(last_side=512, last_cost=1.4, budget_s=0.35, canvas=900, cap=512, floor=64) == 256
+    assert side(last_side=128, last_cost=10.0, budget_s=0.35, canvas=900, cap=512, floor=64) == 64
+
+
+def test_the_first_cheap_rest_frame_is_refined_to_the_canvas():
+    snap = FakeSnapshot(limit=10**9)
+    r, client = make_renderer(snap)
+    r.viewer.full_res = 512
+    r.client.camera.image_width, r.client.camera.image_height, r.client.camera.aspect = 640, 480, 640 / 480
+    for _ in range(3):  # rest at 256 px (no cost known yet), refined once to the canvas (capped at 512), then idle
+        r.render_safely()
+    assert snap.sizes == [(192, 256), (384, 512)]
+    assert client.frames[-1].shape == (384, 512, 3) and "512×384" in r.info.content
