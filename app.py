@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: training and each viewer "
                    "render then run side by side; more threads fight over a small, shared CPU)")
     p.add_argument("--start", action="store_true", help="start training at launch")
+    from engine.priors.base import add_prior_option_flags
+
+    add_prior_option_flags(p)  # how Stable Diffusion / IF load and guide (also /prior_options in the API)
     return p
 
 
@@ -64,6 +67,12 @@ def check_args(args) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be in 1..65535; got {port}")
     if args.port == args.viewer_port:
         raise SystemExit("error: --port and --viewer-port must differ")
+    from engine.priors.base import prior_options_from
+
+    try:
+        prior_options_from(args)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def port_free(host: str, port: int) -> bool:
@@ -102,8 +111,10 @@ def make_session(args):
         section, _, key = name.rpartition(".")
         setattr(getattr(cfg, section) if section else cfg, key, value)
     live = live_defaults(args.prior, **({"prompt": args.prompt} if args.prompt else {}))
+    from engine.priors.base import prior_options_from
+
     return Session(cfg, live, device=device, out_root=args.out, overrides=overrides,
-                   user_live=("prompt",) if args.prompt else ())
+                   user_live=("prompt",) if args.prompt else (), prior_options=prior_options_from(args))
 
 
 def main(argv=None) -> int:

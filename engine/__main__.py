@@ -60,7 +60,9 @@ def cmd_run(args) -> int:
         out = Path(args.out) if args.out else run_folder(args.out_root, args.prompt)
     if cfg.steps < 1:
         raise ValueError(f"--steps must be a positive integer; got {cfg.steps}")
-    options = prior_options(args)
+    from engine.priors.base import prior_options_from
+
+    options = prior_options_from(args)
     prior = load_prior(cfg.prior, device=device, options=options)
     trainer = Trainer(cfg, prior, device, live)
     if args.resume:
@@ -88,12 +90,14 @@ def cmd_run(args) -> int:
     return 0
 
 
-def prior_options(args):
-    """The run's PriorOptions from its flags (ValueError for a bad value)."""
-    from engine.priors import PriorOptions
+def cmd_build_kernels(args) -> int:
+    from engine import accel
 
-    return PriorOptions(perp_neg=args.perp_neg, perp_neg_scale=args.perp_neg_scale, fp16=args.fp16,
-                        cpu_offload=args.cpu_offload, attention_slicing=args.attention_slicing)
+    print("building nerfacc's CUDA kernels (a few minutes the first time)...", flush=True)
+    ok = accel.build_kernels()
+    print("nerfacc's CUDA kernels are built and load: training on CUDA uses them" if ok else
+          f"nerfacc's kernels did not load: {accel.kernels_status()['detail']}")
+    return 0 if ok else 1
 
 
 def cmd_doctor(args) -> int:
@@ -172,15 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    from engine.priors import PriorOptions
+    from engine.priors.base import add_prior_option_flags
 
-    r.add_argument("--perp-neg", action="store_true", help="SD / IF: Perp-Neg against multi-face (Janus) results")
-    r.add_argument("--perp-neg-scale", type=float, default=PriorOptions.perp_neg_scale,
-                   help="weight of Perp-Neg's opposite-view negative (default: %(default)s, stable-dreamfusion's)")
-    r.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
-                   help="SD / IF half-precision weights (default: on CUDA only)")
-    r.add_argument("--cpu-offload", action="store_true", help="SD: keep the text encoder on the CPU between prompts")
-    r.add_argument("--attention-slicing", action="store_true", help="SD / IF: attention in slices (less memory)")
+    add_prior_option_flags(r)
     r.set_defaults(fn=cmd_run)
 
     from engine.export import MODES
@@ -216,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="what this machine can run: device, memory, kernels, priors in the cache")
     d.add_argument("--json", action="store_true", help="print JSON instead of text")
     d.set_defaults(fn=cmd_doctor)
+
+    k = sub.add_parser("build-kernels", help="compile nerfacc's CUDA kernels now (minutes; needs nvcc), once")
+    k.set_defaults(fn=cmd_build_kernels)
 
     from engine.batch import add_parser as add_batch_parser
 

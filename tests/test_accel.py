@@ -102,3 +102,12 @@ def test_an_empty_sample_set_from_the_packed_sampler_is_background(monkeypatch):
         out = render(field, bg, cams, 8, 8, shading="albedo", light=light, cfg=RenderConfig(), occupancy=occ, packed=True)
     assert out.samples == 0 and out.opacity.abs().max() == 0
     assert torch.allclose(out.rgb[0, :, 0, 0], torch.tensor([0.2, 0.4, 0.6]))
+
+
+def test_build_kernels_command_refuses_without_cuda_in_one_line(capsys):
+    from engine.__main__ import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine could really build")
+    assert main(["build-kernels"]) == 2
+    assert capsys.readouterr().err.strip() == "error: building nerfacc's kernels needs torch with CUDA and a CUDA device"

@@ -34,7 +34,7 @@ def app(tmp_path_factory, free_port_pair):
     out = tmp_path_factory.mktemp("app_priors")
     log = out / "app.log"
     cmd = [sys.executable, "app.py", "--prior", "embedded", "--port", str(port), "--viewer-port", str(viewer_port),
-           "--out", str(out / "outputs"), "--prompt", "a red cube"]
+           "--out", str(out / "outputs"), "--prompt", "a red cube", "--perp-neg", "--perp-neg-scale", "1.5"]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
@@ -64,6 +64,7 @@ def test_a_switch_to_stable_diffusion_and_back_runs_each_prior_with_its_own_sett
     client, out = app
     st = client.predict(api_name="/status")
     assert st["prior"] == "embedded" and st["guidance_scale"] == 10.0
+    assert st["prior_options"]["perp_neg"] is True and st["prior_options"]["perp_neg_scale"] == 1.5  # app flags
     sd = write_tiny_sd(str(out / "tiny-sd"))
     client.predict(prior=f"sd:{sd}", api_name="/reset")
     st = wait(client, lambda s: s["prior"] == f"sd:{sd}" and s["message"].startswith("new field"), "the SD run")
@@ -81,3 +82,9 @@ def test_a_switch_to_stable_diffusion_and_back_runs_each_prior_with_its_own_sett
     client.predict(api_name="/start")
     st = wait(client, lambda s: s["step"] >= 2 and s["state"] == "running", "embedded steps")
     assert st["guidance_scale"] == 10.0
+
+
+def test_a_bad_prior_option_flag_is_one_line_and_nothing_starts():
+    r = subprocess.run([sys.executable, "app.py", "--perp-neg-scale", "-1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and r.stderr.strip() == "error: perp_neg_scale must be a number >= 0; got -1.0"

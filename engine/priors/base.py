@@ -42,6 +42,25 @@ class PriorOptions:
         return torch.float16 if fp16 else torch.float32
 
 
+def add_prior_option_flags(parser) -> None:
+    """The PriorOptions as command-line flags (`python -m engine run`, `python app.py`)."""
+    import argparse
+
+    parser.add_argument("--perp-neg", action="store_true", help="SD / IF: Perp-Neg against multi-face (Janus) results")
+    parser.add_argument("--perp-neg-scale", type=float, default=PriorOptions.perp_neg_scale,
+                        help="weight of Perp-Neg's opposite-view negative (default: %(default)s, stable-dreamfusion's)")
+    parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
+                        help="SD / IF half-precision weights (default: on CUDA only)")
+    parser.add_argument("--cpu-offload", action="store_true", help="SD: text encoder and U-Net never on the GPU together")
+    parser.add_argument("--attention-slicing", action="store_true", help="SD / IF: attention in slices (less memory)")
+
+
+def prior_options_from(args) -> PriorOptions:
+    """PriorOptions from the flags of `add_prior_option_flags` (ValueError for a bad value)."""
+    return PriorOptions(perp_neg=args.perp_neg, perp_neg_scale=args.perp_neg_scale, fp16=args.fp16,
+                        cpu_offload=args.cpu_offload, attention_slicing=args.attention_slicing)
+
+
 @dataclass
 class PromptEmbedding:
     """A prompt encoded for one prior. Tensors are the prior's own; the trainer only passes them back."""
