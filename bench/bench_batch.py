@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--overhead-steps", type=int, default=2000)
     ap.add_argument("--overhead-runs", type=int, default=2, help="runs compared (one prompt each, at most 4)")
     ap.add_argument("--fault-steps", type=int, default=2000)
-    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--checkpoint-every", type=int, default=200)
     ap.add_argument("--resolution", type=int, default=None, help="training render size (default: the preset's)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)

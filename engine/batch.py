@@ -473,7 +473,7 @@ class _Driver:
 
 def run_batch(runs: list[RunSpec], out: str | Path, *, outputs: RunOutputs = RunOutputs(), address: str = "",
               workers: int | None = None, cpus_per_run: float = 1, gpus_per_run: float | None = None,
-              max_retries: int = 2, checkpoint_every: int = 100, progress: bool = True, on_event=None) -> list[dict]:
+              max_retries: int = 2, checkpoint_every: int = 200, progress: bool = True, on_event=None) -> list[dict]:
     """Run `runs` on Ray; their manifest rows, in the order of `runs`.
 
     Runs done in `out` are skipped; an interrupted one resumes from the checkpoint in its folder. Refusals
@@ -537,7 +537,7 @@ def add_parser(sub) -> None:
     b.add_argument("--cpus-per-run", type=float, default=1, help="CPUs (torch threads) per run")
     b.add_argument("--workers", type=int, default=None, help="runs at once (default: as many as fit)")
     b.add_argument("--max-retries", type=int, default=2, help="times a run whose worker died is resumed")
-    b.add_argument("--checkpoint-every", type=int, default=100, help="steps between the checkpoints sent back")
+    b.add_argument("--checkpoint-every", type=int, default=200, help="steps between the checkpoints sent back")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(fn=cmd_batch)
 
