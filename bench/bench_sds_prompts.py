@@ -2,8 +2,10 @@
 
 Each prompt trains a fresh field from the embedded prior's defaults for at most --steps steps and
 --seconds of wall time, then `engine.evaluate` scores 16 random views: colour R-Precision on shaded renders,
-geometry R-Precision on textureless renders, and the silhouette score. Prompts run in --jobs worker
-processes of one torch thread each (on 2 cores, two single-threaded runs beat one two-threaded run).
+geometry R-Precision on textureless renders, and the silhouette score. Prompts run through the batch runner
+(`engine.batch`, on Ray) in --jobs workers of one torch thread each (on 2 cores, two single-threaded runs beat
+one two-threaded run); each run's checkpoint, preview and scores stay in the batch folder (--batch, default
+runs/batch-<time>; the same folder again skips the runs done).
 
     python bench/bench_sds_prompts.py                        # 10 prompts, <= 2000 steps / 300 s each
     python bench/bench_sds_prompts.py --steps 200 --prompts "a red cube"   # a quick look
