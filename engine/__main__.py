@@ -20,13 +20,6 @@ def _device(name: str) -> str:
     return name
 
 
-def default_run_dir(root: str | Path, prompt: str) -> Path:
-    """OUT_ROOT/<date>-<prompt slug> (kept for callers of the old name; see engine.export.run_folder)."""
-    from engine.export import run_folder
-
-    return run_folder(root, prompt)
-
-
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
