@@ -48,7 +48,7 @@ def throughput(args, tmp: Path) -> dict:
     import ray
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     out = {"ray_start_s": round(time.perf_counter() - t0, 2)}
     try:
         for workers in (1, 2):

@@ -265,7 +265,7 @@ def _export(trainer, live: LiveParams, outputs: RunOutputs) -> tuple[dict[str, b
 
 # -- Ray ---------------------------------------------------------------------------------------------------
 def connect(address: str = ""):
-    """(ray, started): Ray started in this process when `address` is empty (unless it already runs), else the
+    """(ray, started): a new local Ray when `address` is empty (unless this process already runs one), else the
     cluster at `address` ("auto", "host:port", "ray://host:port"). One-line RuntimeError, in seconds, when Ray
     is not installed or nothing answers at the address (Ray itself retries for 30 to 80 s)."""
     try:
@@ -293,7 +293,7 @@ def connect(address: str = ""):
     if address:  # ship engine/ and assets/ to the cluster's workers (.gitignore'd paths stay behind)
         ray.init(address=address, runtime_env={"working_dir": str(ROOT), "excludes": [".git"]}, **quiet)
     else:
-        ray.init(include_dashboard=False, **quiet)
+        ray.init(address="local", include_dashboard=False, **quiet)  # a new instance, even where `ray start` ran
     return ray, True
 
 
@@ -531,8 +531,8 @@ def add_parser(sub) -> None:
     b.add_argument("--prior", default="embedded", help=f"prior: {PRIOR_HELP}")
     b.add_argument("--export", default="", help=f"exports of each run, comma-separated: {','.join(EXPORTS)}")
     b.add_argument("--out", default="outputs/batch", help="batch folder: DIR/<run-id>/, manifest, index.html")
-    b.add_argument("--address", default="", help="empty: Ray in this process; auto, host:port or ray://host:10001: "
-                   "a running cluster")
+    b.add_argument("--address", default="", help="empty: a Ray of its own on this machine; auto, host:port or "
+                   "ray://host:10001: a running cluster")
     b.add_argument("--gpus-per-run", type=float, default=None, help="default: 1 where there are GPUs, else 0")
     b.add_argument("--cpus-per-run", type=float, default=1, help="CPUs (torch threads) per run")
     b.add_argument("--workers", type=int, default=None, help="runs at once (default: as many as fit)")
