@@ -96,6 +96,13 @@ def overhead(args, tmp: Path) -> dict:
             "overhead_pct": round(100 * (batch_s - eval_s - run_s) / run_s, 1)}
 
 
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # the run ended first
+        pass
+
+
 def fault(args, tmp: Path) -> dict:
     (spec,) = specs(args, 1, args.fault_steps, seed0=7)
     every, state = args.checkpoint_every, {}
@@ -104,7 +111,7 @@ def fault(args, tmp: Path) -> dict:
         if event["kind"] == "checkpoint" and event["step"] >= spec.steps // 2 and not state:
             state["checkpoint"], state["t"] = event["step"], time.perf_counter()
             delay = 0.5 * every / max(event.get("its_per_s") or 1.0, 1e-3)
-            state["timer"] = threading.Timer(delay, os.kill, (event["pid"], signal.SIGKILL))
+            state["timer"] = threading.Timer(delay, _kill, (event["pid"],))
             state["timer"].start()
 
     t0 = time.perf_counter()
