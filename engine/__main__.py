@@ -1,4 +1,4 @@
-"""Headless command line: `python -m engine run|eval|export ...`."""
+"""Headless command line: `python -m engine run|export|eval|batch|doctor|build-kernels ...`."""
 
 from __future__ import annotations
 
