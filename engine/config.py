@@ -16,6 +16,7 @@ from dataclasses import field as _field
 log = logging.getLogger(__name__)
 SHADING_MODES = ("random", "albedo", "lambertian", "textureless", "normal")
 LIGHT_MODES = ("random", "camera", "fixed")
+DISTILLATIONS = ("sds", "csd", "nfsd", "ism", "vsd")  # engine.sds.distillation_grad; what each is for: docs/priors.md
 
 
 def quoted(value, limit: int = 80) -> str:
@@ -44,6 +45,7 @@ class LiveParams:
     ambient: float = 0.1  # l_a, ambient light intensity
     learning_rate: float = 1e-2  # learning rate of the field; other groups scale with it
     seed: int = 0  # seed of a run; takes effect on reset
+    distillation: str = "sds"  # the loss: one of DISTILLATIONS (sds, csd, nfsd, ism, vsd); switching keeps the field
 
     def validated(self) -> LiveParams:
         """Return self if every value is usable, else raise ValueError naming the bad one."""
@@ -69,6 +71,7 @@ class LiveParams:
         _finite_in("learning_rate", self.learning_rate, 1e-6, 1.0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2^63); got {quoted(self.seed)}")
+        _choice("distillation", self.distillation, DISTILLATIONS)
         return self
 
     def replace(self, **changes) -> LiveParams:

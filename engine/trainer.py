@@ -76,6 +76,7 @@ class Trainer:
         self._good: dict | None = None  # last good state (see _keep_good_state), taken after a good step
         self._good_age = 0  # good steps since it was taken
         self._embeddings: dict[tuple[str, str], PromptEmbedding] = {}
+        self.vsd = None  # engine.priors.vsd.TrainableCopy, made on the first "vsd" step and kept when switching away
 
     # -- prompts -------------------------------------------------------------------------------------
     def embedding(self, prompt: str, negative_prompt: str = "") -> PromptEmbedding:
@@ -116,9 +117,12 @@ class Trainer:
         out = render(self.field, self.background, cams, res, res, shading=shading, light=light, cfg=cfg.render,
                      occupancy=self.occupancy if self.grid_in_use else None, generator=g, packed=self.packed)
         t1 = time.perf_counter()
-        # 3. the prior's SDS gradient in image space (no backprop through the prior)
+        # 3. the prior's gradient of the live distillation (SDS by default) in image space (no backprop through it)
+        if live.distillation == "vsd" and self.vsd is None:
+            self.vsd = self.prior.vsd_copy()  # VSD's trainable copy of the prior, the run's own (it fits the renders)
         ctx = SDSContext(view_weights=cams.view_weights(), cameras=cams, light=light, shading=shading,
-                         view_dependent=cfg.sds.view_dependent, step=self.step_count)
+                         view_dependent=cfg.sds.view_dependent, step=self.step_count,
+                         distillation=live.distillation, vsd=self.vsd)
         t_range = (cfg.sds.t_min, t_max_at(cfg.sds, self.step_count))
         grad, info = self.prior.sds_grad(out.rgb.detach(), emb, ctx, guidance_scale=live.guidance_scale,
                                          t_range=t_range, generator=g)
@@ -144,6 +148,7 @@ class Trainer:
         metrics = {"step": self.step_count, "loss": float(total.detach()) if finite else float("nan"),
                    **{f"loss_{k}": float(v.detach()) for k, v in losses.items()},
                    "t": info.get("t", []), "t_max": t_range[1], "guidance_scale": live.guidance_scale,
+                   "distillation": live.distillation,
                    "shading": shading, "views": view_labels(ctx.view_weights), "skipped": not finite,
                    "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks, "samples": out.samples,
                    "ms_render": 1e3 * (t1 - t0), "ms_prior": 1e3 * (t2 - t1), "ms_backward": 1e3 * (t3 - t2)}

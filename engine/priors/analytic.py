@@ -6,20 +6,26 @@
 - `OraclePrior`: the "data" is the true render x0* of an analytic solid (engine.world) for the very
   camera, light and shading of the step; then eps_hat = (z_t - sqrt(abar) x0*) / sigma_t and SDS becomes
   reconstruction weighted by w(t) sqrt(abar) / sigma_t.
-Both ignore guidance: they have a single, conditional branch.
+Both ignore guidance (eps_hat is the conditional eps). For the distillations that compare branches (csd, nfsd,
+ism) their unconditional model is "any image": pixels ~ N(0.5, 0.5^2), closed form as above; the negative prompt
+is ignored. The Gaussian's VSD copy is a Gaussian with trainable mean and log-variance; the oracle has none (its
+data change with every camera, which a copy without camera conditioning cannot follow).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from engine import sds, world
 from engine.config import BackgroundConfig, FieldConfig, RenderConfig
 from engine.field import Background, Field, FieldQuery, FieldSamples
 from engine.ops import normalize
-from engine.priors.base import PromptEmbedding, SDSContext
+from engine.priors.base import PromptEmbedding, SDSContext, check_distillation
+from engine.priors.vsd import TrainableCopy
 
 
 def linear_alphas_cumprod(T: int = 1000) -> Tensor:
@@ -27,8 +33,19 @@ def linear_alphas_cumprod(T: int = 1000) -> Tensor:
     return torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, T), 0)
 
 
+UNCOND_MEAN, UNCOND_STD = 0.5, 0.5  # the analytic priors' unconditional model: any image in [0, 1]
+VSD_LR = 0.1  # Adam's learning rate for the Gaussian's VSD copy (mean image and log-variance)
+
+
+def gaussian_eps(z: Tensor, abar: Tensor, mean, var) -> Tensor:
+    """The exact eps posterior mean for data ~ N(mean, var I): sigma (z - sqrt(abar) mean) / (abar var + sigma^2)."""
+    a = abar.view(-1, 1, 1, 1)
+    return (1 - a).sqrt() * (z - a.sqrt() * mean) / (a * var + 1 - a)
+
+
 class _Analytic:
     num_train_timesteps = 1000
+    distillations = ("sds", "csd", "nfsd", "ism")
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
@@ -38,17 +55,35 @@ class _Analytic:
         z = torch.zeros(4, 1, device=self.device)
         return PromptEmbedding(prompt, negative_prompt, cond=z, uncond=z[:1])
 
-    def _noise(self, images: Tensor, t_range, generator):
-        B = images.shape[0]
-        t = sds.sample_timesteps(B, t_range[0], t_range[1], self.num_train_timesteps, generator, self.device)
-        eps = torch.randn(images.shape, generator=generator, device=generator.device).to(images)
-        abar = self.alphas_cumprod[t]
-        return t, eps, abar, sds.add_noise(images, eps, abar)
+    def _grad(self, images: Tensor, ctx: SDSContext, eps_cond, guidance_scale, t_range, generator, copy=None):
+        """The distillation's gradient (engine.sds) with the conditional eps `eps_cond(z, t)`: images are the data space."""
+        check_distillation(self, ctx.distillation)
+
+        def eps(z, t, branches):
+            uncond = gaussian_eps(z, self.alphas_cumprod[t], UNCOND_MEAN, UNCOND_STD ** 2) if set(branches) - {"cond"} \
+                else None
+            return {n: eps_cond(z, t) if n == "cond" else uncond for n in branches}
+
+        model = sds.Denoiser(images, self.alphas_cumprod, eps=eps, guide=lambda e, scale: e["cond"])
+        if ctx.distillation == "vsd":
+            model.copy, model.copy_optimizer = copy, ctx.vsd.optimizer
+        return sds.distillation_grad(ctx.distillation, model, guidance_scale=guidance_scale, t_range=t_range,
+                                     generator=generator)
+
+
+class GaussianCopy(nn.Module):
+    """VSD's copy of a GaussianPrior: data ~ N(mean, exp(log_var) I) with both trainable (C*H*W + 1 parameters)."""
+
+    def __init__(self, mean: Tensor, std: float):
+        super().__init__()
+        self.mean = nn.Parameter(mean.detach().clone())
+        self.log_var = nn.Parameter(torch.tensor(2.0 * math.log(std), device=mean.device))
 
 
 class GaussianPrior(_Analytic):
     name = "gaussian"
     resolution = 16
+    distillations = sds.DISTILLATIONS
 
     def __init__(self, mean: Tensor | None = None, std: float = 0.1, device="cpu"):
         super().__init__(device)
@@ -58,13 +93,21 @@ class GaussianPrior(_Analytic):
             mean = torch.stack([xx, yy, 1.0 - xx * yy], 0) * 0.8 + 0.1
         self.mean, self.std = mean.to(self.device), float(std)
 
+    def _at(self, mean: Tensor, size) -> Tensor:
+        return F.interpolate(mean[None], size=size, mode="bilinear", align_corners=False)
+
     def sds_grad(self, images, emb, ctx, *, guidance_scale, t_range, generator):
-        t, eps, abar, z = self._noise(images, t_range, generator)
-        mu = F.interpolate(self.mean[None], size=images.shape[-2:], mode="bilinear", align_corners=False)
-        a = abar.view(-1, 1, 1, 1)
-        eps_hat = (1 - a).sqrt() * (z - a.sqrt() * mu) / (a * self.std**2 + 1 - a)
-        grad = sds.sds_weight(abar).view(-1, 1, 1, 1) * (eps_hat - eps)
-        return grad, {"t": t.tolist()}
+        mu = self._at(self.mean, images.shape[-2:])
+        copy = None
+        if ctx.distillation == "vsd":
+            def copy(z, t):
+                m = ctx.vsd.delta
+                return gaussian_eps(z, self.alphas_cumprod[t], self._at(m.mean, z.shape[-2:]), m.log_var.exp())
+        return self._grad(images, ctx, lambda z, t: gaussian_eps(z, self.alphas_cumprod[t], mu, self.std ** 2),
+                          guidance_scale, t_range, generator, copy)
+
+    def vsd_copy(self) -> TrainableCopy:
+        return TrainableCopy(GaussianCopy(self.mean, self.std), lr=VSD_LR)
 
 
 class AnalyticField(Field):
@@ -160,12 +203,17 @@ class OraclePrior(_Analytic):
     def sds_grad(self, images, emb, ctx, *, guidance_scale, t_range, generator):
         if ctx.cameras is None or ctx.light is None:
             raise ValueError("the oracle prior needs the step's cameras and light in its SDSContext")
+        check_distillation(self, ctx.distillation)
         x0 = self.target(ctx, emb.prompt, images.shape[-2:]).to(images)
-        t, eps, abar, z = self._noise(images, t_range, generator)
-        a = abar.view(-1, 1, 1, 1)
-        eps_hat = (z - a.sqrt() * x0) / (1 - a).sqrt()
-        grad = sds.sds_weight(abar).view(-1, 1, 1, 1) * (eps_hat - eps)
-        return grad, {"t": t.tolist()}
+
+        def eps_cond(z, t):  # the data are x0 alone: eps = (z - sqrt(abar) x0) / sigma
+            a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+            return (z - a.sqrt() * x0) / (1 - a).sqrt()
+        return self._grad(images, ctx, eps_cond, guidance_scale, t_range, generator)
+
+    def vsd_copy(self):
+        raise ValueError("the oracle prior cannot run vsd: its data change with every camera, and a copy without "
+                         "camera conditioning cannot follow them; use sds, csd, nfsd or ism")
 
 
 @torch.no_grad()

@@ -72,6 +72,7 @@ class PromptEmbedding:
     warnings: list[str] = field(default_factory=list)  # e.g. words the prior does not know
     extra: dict[str, Any] = field(default_factory=dict)  # prior-specific (e.g. Perp-Neg embeddings)
     plain: Tensor | None = None  # [1, ...]: the prompt without a view suffix (used when view_dependent is off)
+    null: Tensor | None = None  # [1, ...]: the empty prompt, when the negative prompt is not empty (else: uncond)
 
 
 @dataclass
@@ -84,6 +85,8 @@ class SDSContext:
     shading: str = "albedo"  # shading mode of the step
     step: int = 0
     view_dependent: bool = True  # False: condition on the plain prompt, not on the view-suffixed variants
+    distillation: str = "sds"  # which loss's gradient to return: one of engine.sds.DISTILLATIONS
+    vsd: Any = None  # the run's engine.priors.vsd.TrainableCopy (from prior.vsd_copy()) when distillation is "vsd"
 
 
 @runtime_checkable
@@ -93,6 +96,7 @@ class Prior(Protocol):
     name: str  # short name shown in the UI, e.g. "embedded", "sd:/models/sd21-base"
     resolution: int  # render size (square) the prior works at; the trainer renders at this size by default
     num_train_timesteps: int  # T of its noise schedule
+    distillations: tuple[str, ...]  # the losses of engine.sds.DISTILLATIONS it supports (ctx.distillation)
 
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbedding:
         """Encode a prompt and its view variants once; the trainer caches the result."""
@@ -101,10 +105,21 @@ class Prior(Protocol):
     def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
                  t_range: tuple[float, float], generator: torch.Generator
                  ) -> tuple[Tensor, dict]:
-        """SDS gradient w(t)(eps_hat - eps) mapped to image space.
+        """The gradient of the distillation `ctx.distillation` (SDS: w(t)(eps_hat - eps)) mapped to image space.
 
         images: [B, 3, H, W] renders in [0, 1] (requires no grad; the prior must not backprop into them
         except through its own encoder, as a latent prior does). Returns (grad [B, 3, H, W], info) where
         info holds at least "t" (list of ints, the timesteps used).
         """
         ...
+
+    def vsd_copy(self):
+        """A fresh trainable copy of the prior for VSD (engine.priors.vsd.TrainableCopy); the run keeps it."""
+        ...
+
+
+def check_distillation(prior, kind: str) -> None:
+    """ValueError naming what `prior` supports when it cannot run the distillation `kind`."""
+    if kind not in prior.distillations:
+        raise ValueError(f"the {prior.name} prior cannot run distillation {kind!r}; it supports "
+                         f"{', '.join(prior.distillations)}")

@@ -22,8 +22,9 @@ from torch import Tensor
 
 from engine.priors import diffusers_common as dc
 from engine.priors import hub
-from engine.priors.base import PriorOptions, PromptEmbedding, SDSContext
-from engine.sds import add_noise, sample_timesteps, sds_weight
+from engine.priors.base import PriorOptions, PromptEmbedding, SDSContext, check_distillation
+from engine.priors.vsd import LoRA, TrainableCopy
+from engine.sds import DISTILLATIONS, distillation_grad
 
 DEFAULT_IF = hub.HUB["if"][0]
 DEFAULT_GUIDANCE = 20.0  # threestudio's deepfloyd-if guidance scale (SD uses 100)
@@ -35,6 +36,7 @@ class DeepFloydIFPrior:
     """SDS with the IF stage I pixel U-Net (see the module docstring)."""
 
     default_guidance_scale = DEFAULT_GUIDANCE
+    distillations = DISTILLATIONS
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, *, name: str, device="cpu",
                  options: PriorOptions | None = None):
@@ -104,11 +106,11 @@ class DeepFloydIFPrior:
 
     def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
                  t_range: tuple[float, float], generator: torch.Generator) -> tuple[Tensor, dict]:
-        """SDS gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
-        b = images.shape[0]
+        """The distillation's gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
+        check_distillation(self, ctx.distillation)
         # 1. Text: each render's embedding is its view-weighted mix of the four view prompts; with Perp-Neg,
         #    the (render, view prompt) negatives of nonzero weight
-        cond, uncond = dc.text_batch(emb, ctx.view_weights, ctx.view_dependent)
+        texts = dc.text_batch(emb, ctx.view_weights, ctx.view_dependent)
         neg = dc.perp_neg_branches(emb, ctx, self.options.perp_neg_scale, self.device) if self.options.perp_neg else None
         # 2. Pixels: [0, 1] -> [-1, 1] at the U-Net's 64x64, keeping the graph to the render
         x = images.detach().to(self.device).float().requires_grad_(True)  # leaf [B, 3, H, W]
@@ -116,23 +118,22 @@ class DeepFloydIFPrior:
             x0 = x * 2.0 - 1.0
             if x0.shape[-1] != self.resolution or x0.shape[-2] != self.resolution:
                 x0 = F.interpolate(x0, size=(self.resolution,) * 2, mode="bilinear", align_corners=False)
-        # 3. Timesteps and noise: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with the scheduler's abar
-        t = sample_timesteps(b, t_range[0], t_range[1], self.num_train_timesteps, generator, self.device)
-        abar = self.alphas_cumprod[t]  # [B]
-        noise = dc.randn(x0.shape, generator, self.device, torch.float32)
-        x_t = add_noise(x0.detach(), noise, abar)
-        # 4. Noise prediction of every branch in one U-Net call, without a graph; drop the variance channels
-        eps_cond, eps_uncond, eps_neg = dc.predict_noise(self.unet, x_t.to(self.dtype), t, cond, uncond, neg,
-                                                         channels=3)
-        # 5. Guidance (CFG, or Perp-Neg against multi-face results)
-        eps_hat = dc.guide(eps_cond, eps_uncond, guidance_scale, eps_neg, neg)
-        # 6. Pixel gradient g = w(t) (eps_hat - eps), mapped to the render through the resize and *2 - 1:
-        #    the gradient of 0.5 * ||x0 - (x0 - g).detach()||^2 w.r.t. the render, as the peers compute it
-        grad_x0 = sds_weight(abar).view(-1, 1, 1, 1) * (eps_hat - noise)  # NaN kept: the trainer skips
+        # 3. The distillation in pixel space (engine.sds.distillation_grad): t, eps, x_t with the scheduler's abar,
+        #    the U-Net's branches in one batched call without a graph (the variance channels dropped), guidance
+        #    (CFG or Perp-Neg); for SDS g = w(t) (eps_hat - eps)
+        model, rows = dc.denoiser(self, x0.detach(), texts, neg, ctx.vsd if ctx.distillation == "vsd" else None,
+                                  channels=3)
+        grad_x0, info = distillation_grad(ctx.distillation, model, guidance_scale=guidance_scale, t_range=t_range,
+                                          generator=generator)  # NaN kept: the trainer skips
+        # 4. Mapped to the render through the resize and *2 - 1: the gradient of 0.5 * ||x0 - (x0 - g).detach()||^2
+        #    w.r.t. the render, as the peers compute it
         (grad,) = torch.autograd.grad(x0, x, grad_outputs=grad_x0)
-        info = {"t": t.tolist(), "pixel_grad_norm": float(grad_x0.norm()),
-                "unet_batch": 2 * b + (0 if neg is None else len(neg[1]))}
+        info.update(pixel_grad_norm=float(grad_x0.norm()), unet_batch=sum(rows))
         return grad.to(device=images.device, dtype=images.dtype), info
+
+    def vsd_copy(self) -> TrainableCopy:
+        """VSD's copy: LoRA (rank 4) on the U-Net's attention projections, fitted with Adam at lr 1e-3."""
+        return TrainableCopy(LoRA(self.unet).to(self.device), lr=1e-3)
 
 
 def load_tokenizer(folder: str):

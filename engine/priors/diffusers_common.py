@@ -2,7 +2,8 @@
 
 - Loading a component with its name in any error ("unet: ..."), fp16 weight files where there are some.
 - View-dependent prompts, their embeddings mixed by the camera's view weights, and a per-prompt cache.
-- One batched U-Net call for the conditional, unconditional and Perp-Neg branches, and the guidance.
+- The U-Net as an `engine.sds.Denoiser` (one batched call for the branches a distillation asks for, Perp-Neg's
+  included), and the guidance.
 
 Perp-Neg (Armandpour et al. 2023, "Re-imagine the Negative Prompt Algorithm"): besides the positive
 (view-mixed) prompt, a render gets view prompts as negatives, and only the part of each negative direction
@@ -108,29 +109,33 @@ class PromptCache:
 
 
 def encode_views(prior, prompt: str, negative_prompt: str, max_length: int):
-    """The prompt with each view suffix as cond [4, L, D], the negative prompt as uncond [1, L, D] and the
-    bare prompt as plain [1, L, D]: one text-encoder batch per (prompt, negative prompt), through
-    `prior._encode_texts` and `prior.cache` (Perp-Neg's negatives are the view prompts themselves)."""
+    """The prompt with each view suffix as cond [4, L, D], the negative prompt as uncond [1, L, D], the
+    bare prompt as plain [1, L, D] (and "" as null when a negative prompt is set): one text-encoder batch per
+    (prompt, negative prompt), through `prior._encode_texts` and `prior.cache` (Perp-Neg's negatives are the view
+    prompts themselves)."""
     from engine.priors.base import PromptEmbedding
 
     def make() -> PromptEmbedding:
-        emb, truncated = prior._encode_texts(view_prompts(prompt) + [negative_prompt, prompt])
+        extra = [""] if negative_prompt else []  # the empty prompt too (NFSD, ISM) when the negative is not it
+        emb, truncated = prior._encode_texts(view_prompts(prompt) + [negative_prompt, prompt] + extra)
         warnings = [f"prompt longer than {max_length} tokens: truncated"] if truncated else []
         return PromptEmbedding(prompt, negative_prompt, cond=emb[:4], uncond=emb[4:5], warnings=warnings,
-                               plain=emb[5:6])
+                               plain=emb[5:6], null=emb[6:7] if extra else None)
 
     return prior.cache.get((prompt, negative_prompt), make)
 
 
-def text_batch(emb, view_weights: Tensor, view_dependent: bool = True) -> tuple[Tensor, Tensor]:
-    """Per-render text: cond [B, L, D] (view-weighted mix, or the plain prompt when not view_dependent) and
-    uncond [B, L, D]."""
+def text_batch(emb, view_weights: Tensor, view_dependent: bool = True) -> dict[str, Tensor]:
+    """Per-render text [B, L, D] of each branch: "cond" (view-weighted mix, or the plain prompt when not
+    view_dependent), "uncond" (the negative prompt) and "null" (the empty prompt; the very uncond tensor when no
+    negative prompt is set, so a step asks the U-Net for it once)."""
     b = view_weights.shape[0]
     if view_dependent or emb.plain is None:
         cond = mix_views(emb.cond, view_weights)
     else:
         cond = emb.plain.expand(b, *emb.plain.shape[1:])
-    return cond, emb.uncond.expand(b, *emb.uncond.shape[1:])
+    uncond = emb.uncond.expand(b, *emb.uncond.shape[1:])
+    return {"cond": cond, "uncond": uncond, "null": uncond if emb.null is None else emb.null.expand_as(uncond)}
 
 
 def mix_views(cond: Tensor, view_weights: Tensor) -> Tensor:
@@ -178,26 +183,53 @@ def perp_neg_branches(emb, ctx, scale: float, device) -> tuple[Tensor, Tensor, T
 # Noise prediction and guidance
 
 
-@torch.no_grad()
-def predict_noise(unet, z_t: Tensor, t: Tensor, cond: Tensor, uncond: Tensor,
-                  neg: tuple[Tensor, Tensor, Tensor] | None = None, channels: int | None = None
-                  ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One batched U-Net call for all branches; no graph through the U-Net (SDS skips its Jacobian).
+def denoiser(prior, x0: Tensor, texts: dict[str, Tensor], neg, vsd=None, channels: int | None = None
+             ) -> tuple:
+    """`engine.sds.Denoiser` of a diffusers U-Net prior (SD latents or IF pixels x0 [B, C, h, w]).
 
-    z_t [B, C, h, w], t [B], cond / uncond [B, L, D], neg from `perp_neg_branches` or None.
-    channels: keep the first `channels` outputs (IF predicts noise and variance: 6 -> 3).
-    Returns eps_cond, eps_uncond [B, C, h, w] and eps_neg [M, C, h, w] (None without neg).
+    Each `eps` call is one batched U-Net call over the branches asked for (texts from `text_batch`; Perp-Neg's
+    (render, view) negatives from `perp_neg_branches` join whenever "cond" is asked, under "perp"), without a
+    graph. channels: keep the first `channels` outputs (IF predicts noise and variance: 6 -> 3); v-prediction
+    (SD 2.x-768) is converted to eps. Returns the Denoiser and the list of U-Net batch sizes it runs.
     """
-    b = z_t.shape[0]
-    z, ts, embs = [z_t, z_t], [t, t], [cond, uncond]
-    if neg is not None:
-        z.append(z_t[neg[1]])
-        ts.append(t[neg[1]])
-        embs.append(neg[0].to(cond.dtype))
-    out = unet(torch.cat(z), torch.cat(ts), encoder_hidden_states=torch.cat(embs)).sample
-    if channels is not None:
-        out = out[:, :channels]
-    return out[:b], out[b:2 * b], (out[2 * b:] if neg is not None else None)
+    from engine.sds import Denoiser
+
+    unet, dtype, abar_all = prior.unet, prior.dtype, prior.alphas_cumprod
+    v_prediction = getattr(prior, "v_prediction", False)
+    rows: list[int] = []
+
+    def as_eps(out: Tensor, z: Tensor, t: Tensor) -> Tensor:
+        out = out[:, :channels] if channels is not None else out
+        return v_to_eps(out, z, abar_all[t]) if v_prediction else out.float()
+
+    def eps(z_t: Tensor, t: Tensor, branches: tuple[str, ...]) -> dict[str, Tensor]:
+        b, names = z_t.shape[0], list(dict.fromkeys(branches))
+        if "null" in names and "uncond" in names and texts["null"] is texts["uncond"]:
+            names.remove("null")  # no negative prompt: the empty prompt is the uncond branch already
+        z, ts, embs = [z_t] * len(names), [t] * len(names), [texts[n] for n in names]
+        perp = "cond" in names and neg is not None
+        if perp:
+            z.append(z_t[neg[1]])
+            ts.append(t[neg[1]])
+            embs.append(neg[0].to(texts["cond"].dtype))
+        z, ts = torch.cat(z), torch.cat(ts)
+        rows.append(z.shape[0])
+        with torch.no_grad():
+            out = as_eps(unet(z.to(dtype), ts, encoder_hidden_states=torch.cat(embs)).sample, z, ts)
+        got = {n: out[i * b:(i + 1) * b] for i, n in enumerate(names)}
+        if perp:
+            got["perp"] = out[len(names) * b:]
+        return {n: got[n] if n in got else got["uncond"] for n in (*branches, *(["perp"] if perp else []))}
+
+    def guided(e: dict[str, Tensor], scale: float) -> Tensor:
+        return guide(e["cond"], e["uncond"], scale, e.get("perp"), neg if "perp" in e else None)
+
+    model = Denoiser(x0, abar_all, eps=eps, guide=guided)
+    if vsd is not None:
+        model.copy = lambda z, t: as_eps(vsd.forward(unet, z.to(dtype), t, encoder_hidden_states=texts["cond"]).sample,
+                                         z, t)
+        model.copy_optimizer = vsd.optimizer
+    return model, rows
 
 
 def guide(eps_cond: Tensor, eps_uncond: Tensor, scale: float, eps_neg: Tensor | None = None,

@@ -18,10 +18,11 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engine import world
+from engine import sds, world
 from engine.config import EMBEDDED_DEFAULTS
-from engine.priors.base import PromptEmbedding, SDSContext
-from engine.sds import VIEWS, add_noise, classifier_free_guidance, sample_timesteps, sds_weight
+from engine.priors.base import PromptEmbedding, SDSContext, check_distillation
+from engine.priors.vsd import FullCopy, TrainableCopy
+from engine.sds import VIEWS, classifier_free_guidance
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_WEIGHTS = ASSETS / "embedded_prior.safetensors"
@@ -33,6 +34,7 @@ MODEL_CONFIG = {  # the shipped model's architecture; the .json next to the weig
 }
 # SDS settings tuned for this prior (engine.config.preset / live_defaults use them; see EMBEDDED_DEFAULTS there)
 DEFAULTS = EMBEDDED_DEFAULTS
+VSD_LR = 1e-4  # Adam's learning rate for VSD's copy of the U-Net (ProlificDreamer's for its LoRA)
 
 
 def vocabulary() -> list[str]:
@@ -162,6 +164,7 @@ class EmbeddedPrior:
     """The protocol (engine.priors.base.Prior) over an EmbeddedModel."""
 
     name = "embedded"
+    distillations = sds.DISTILLATIONS
 
     def __init__(self, model: EmbeddedModel, device="cpu"):
         self.model = model.to(device).eval().requires_grad_(False)
@@ -205,42 +208,61 @@ class EmbeddedPrior:
             prompt=prompt, negative_prompt=negative_prompt,
             cond=self._encode([f"{plain}, {v} view" for v in VIEWS]),
             uncond=self._encode([" ".join(neg_known)]),
-            warnings=warnings, plain=self._encode([plain]),
+            warnings=warnings, plain=self._encode([plain]), null=self._encode([""]) if neg_known else None,
             extra={"cond_textureless": self._encode([f"{colourless}, {v} view" for v in VIEWS]),
                    "plain_textureless": self._encode([colourless])})
 
     def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
                  t_range: tuple[float, float], generator: torch.Generator) -> tuple[Tensor, dict]:
+        check_distillation(self, ctx.distillation)
         # 1. Bring the renders to the prior's size and range: x in [-1, 1], [B, 3, R, R]
         src = images.detach().to(self.device, torch.float32).requires_grad_(images.shape[-1] != self.resolution)
         x = src if not src.requires_grad else F.interpolate(src, size=(self.resolution,) * 2, mode="bilinear",
                                                             antialias=True, align_corners=False)
         x = x * 2.0 - 1.0
+        # 2. Text: the view embeddings mixed by each camera's view weights (textureless: colour words left out)
         b = x.shape[0]
-        # 2. Timesteps and noise: z_t = sqrt(abar) x + sqrt(1 - abar) eps
-        t = sample_timesteps(b, *t_range, self.num_train_timesteps, generator, self.device)
-        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(self.device)
-        abar = self.alphas_cumprod[t]
-        z = add_noise(x.detach(), noise, abar)
-        # 3. Text: the view embeddings mixed by each camera's view weights (textureless: colour words left out)
         textureless = ctx.shading == "textureless"
         if ctx.view_dependent or emb.plain is None:
             table = emb.extra.get("cond_textureless", emb.cond) if textureless else emb.cond
             cond = torch.einsum("bv,vld->bld", ctx.view_weights.to(self.device, torch.float32), table)
         else:
             cond = (emb.extra.get("plain_textureless", emb.plain) if textureless else emb.plain).expand(b, -1, -1)
-        uncond = emb.uncond.expand(b, -1, -1) if emb.uncond.shape[0] == 1 else emb.uncond
-        text = torch.cat([uncond, cond])
-        # 4. One U-Net pass for both CFG branches; no graph through the U-Net
-        with torch.no_grad():
-            eps = self.model(torch.cat([z, z]), torch.cat([t, t]), text[:, :-1], text[:, -1])
-        eps_u, eps_c = eps.chunk(2)
-        eps_hat = classifier_free_guidance(eps_u, eps_c, guidance_scale)
-        # 5. g = w(t) (eps_hat - eps) w.r.t. x; x = 2 * image - 1, so d/d(image) doubles it
-        w = sds_weight(abar).view(-1, 1, 1, 1)
-        grad = 2.0 * w * (eps_hat - noise)
-        # 6. Back to the renders' size through the adjoint of the resize
+        texts = {"uncond": emb.uncond, "cond": cond, "null": emb.uncond if emb.null is None else emb.null}
+        texts = {k: v.expand(b, -1, -1) if v.shape[0] == 1 else v for k, v in texts.items()}
+        # 3. The distillation in pixel space (engine.sds): t, eps, the U-Net's branches, g w.r.t. x
+        model = sds.Denoiser(x.detach(), self.alphas_cumprod, eps=self._eps(texts, emb.null is None), guide=_cfg)
+        if ctx.distillation == "vsd":
+            model.copy = lambda z, t: ctx.vsd.forward(self.model.unet, z, t, encoder_hidden_states=cond[:, :-1],
+                                                      class_labels=cond[:, -1]).sample
+            model.copy_optimizer = ctx.vsd.optimizer
+        grad, info = sds.distillation_grad(ctx.distillation, model, guidance_scale=guidance_scale, t_range=t_range,
+                                           generator=generator)
+        # 4. x = 2 * image - 1, so d/d(image) doubles it; back to the renders' size through the resize's adjoint
+        grad = 2.0 * grad
         if src.requires_grad:
             grad = torch.autograd.grad((x + 1) / 2, src, grad)[0]
         grad = torch.nan_to_num(grad).to(images.device, images.dtype)
-        return grad, {"t": t.tolist(), "eps_err": (eps_hat - noise).pow(2).mean().item()}
+        return grad, info
+
+    def _eps(self, texts: dict[str, Tensor], null_is_uncond: bool):
+        """eps(z, t, branches) for `sds.Denoiser`: one U-Net pass over the branches asked for, no graph (the
+        negative prompt's branch first, as CFG's batch always was; "null" shares it when no negative is set)."""
+        def eps(z: Tensor, t: Tensor, branches: tuple[str, ...]) -> dict[str, Tensor]:
+            names = [n for n in ("uncond", "cond", "null") if n in branches]
+            if null_is_uncond and "null" in names and "uncond" in names:
+                names.remove("null")
+            text = torch.cat([texts[n] for n in names])
+            with torch.no_grad():
+                out = self.model(torch.cat([z] * len(names)), torch.cat([t] * len(names)), text[:, :-1], text[:, -1])
+            out = dict(zip(names, out.chunk(len(names)), strict=True))
+            return {n: out.get(n, out.get("uncond")) for n in branches}
+        return eps
+
+    def vsd_copy(self) -> TrainableCopy:
+        """A full trainable copy of the U-Net (2M parameters; the text encoder stays shared and frozen)."""
+        return TrainableCopy(FullCopy(self.model.unet).to(self.device), lr=VSD_LR)
+
+
+def _cfg(eps: dict[str, Tensor], scale: float) -> Tensor:
+    return classifier_free_guidance(eps["uncond"], eps["cond"], scale)

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from engine.priors import diffusers_common as dc
 from engine.priors import hub
-from engine.priors.base import PriorOptions, PromptEmbedding, SDSContext
-from engine.sds import add_noise, sample_timesteps, sds_weight
+from engine.priors.base import PriorOptions, PromptEmbedding, SDSContext, check_distillation
+from engine.priors.vsd import LoRA, TrainableCopy
+from engine.sds import DISTILLATIONS, distillation_grad
 
 DEFAULT_SD = hub.HUB["sd"][0]
 DEFAULT_GUIDANCE = 100.0  # the paper's and the peers' CFG scale for Stable Diffusion
@@ -31,6 +32,7 @@ class StableDiffusionPrior:
     """SDS with a Stable Diffusion U-Net in the VAE's latent space (see the module docstring)."""
 
     default_guidance_scale = DEFAULT_GUIDANCE
+    distillations = DISTILLATIONS
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, name: str, device="cpu",
                  options: PriorOptions | None = None, resolution: int = 64, vae_resolution: int | None = None):
@@ -120,11 +122,11 @@ class StableDiffusionPrior:
 
     def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
                  t_range: tuple[float, float], generator: torch.Generator) -> tuple[Tensor, dict]:
-        """SDS gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
-        b = images.shape[0]
+        """The distillation's gradient w.r.t. `images` [B, 3, H, W] in [0, 1]; see engine.priors.base.Prior."""
+        check_distillation(self, ctx.distillation)
         # 1. Text: each render's embedding is its view-weighted mix of the four view prompts; with Perp-Neg,
         #    the (render, view prompt) negatives of nonzero weight
-        cond, uncond = dc.text_batch(emb, ctx.view_weights, ctx.view_dependent)
+        texts = dc.text_batch(emb, ctx.view_weights, ctx.view_dependent)
         neg = dc.perp_neg_branches(emb, ctx, self.options.perp_neg_scale, self.device) if self.options.perp_neg else None
         # 2. Latents: upsample the render to the VAE's size and encode, keeping the graph to the render
         x = images.detach().to(self.device).requires_grad_(True)  # leaf [B, 3, H, W]
@@ -132,23 +134,18 @@ class StableDiffusionPrior:
             x_vae = F.interpolate(x * 2.0 - 1.0, size=(self.vae_resolution,) * 2, mode="bilinear",
                                   align_corners=False)
             latents = self._encode_images(x_vae)  # [B, 4, h, w]
-        # 3. Timesteps and noise: z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps, with the scheduler's abar
-        t = sample_timesteps(b, t_range[0], t_range[1], self.num_train_timesteps, generator, self.device)
-        abar = self.alphas_cumprod[t]  # [B]
-        noise = dc.randn(latents.shape, generator, self.device, torch.float32)
-        z_t = add_noise(latents.detach().float(), noise, abar)
-        # 4. Noise prediction of every branch in one U-Net call, without a graph; v-prediction -> eps
-        eps_cond, eps_uncond, eps_neg = dc.predict_noise(self.unet, z_t.to(self.dtype), t, cond, uncond, neg)
-        if self.v_prediction:  # SD 2.x-768
-            eps_cond, eps_uncond = dc.v_to_eps(eps_cond, z_t, abar), dc.v_to_eps(eps_uncond, z_t, abar)
-            eps_neg = None if neg is None else dc.v_to_eps(eps_neg, z_t[neg[1]], abar[neg[1]])
-        # 5. Guidance (CFG, or Perp-Neg against multi-face results)
-        eps_hat = dc.guide(eps_cond, eps_uncond, guidance_scale, eps_neg, neg)
-        # 6. Latent gradient g = w(t) (eps_hat - eps), mapped to the render by the encoder's VJP J^T g:
-        #    the gradient the peers get from 0.5 * ||z - (z - g).detach()||^2 backpropagated through the encoder
-        w = sds_weight(abar).view(-1, 1, 1, 1)
-        grad_latents = w * (eps_hat - noise)  # NaN kept: the trainer skips the step
+        # 3. The distillation in latent space (engine.sds.distillation_grad): t, eps, z_t with the scheduler's abar,
+        #    the U-Net's branches in one batched call without a graph (v-prediction -> eps), guidance (CFG or
+        #    Perp-Neg); for SDS g = w(t) (eps_hat - eps)
+        model, rows = dc.denoiser(self, latents.detach().float(), texts, neg, ctx.vsd if ctx.distillation == "vsd" else None)
+        grad_latents, info = distillation_grad(ctx.distillation, model, guidance_scale=guidance_scale,
+                                               t_range=t_range, generator=generator)  # NaN kept: the trainer skips
+        # 4. The latent gradient mapped to the render by the encoder's VJP J^T g: the gradient the peers get from
+        #    0.5 * ||z - (z - g).detach()||^2 backpropagated through the encoder
         (grad,) = torch.autograd.grad(latents, x, grad_outputs=grad_latents.to(latents.dtype))
-        info = {"t": t.tolist(), "latent_grad_norm": float(grad_latents.norm()),
-                "unet_batch": 2 * b + (0 if neg is None else len(neg[1]))}
+        info.update(latent_grad_norm=float(grad_latents.norm()), unet_batch=sum(rows))
         return grad.to(device=images.device, dtype=images.dtype), info
+
+    def vsd_copy(self) -> TrainableCopy:
+        """VSD's copy: LoRA (rank 4) on the U-Net's attention projections, fitted with Adam at lr 1e-3."""
+        return TrainableCopy(LoRA(self.unet).to(self.device), lr=1e-3)
