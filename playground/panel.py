@@ -67,10 +67,17 @@ def score_frame(runs) -> pd.DataFrame:
         {"step": int, "R-Precision": float, "series": str})
 
 
+def placeholder(y: str, colors: dict) -> pd.DataFrame:
+    """A plot's first value: one empty (NaN) point per series. Gradio's plot fixes its colour scale from the
+    first value it gets, so a plot that starts empty would draw every later curve without a colour."""
+    return pd.DataFrame([(0, float("nan"), k) for k in colors], columns=["step", y, "series"]).astype(
+        {"step": int, y: float, "series": str})
+
+
 def refuse(where: str, err: Exception) -> gr.Error:
     """A refused value: one line in the server's log (no traceback) and the message for the client."""
     log.warning("refused %s: %s", where, err)
-    return gr.Error(str(err))
+    return gr.Error(str(err), print_exception=False)
 
 
 def prior_choices(current: str) -> list[str]:
@@ -407,10 +414,10 @@ class Panel:
                     preview = gr.Image(label="Fixed views: front, side, back, overhead", interactive=False,
                                        elem_id="preview", height=180)
                     with gr.Row():
-                        plot = gr.LinePlot(loss_frame([]), x="step", y="loss",
+                        plot = gr.LinePlot(placeholder("loss", SERIES_COLORS), x="step", y="loss",
                                            color="series", color_map=SERIES_COLORS, title="Loss (EMA over the raw)",
                                            height=220, elem_id="loss_plot")
-                        score_plot = gr.LinePlot(score_frame([]), x="step",
+                        score_plot = gr.LinePlot(placeholder("R-Precision", SCORE_COLORS), x="step",
                                                  y="R-Precision", color="series", color_map=SCORE_COLORS,
                                                  title="Live score (toy R-Precision)", y_lim=[0, 1], height=220,
                                                  elem_id="score_plot")

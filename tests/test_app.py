@@ -36,7 +36,8 @@ def wait_status(client, pred, timeout=90.0, what="status"):
 
 def test_api_has_stable_names(client):
     names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
-    assert {"/start", "/pause", "/resume", "/reset", "/set_params", "/status", "/export", "/prior_options"} <= names
+    assert {"/start", "/pause", "/resume", "/reset", "/set_params", "/status", "/export", "/prior_options", "/fork",
+            "/close_fork"} <= names
     assert not any(n.startswith("/ui_") for n in names), "UI handlers stay out of the API"
 
 
@@ -83,6 +84,57 @@ def test_bad_values_are_reported_and_the_run_goes_on(client):
     with pytest.raises(Exception, match="light_color"):
         client.predict(light_color="warm", api_name="/set_params")
     assert status(client)["guidance_scale"] == before["guidance_scale"]
+
+
+def test_a_refused_value_is_one_line_in_the_servers_log(client, playground_app):
+    with pytest.raises(Exception, match="shading must be one of"):
+        client.predict(shading="toon" * 2500, api_name="/set_params")
+    log = playground_app["log"].read_text()
+    lines = [line for line in log.splitlines() if "refused /set_params: shading" in line and "toon" in line]
+    assert len(lines) == 1 and len(lines[0]) < 300, lines
+    assert "toon" * 30 not in log and "Traceback" not in log
+
+
+def test_every_live_parameter_can_be_set_and_forked_through_the_api(client):
+    """A new live parameter (a distillation loss, say) is forkable as soon as it is in LiveParams: this fails
+    until /set_params and /fork take it."""
+    import dataclasses
+
+    from engine.config import LiveParams
+
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    live = {f.name for f in dataclasses.fields(LiveParams)}
+    for name in ("/set_params", "/fork"):
+        assert live <= {p["parameter_name"] for p in api[name]["parameters"]}, name
+
+
+def test_fork_through_the_api(client):
+    client.predict(api_name="/start")
+    wait_status(client, lambda s: s["state"] == "running" and s["step"] >= 2, what="training")
+    st = client.predict(guidance_scale=30, api_name="/fork")
+    assert st["fork"]["name"] == "B" and st["fork"]["differs"] == {"guidance_scale": [st["guidance_scale"], 30.0]}
+    b0 = st["fork"]["step"]
+    st = wait_status(client, lambda s: s["fork"]["step"] >= b0 + 3 and s["fork"]["loss"] is not None, what="B")
+    assert [r["name"] for r in st["runs"]] == ["A", "B"] and st["state"] == "running"
+    assert client.predict(guidance_scale=40, run="B", api_name="/set_params")["guidance_scale"] == 40
+    wait_status(client, lambda s: s["fork"]["live"]["guidance_scale"] == 40, what="B's new guidance")
+    assert status(client)["guidance_scale"] != 40, "A keeps its own"
+    assert client.predict(kind="snapshot", run="B", api_name="/export") == {"submitted": "snapshot", "run": "B"}
+    st = wait_status(client, lambda s: any(e.startswith("snapshot of run B") for e in s["exports"]), what="export")
+    line = next(e for e in st["exports"] if e.startswith("snapshot of run B"))
+    assert "-B/" in line and "failed" not in line
+    st = client.predict(api_name="/close_fork")
+    assert st["fork"] is None and len(st["runs"]) == 1
+    with pytest.raises(Exception, match="no run B"):
+        client.predict(guidance_scale=40, run="B", api_name="/set_params")
+
+
+def test_start_with_a_prior_while_running_says_what_it_did(client):
+    wait_status(client, lambda s: s["state"] == "running", what="a running run")
+    st = client.predict(prior="oracle:sphere", api_name="/start")
+    st = wait_status(client, lambda s: any("oracle:sphere was not used" in w for w in s["warnings"]), what="warning")
+    assert st["prior"] == "oracle:cube" and st["state"] == "running"
+    assert any("press Reset with it to switch" in w for w in st["warnings"])
 
 
 def test_checkpoint_export_runs_on_a_worker(client, playground_app):

@@ -17,6 +17,8 @@ from gradio_client import Client
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
+from playground.panel import SERIES_COLORS
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
         "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
@@ -111,7 +113,7 @@ def test_viewer_shows_the_object_and_orbits(playground_app, browser, shots):
     page.locator("canvas").first.wait_for(timeout=60_000)
     info = page.get_by_text("shaded in")
     info.first.wait_for(timeout=60_000)
-    page.wait_for_function("[...document.querySelectorAll('*')].some(e => /256×\\d+ shaded/.test(e.textContent))",
+    page.wait_for_function("[...document.querySelectorAll('*')].some(e => /[1-9]\\d{2,}×\\d+ shaded/.test(e.textContent))",
                            timeout=60_000)
     first = canvas_image(page)
     page.screenshot(path=str(shots / "viewer.png"))
@@ -125,7 +127,7 @@ def test_viewer_shows_the_object_and_orbits(playground_app, browser, shots):
         time.sleep(0.03)
     page.mouse.up()
     time.sleep(0.5)
-    page.wait_for_function("[...document.querySelectorAll('*')].some(e => /256×\\d+ shaded/.test(e.textContent))",
+    page.wait_for_function("[...document.querySelectorAll('*')].some(e => /[1-9]\\d{2,}×\\d+ shaded/.test(e.textContent))",
                            timeout=60_000)
     time.sleep(0.3)
     second = canvas_image(page)
@@ -148,7 +150,7 @@ def drag(page, steps: int = 10) -> None:
 def test_viewers_that_leave_mid_render_and_join_mid_run_are_fine(playground_app, browser, shots):
     """Two browsers watch; one drags (frames rendering) and is closed at once; a third joins mid-run.
     Training goes on, the app serves, and the others still get fresh frames."""
-    frame = "[...document.querySelectorAll('*')].some(e => /256×\\d+ shaded/.test(e.textContent))"
+    frame = "[...document.querySelectorAll('*')].some(e => /[1-9]\\d{2,}×\\d+ shaded/.test(e.textContent))"
     staying, leaving = (browser.new_page(viewport={"width": 640, "height": 480}) for _ in range(2))
     for page in (staying, leaving):
         page.goto(playground_app["viewer_url"])
@@ -174,6 +176,59 @@ def test_viewers_that_leave_mid_render_and_join_mid_run_are_fine(playground_app,
     wait_until(lambda: status(playground_app)["step"] > step + 5, timeout=60, what="training to go on")
     staying.close()
     joining.close()
+
+
+def halves_show_objects(img: np.ndarray) -> tuple[float, float]:
+    w = img.shape[1] // 2
+    return centre_vs_border(img[:, :w]), centre_vs_border(img[:, w:])
+
+
+def test_fork_changes_guidance_in_b_and_shows_two_objects_and_two_curves(playground_app, browser, shots):
+    """The pane's Fork button starts run B with its own guidance; B's slider changes it live; the viewer shows A
+    and B side by side from one camera; the loss plot draws two curves (each smoothed over its faint raw one)."""
+    client = Client(playground_app["url"], verbose=False)
+    if status(playground_app)["state"] != "running":
+        client.predict(api_name="/start")
+    wait_until(lambda: status(playground_app)["step"] >= 40, timeout=180, what="some training")
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(playground_app["url"], wait_until="domcontentloaded")
+    page.locator("#fork").wait_for(timeout=60_000)
+    current = status(playground_app)["prompt"]
+    page.wait_for_function(f"document.querySelector('#prompt textarea').value === {current!r}", timeout=30_000)
+    guidance_b = page.locator("#fork_guidance input[type=number]")
+    guidance_b.fill("30")
+    guidance_b.press("Enter")
+    page.locator("#fork").click()
+    page.wait_for_function("document.querySelector('#fork_info')?.innerText.includes('B differs in: guidance_scale')",
+                           timeout=60_000)
+    a_guidance = status(playground_app)["guidance_scale"]
+    assert status(playground_app)["fork"]["differs"] == {"guidance_scale": [a_guidance, 30.0]}
+    guidance_b.fill("45")  # B's guidance, changed while both train
+    guidance_b.press("Enter")
+    wait_until(lambda: status(playground_app)["fork"]["live"]["guidance_scale"] == 45.0, timeout=60, what="B at 45")
+    assert status(playground_app)["guidance_scale"] == a_guidance
+    curves = ("[...document.querySelectorAll('#loss_plot g.mark-line path')].filter(p => p.getAttribute('stroke'))"
+              ".map(p => p.getAttribute('aria-label'))")  # drawn curves: with a colour
+    want = sorted(SERIES_COLORS)  # a curve per run, each drawn over its faint raw one
+    page.wait_for_function(f"(w => {{ const s = new Set({curves}.map(l => (l || '').split('series: ')[1])); "
+                           f"return w.every(n => s.has(n)); }})({want!r})", timeout=60_000)
+    time.sleep(1.5)  # the plot redraws on each tick: let one settle for the screenshot
+    page.screenshot(path=str(shots / "pane_fork.png"), full_page=True)
+
+    viewer = browser.new_page(viewport={"width": 800, "height": 480})
+    viewer.goto(playground_app["viewer_url"])
+    viewer.wait_for_function("[...document.querySelectorAll('*')].some(e => "
+                             "/A step \\d+ · B step \\d+ · [1-9]\\d{2,}×\\d+ shaded/.test(e.textContent))", timeout=60_000)
+    time.sleep(0.5)
+    img = canvas_image(viewer)
+    viewer.screenshot(path=str(shots / "viewer_fork.png"))
+    left, right = halves_show_objects(img)
+    assert left > 30 and right > 30, f"both halves should show an object ({left:.0f}, {right:.0f})"
+    viewer.close()
+
+    page.locator("#close_fork").click()
+    wait_until(lambda: status(playground_app)["fork"] is None, timeout=60, what="run B closed")
+    page.close()
 
 
 def test_ctrl_c_stops_cleanly_and_frees_both_ports(playground_app):
