@@ -411,7 +411,8 @@ class Panel:
                                 'style="width:100%;height:420px;border:0;border-radius:8px"></iframe>'
                                 f'<a href="{html.escape(self.viewer_url)}" target="_blank">Open the 3D viewer '
                                 'on its own</a>', elem_id="viewer")
-                    preview = gr.Image(label="Fixed views: front, side, back, overhead", interactive=False,
+                    preview = gr.Image(label="Fixed views: front, side, back, overhead (run B below run A while forked)",
+                                       interactive=False,
                                        elem_id="preview", height=180)
                     with gr.Row():
                         plot = gr.LinePlot(placeholder("loss", SERIES_COLORS), x="step", y="loss",
