@@ -17,7 +17,7 @@ import logging
 import gradio as gr
 import pandas as pd
 
-from engine.config import LIGHT_MODES, SHADING_MODES, LiveParams, quoted
+from engine.config import DISTILLATIONS, LIGHT_MODES, SHADING_MODES, LiveParams, quoted
 from engine.priors import PriorOptions
 from engine.world import SHAPES
 from playground.session import EXPORTS, Session
@@ -210,7 +210,7 @@ class Panel:
                        light_elevation: float | None = None, light_distance: float | None = None,
                        light_color: str | list[float] | None = None, ambient: float | None = None,
                        learning_rate: float | None = None, seed: int | None = None,
-                       steps: int | None = None, run: str = "A") -> dict:
+                       steps: int | None = None, run: str = "A", distillation: str | None = None) -> dict:
         """Change any subset of a run's live parameters (run "A", or "B" while forked); they take effect at
         its next step."""
         kw = {k: v for k, v in locals().items() if k not in ("self", "run") and v is not None}
@@ -225,7 +225,8 @@ class Panel:
                  light_mode: str | None = None, light_azimuth: float | None = None,
                  light_elevation: float | None = None, light_distance: float | None = None,
                  light_color: str | list[float] | None = None, ambient: float | None = None,
-                 learning_rate: float | None = None, seed: int | None = None) -> dict:
+                 learning_rate: float | None = None, seed: int | None = None,
+                 distillation: str | None = None) -> dict:
         """Start run B as a copy of run A (field, optimizer, step) with any of A's live parameters changed;
         A and B then train in turns. Returns /status."""
         kw = {k: v for k, v in locals().items() if k != "self" and v is not None}
@@ -300,20 +301,21 @@ class Panel:
         except ValueError as err:
             gr.Warning(str(err))
 
-    def _on_fork(self, guidance):
+    def _on_fork(self, guidance, distillation):
+        changes = {k: v for k, v in (("guidance_scale", guidance), ("distillation", distillation)) if v is not None}
         try:
-            self.session.fork(**({"guidance_scale": guidance} if guidance is not None else {}))
+            self.session.fork(**changes)
             return ""
         except ValueError as err:
             log.warning("refused fork: %s", err)
             gr.Warning(str(err))
             return f"⚠ {err}"
 
-    def _on_fork_guidance(self, guidance):
-        """B's guidance slider: changes run B live while a fork is open (before, it is what Fork uses)."""
-        if self.session.fork_run is None or guidance is None:
+    def _on_fork_param(self, name: str, value):
+        """B's controls: change run B live while a fork is open (before, they are what Fork uses)."""
+        if self.session.fork_run is None or value is None:
             return ""
-        return self._apply(guidance_scale=guidance, run="B")
+        return self._apply(**{name: value}, run="B")
 
     def _on_example(self, prompt: str):
         """One click: the example's prompt on a fresh run (a running run restarts on a new field)."""
@@ -332,10 +334,10 @@ class Panel:
     def _controls(self) -> list:
         """What a page shows when it (re)loads: the session's current settings, not those the app started with,
         so a page opened or reloaded mid-run shows the prompt, guidance, shading and light the run is using.
-        Order: prompt, negative prompt, prior, guidance, shading, light mode, azimuth, elevation, distance,
-        colour, ambient, learning rate, seed, steps, and the tuple the timer compares against (`followed`)."""
+        Order: prompt, negative prompt, prior, guidance, shading, distillation loss, light mode, azimuth, elevation,
+        distance, colour, ambient, learning rate, seed, steps, and the tuple the timer compares against (`followed`)."""
         s, live = self.session, self.session.live
-        return [live.prompt, live.negative_prompt, s.prior_spec, live.guidance_scale, live.shading,
+        return [live.prompt, live.negative_prompt, s.prior_spec, live.guidance_scale, live.shading, live.distillation,
                 *followed(s)[:4], to_hex(live.light_color), live.ambient, live.learning_rate, live.seed, s.max_steps,
                 followed(s)]
 
@@ -376,10 +378,12 @@ class Panel:
                         reset = gr.Button("Reset", elem_id="reset")
                     message = gr.Markdown(elem_id="message")
                     with gr.Accordion("Compare: fork run B", open=True):
-                        gr.Markdown("Run B starts as a copy of run A (field, optimizer, step) with its own guidance; "
-                                    "A and B train in turns and the viewer shows both side by side.")
+                        gr.Markdown("Run B starts as a copy of run A (field, optimizer, step) with its own guidance "
+                                    "and loss; A and B train in turns and the viewer shows both side by side.")
                         fork_guidance = gr.Slider(0, 200, live.guidance_scale, step=0.5, label="Guidance of run B",
                                                   elem_id="fork_guidance")
+                        fork_loss = gr.Radio(list(DISTILLATIONS), value=live.distillation, label="Loss of run B",
+                                             elem_id="fork_loss")
                         with gr.Row():
                             fork = gr.Button("Fork B", elem_id="fork")
                             close_fork = gr.Button("Close B", elem_id="close_fork")
@@ -388,6 +392,9 @@ class Panel:
                                          elem_id="guidance")
                     shading = gr.Radio(list(SHADING_MODES), value=live.shading, label="Shading",
                                        info="random: the paper's mix of albedo, lambertian and textureless")
+                    distill = gr.Radio(list(DISTILLATIONS), value=live.distillation, label="Distillation loss",
+                                       info="sds: the paper's; switching keeps the field and the optimizer",
+                                       elem_id="distillation")
                     with gr.Accordion("Light", open=True):
                         light_mode = gr.Radio([(LIGHT_LABELS[m], m) for m in LIGHT_MODES], value=live.light_mode,
                                               label="Light position")
@@ -436,21 +443,23 @@ class Panel:
             for comp, name in ((guidance, "guidance_scale"), (az, "light_azimuth"), (el, "light_elevation"),
                                (dist, "light_distance"), (ambient, "ambient")):
                 comp.release(lambda v, n=name: self._apply(**{n: v}), comp, message, api_name=f"ui_{name}", **private)
-            for comp, name in ((shading, "shading"), (light_mode, "light_mode"), (color, "light_color"),
-                               (lr, "learning_rate"), (seed, "seed"), (steps, "steps")):
+            for comp, name in ((shading, "shading"), (distill, "distillation"), (light_mode, "light_mode"),
+                               (color, "light_color"), (lr, "learning_rate"), (seed, "seed"), (steps, "steps")):
                 conv = int if name in ("seed", "steps") else (lambda v: v)
                 comp.input(lambda v, n=name, c=conv: self._apply(**{n: c(v)}) if v is not None else "", comp, message,
                            api_name=f"ui_{name}", **private)
-            fork.click(self._on_fork, fork_guidance, message, api_name="ui_fork", **private)
+            fork.click(self._on_fork, [fork_guidance, fork_loss], message, api_name="ui_fork", **private)
             close_fork.click(lambda: self.session.close_fork(), None, None, api_name="ui_close_fork", **private)
-            fork_guidance.input(self._on_fork_guidance, fork_guidance, message, api_name="ui_fork_guidance", **private)
+            for comp, name in ((fork_guidance, "guidance_scale"), (fork_loss, "distillation")):
+                comp.input(lambda v, n=name: self._on_fork_param(n, v), comp, message, api_name=f"ui_fork_{name}",
+                           **private)
             for text, button in example_buttons.items():
                 button.click(lambda t=text: self._on_example(t), None, [prompt, message],
                              api_name=f"ui_example_{text.replace(' ', '_')}", **private)
             for kind, button in export_buttons.items():
                 button.click(lambda k=kind: self._ui_export(k), None, exports, api_name=f"ui_export_{kind}", **private)
 
-            demo.load(self._controls, None, [prompt, negative, prior, guidance, shading, light_mode, az, el, dist,
+            demo.load(self._controls, None, [prompt, negative, prior, guidance, shading, distill, light_mode, az, el, dist,
                                              color, ambient, lr, seed, steps, synced], api_name="ui_load", **private)
             gr.Timer(self.timer_s).tick(self._tick, [synced, shown],
                                         [status, plot, preview, vocab, light_mode, az, el, dist, guidance, lr, steps,
