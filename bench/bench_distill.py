@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,8 +30,9 @@ from engine.priors.base import SDSContext  # noqa: E402
 from tests.tiny_pipelines import write_tiny_if, write_tiny_sd  # noqa: E402
 
 
-def step_ms(prior, kind: str, batch: int, size: int, repeats: int, guidance: float) -> tuple[float, int]:
-    """Median ms of one sds_grad with distillation `kind`, and the U-Net rows it ran (when the prior says)."""
+def step_ms(prior, kind: str, batch: int, size: int, repeats: int, guidance: float) -> tuple[float, float, int]:
+    """Median and minimum ms of one sds_grad with distillation `kind`, and the U-Net rows it ran (when the prior
+    says). On a shared machine the minimum is the steadier figure: other users' bursts only ever add time."""
     emb = prior.encode_prompt("a red cube")
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     cams = fixed_views(torch.linspace(0, 180, batch).tolist(), [15.0] * batch)
@@ -38,17 +40,18 @@ def step_ms(prior, kind: str, batch: int, size: int, repeats: int, guidance: flo
                      vsd=prior.vsd_copy() if kind == "vsd" else None)
     gen = torch.Generator().manual_seed(0)
     last: dict = {}
+    times: list[float] = []
 
     def run():
+        t0 = time.perf_counter()
         last.update(prior.sds_grad(images, emb, ctx, guidance_scale=guidance, t_range=(0.02, 0.98), generator=gen)[1])
+        times.append(1e3 * (time.perf_counter() - t0))
 
-    return time_ms(run, repeats), last.get("unet_batch", 0)
+    return time_ms(run, repeats), min(times), last.get("unet_batch", 0)
 
 
 def trainer_ms(kind: str, steps: int) -> float:
     """Median ms of a whole Trainer.step of the embedded preset with `kind` (after 10 warm-up steps)."""
-    import time
-
     from engine.trainer import Trainer
 
     cfg = preset("embedded")
@@ -66,24 +69,28 @@ def trainer_ms(kind: str, steps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=10, help="timed steps per prior and loss (median reported)")
+    ap.add_argument("--repeats", type=int, default=20, help="timed steps per prior and loss (median reported)")
     ap.add_argument("--trainer", action="store_true", help="also time whole embedded training steps per loss")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.1f}\n")
     with tempfile.TemporaryDirectory() as d:
-        rows = [("SD tiny, VAE at 32^2, render 2 x 64^2", load_prior(f"sd:{write_tiny_sd(f'{d}/sd')}",
-                                                                     vae_resolution=32), 2, 64, 20.0),
-                ("IF tiny, 16^2 pixels, render 2 x 64^2", load_prior(f"if:{write_tiny_if(f'{d}/if')}"), 2, 64, 20.0),
-                ("embedded (shipped), render 1 x 32^2", load_prior("embedded"), 1, 32, 10.0)]
+        rows = [("SD tiny, VAE at 32^2, render 2 x 64^2",
+                 lambda: load_prior(f"sd:{write_tiny_sd(f'{d}/sd')}", vae_resolution=32), 2, 64, 20.0),
+                ("IF tiny, 16^2 pixels, render 2 x 64^2", lambda: load_prior(f"if:{write_tiny_if(f'{d}/if')}"), 2, 64,
+                 20.0),
+                ("embedded (shipped), render 1 x 32^2", lambda: load_prior("embedded"), 1, 32, 10.0)]
         print("| prior | " + " | ".join(DISTILLATIONS) + " |\n|---|" + "---|" * len(DISTILLATIONS))
-        for label, prior, batch, size, guidance in rows:
+        for label, load, batch, size, guidance in rows:
+            prior = load()  # one prior at a time: steps timed while another one loaded ran up to 100x slower
+            time.sleep(2.0)
             cells = []
             for kind in DISTILLATIONS:
-                ms, unet_rows = step_ms(prior, kind, batch, size, args.repeats, guidance)
-                cells.append(f"{ms:.0f}" + (f" ({unet_rows})" if unet_rows else ""))
+                med, low, unet_rows = step_ms(prior, kind, batch, size, args.repeats, guidance)
+                cells.append(f"{med:.0f} / {low:.0f}" + (f" ({unet_rows})" if unet_rows else ""))
             print(f"| {label} | " + " | ".join(cells) + " |")
-        print("\nms per prior step, median; (n): U-Net rows per step (CFG alone: 2 per render)")
+        print("\nms per prior step, median / minimum of the timed steps; (n): U-Net rows of the prior's own\n"
+              "branches per step (CFG alone: 2 per render; VSD's copy runs besides)")
     if args.trainer:
         print("\n| embedded preset, whole training step | " + " | ".join(DISTILLATIONS) + " |\n|---|"
               + "---|" * len(DISTILLATIONS))

@@ -59,14 +59,12 @@ class _Analytic:
         """The distillation's gradient (engine.sds) with the conditional eps `eps_cond(z, t)`: images are the data space."""
         check_distillation(self, ctx.distillation)
 
-        def eps(z, t, branches):
-            uncond = gaussian_eps(z, self.alphas_cumprod[t], UNCOND_MEAN, UNCOND_STD ** 2) if set(branches) - {"cond"} \
-                else None
-            return {n: eps_cond(z, t) if n == "cond" else uncond for n in branches}
+        def eps(z, t, branches):  # "uncond" and "null" are both the unconditional model
+            return {n: eps_cond(z, t) if n == "cond" else gaussian_eps(z, self.alphas_cumprod[t], UNCOND_MEAN,
+                                                                          UNCOND_STD ** 2) for n in branches}
 
-        model = sds.Denoiser(images, self.alphas_cumprod, eps=eps, guide=lambda e, scale: e["cond"])
-        if ctx.distillation == "vsd":
-            model.copy, model.copy_optimizer = copy, ctx.vsd.optimizer
+        model = sds.Denoiser(images, self.alphas_cumprod, eps=eps, guide=lambda e, scale: e["cond"], copy=copy,
+                             copy_optimizer=None if copy is None else ctx.vsd.optimizer)
         return sds.distillation_grad(ctx.distillation, model, guidance_scale=guidance_scale, t_range=t_range,
                                      generator=generator)
 
