@@ -10,6 +10,7 @@ the fork takes `LiveParams` whole.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 import time
@@ -46,6 +47,8 @@ def fork_trainer(trainer: Trainer, live: LiveParams) -> Trainer:
     twin = Trainer(trainer.cfg, trainer.prior, trainer.device, live)
     load_into(twin, meta, tensors)
     twin.rollbacks = trainer.rollbacks
+    if trainer.vsd is not None:  # VSD's trainable copy of the prior (and its optimizer) is the run's own
+        twin.vsd = copy.deepcopy(trainer.vsd)
     return twin
 
 

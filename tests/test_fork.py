@@ -81,6 +81,48 @@ def test_fork_trains_a_and_b_in_turns_with_what_differs(session):
     wait_for(lambda: session.step > n + 2, what="A alone")
 
 
+@pytest.mark.parametrize("loss,prior", [("csd", "oracle:cube"), ("vsd", "gaussian")])
+def test_a_fork_compares_two_distillation_losses(tmp_path, loss, prior):
+    """Another loss is just another live parameter: B runs it from A's state while A keeps SDS."""
+    session = Session(_tiny_config(prior), out_root=tmp_path, score_every_s=0)
+    try:
+        _fork_with_a_loss(session, loss)
+    finally:
+        session.stop()
+
+
+def _fork_with_a_loss(session, loss):
+    session.start()
+    wait_for(lambda: session.step >= 2)
+    session.fork(distillation=loss)
+    st = wait_for(lambda: (x := session.status())["fork"] and x["fork"]["loss"] is not None
+                  and x["fork"]["step"] > x["step"] - 1 and x, what="B's steps")
+    assert st["fork"]["differs"] == {"distillation": ["sds", loss]}
+    assert session.fork_run.last_metrics["distillation"] == loss and session.last_metrics["distillation"] == "sds"
+    if loss == "vsd":  # a fork of a VSD run gets its own copy of the trainable prior copy
+        session.set_params(distillation="vsd")
+        wait_for(lambda: session.trainer.vsd is not None, what="A's VSD copy")
+        session.fork()
+        session.wait_idle_queue()
+        b = session.fork_run.trainer
+        assert b.vsd is not None and b.vsd is not session.trainer.vsd
+        assert all(p.data_ptr() != q.data_ptr() for p, q in zip(b.vsd.delta.parameters(),
+                                                                session.trainer.vsd.delta.parameters()))
+
+
+def test_closing_the_app_saves_both_runs(tmp_path):
+    s = Session(_tiny_config("oracle:cube"), out_root=tmp_path, score_every_s=0)
+    s.start()
+    wait_for(lambda: s.step >= 2)
+    s.fork(guidance_scale=20.0)
+    wait_for(lambda: s.fork_run is not None and s.fork_run.last_metrics, what="B's first step")
+    s.pause()
+    s.stop()
+    first = s.save_if_dirty()
+    assert first is not None and first.name.endswith("-A")
+    assert sorted(p.name[-2:] for p in tmp_path.iterdir() if (p / "checkpoint.json").is_file()) == ["-A", "-B"]
+
+
 def test_exports_name_their_run_and_a_reset_closes_the_fork(session, tmp_path):
     session.start()
     wait_for(lambda: session.step >= 2)
