@@ -431,6 +431,12 @@ class Session:
             return
         except Exception as err:
             log.exception("training step failed")
+            if run is not self.a:  # a failing fork is closed; run A goes on
+                with self.lock:
+                    self.runs = [self.a]
+                self.message = f"run B closed: its step {tr.step_count} failed: {type(err).__name__}: {err}"
+                self.warnings.append(self.message)
+                return
             self._fail(f"{label}step {tr.step_count} failed: {type(err).__name__}: {err}")
             return
         run.record(result, live)

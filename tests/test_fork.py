@@ -110,6 +110,17 @@ def _fork_with_a_loss(session, loss):
                                                                 session.trainer.vsd.delta.parameters()))
 
 
+def test_a_failing_fork_is_closed_and_run_a_goes_on(session):
+    session.start()
+    wait_for(lambda: session.step >= 2)
+    session.fork(distillation="vsd")  # the oracle prior cannot run vsd: B's first step fails
+    st = wait_for(lambda: (x := session.status())["fork"] is None and x["warnings"] and x, what="B closed")
+    assert any(w.startswith("run B closed: its step") and "vsd" in w for w in st["warnings"])
+    assert st["state"] == "running" and st["error"] is None
+    n = session.step
+    wait_for(lambda: session.step > n + 2, what="A goes on")
+
+
 def test_closing_the_app_saves_both_runs(tmp_path):
     s = Session(_tiny_config("oracle:cube"), out_root=tmp_path, score_every_s=0)
     s.start()
