@@ -47,8 +47,6 @@ class ExportRefused(RuntimeError):
     """An export whose run was reset, switched or closed before it started: nothing was written."""
 
 
-__all__ = ["EXPORTS", "ExportRefused", "PriorUnavailable", "Session", "live_dict"]
-
 
 def prior_kind(spec: str) -> str:
     return spec.partition(":")[0].lower()
