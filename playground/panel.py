@@ -55,6 +55,17 @@ def loss_frame(runs, last: int = 2000) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": int, "loss": float, "series": str})
 
 
+def loss_limits(frame: pd.DataFrame) -> list[float] | None:
+    """The loss plot's y range: the smoothed curves' range after their first quarter, with room above, so the
+    large losses of the first steps do not flatten the rest (raw points beyond it are clipped)."""
+    smooth = frame[~frame["series"].str.endswith(" raw")].dropna()
+    recent = smooth[smooth["step"] >= smooth["step"].quantile(0.25)]["loss"] if len(smooth) else smooth["loss"]
+    if recent.empty:
+        return None
+    lo, hi = min(0.0, float(recent.min())), 1.5 * float(recent.max())
+    return [lo, hi if hi > lo else lo + 1.0]
+
+
 def score_frame(runs) -> pd.DataFrame:
     """step, R-Precision, series: each run's live colour and geometry scores."""
     rows = []
@@ -346,6 +357,8 @@ class Panel:
         s, st = self.session, self.session.status()
         runs = list(s.runs)
         df, scores = loss_frame(runs), score_frame(runs)
+        limits = loss_limits(df)
+        df = gr.LinePlot(value=df, y_lim=limits) if limits else df
         pv = s.preview()
         preview = pv[1] if pv is not None and pv[0] != shown_preview else gr.skip()
         now = followed(s)

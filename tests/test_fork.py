@@ -231,7 +231,9 @@ def test_live_score_is_computed_off_the_training_thread(tmp_path, monkeypatch):
 
 
 def test_loss_curve_is_smoothed_over_the_faint_raw_one(session):
-    from playground.panel import SERIES_COLORS, loss_frame, smoothed
+    import pandas as pd
+
+    from playground.panel import SERIES_COLORS, loss_frame, loss_limits, smoothed
 
     assert smoothed([]) == []
     assert smoothed([4.0]) == [4.0], "debiased: the first point is not pulled towards 0"
@@ -246,6 +248,12 @@ def test_loss_curve_is_smoothed_over_the_faint_raw_one(session):
     df = loss_frame(session.runs)
     assert set(df["series"]) == {"A", "A raw"} and len(df) == 2 * (df["series"] == "A").sum()
     assert set(SERIES_COLORS) >= {"A", "A raw", "B", "B raw"}
+    spike = pd.DataFrame([(i, 60.0 if i < 3 else 1.0 + 0.5 * (i % 2), "A raw") for i in range(100)],
+                         columns=["step", "loss", "series"])
+    both = pd.concat([spike, spike.assign(loss=smoothed(list(spike["loss"])), series="A")])
+    lo, hi = loss_limits(both)
+    assert lo == 0.0 and 1.5 < hi < 10.0, "the first steps' spike does not set the scale"
+    assert loss_limits(loss_frame([])) is None
 
 
 def test_example_prompts_form_well_in_the_protocol_and_one_click_starts_them(session):
