@@ -224,12 +224,11 @@ def denoiser(prior, x0: Tensor, texts: dict[str, Tensor], neg, vsd=None, channel
     def guided(e: dict[str, Tensor], scale: float) -> Tensor:
         return guide(e["cond"], e["uncond"], scale, e.get("perp"), neg if "perp" in e else None)
 
-    model = Denoiser(x0, abar_all, eps=eps, guide=guided)
-    if vsd is not None:
-        model.copy = lambda z, t: as_eps(vsd.forward(unet, z.to(dtype), t, encoder_hidden_states=texts["cond"]).sample,
-                                         z, t)
-        model.copy_optimizer = vsd.optimizer
-    return model, rows
+    def copy(z: Tensor, t: Tensor) -> Tensor:  # VSD: the LoRA copy, conditioned on the render's prompt, with graph
+        return as_eps(vsd.forward(unet, z.to(dtype), t, encoder_hidden_states=texts["cond"]).sample, z, t)
+
+    return Denoiser(x0, abar_all, eps=eps, guide=guided, copy=None if vsd is None else copy,
+                    copy_optimizer=None if vsd is None else vsd.optimizer), rows
 
 
 def guide(eps_cond: Tensor, eps_uncond: Tensor, scale: float, eps_neg: Tensor | None = None,
@@ -256,7 +255,3 @@ def v_to_eps(v: Tensor, z_t: Tensor, abar: Tensor) -> Tensor:
     a = abar.view(-1, *[1] * (v.dim() - 1))
     return a.sqrt() * v.float() + (1.0 - a).sqrt() * z_t.float()
 
-
-def randn(shape, generator: torch.Generator, device, dtype) -> Tensor:
-    """Noise drawn on the generator's device (so runs repeat whatever the model's device), then moved."""
-    return torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)

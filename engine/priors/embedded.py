@@ -231,11 +231,13 @@ class EmbeddedPrior:
         texts = {"uncond": emb.uncond, "cond": cond, "null": emb.uncond if emb.null is None else emb.null}
         texts = {k: v.expand(b, -1, -1) if v.shape[0] == 1 else v for k, v in texts.items()}
         # 3. The distillation in pixel space (engine.sds): t, eps, the U-Net's branches, g w.r.t. x
-        model = sds.Denoiser(x.detach(), self.alphas_cumprod, eps=self._eps(texts, emb.null is None), guide=_cfg)
-        if ctx.distillation == "vsd":
-            model.copy = lambda z, t: ctx.vsd.forward(self.model.unet, z, t, encoder_hidden_states=cond[:, :-1],
-                                                      class_labels=cond[:, -1]).sample
-            model.copy_optimizer = ctx.vsd.optimizer
+        def copy(z: Tensor, t: Tensor) -> Tensor:  # VSD: the full copy of the U-Net, with graph
+            return ctx.vsd.forward(self.model.unet, z, t, encoder_hidden_states=cond[:, :-1],
+                                   class_labels=cond[:, -1]).sample
+
+        vsd = ctx.distillation == "vsd"
+        model = sds.Denoiser(x.detach(), self.alphas_cumprod, eps=self._eps(texts, emb.null is None), guide=_cfg,
+                             copy=copy if vsd else None, copy_optimizer=ctx.vsd.optimizer if vsd else None)
         grad, info = sds.distillation_grad(ctx.distillation, model, guidance_scale=guidance_scale, t_range=t_range,
                                            generator=generator)
         # 4. x = 2 * image - 1, so d/d(image) doubles it; back to the renders' size through the resize's adjoint
