@@ -220,7 +220,8 @@ def tiny_priors(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     sd, deepfloyd = write_tiny_sd(str(root / "sd")), write_tiny_if(str(root / "if"))
     return {"sd": load_prior(f"sd:{sd}", vae_resolution=32), "if": load_prior(f"if:{deepfloyd}"),
-            "sd_perp": load_prior(f"sd:{sd}", vae_resolution=32, options=PriorOptions(perp_neg=True))}
+            "sd_perp": load_prior(f"sd:{sd}", vae_resolution=32, options=PriorOptions(perp_neg=True)),
+            "if_fp16": load_prior(f"if:{deepfloyd}", options=PriorOptions(fp16=True, perp_neg=True))}
 
 
 def unet_step(prior, kind, negative="", vsd=None, seed=0):
@@ -233,7 +234,7 @@ def unet_step(prior, kind, negative="", vsd=None, seed=0):
                           t_range=(0.02, 0.98), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("which", ["sd", "if", "sd_perp"])
+@pytest.mark.parametrize("which", ["sd", "if", "sd_perp", "if_fp16"])
 def test_the_tiny_sd_and_if_pipelines_run_every_distillation(which, tiny_priors):
     prior = tiny_priors[which]
     grads = {}
