@@ -346,11 +346,13 @@ class Panel:
         """What a page shows when it (re)loads: the session's current settings, not those the app started with,
         so a page opened or reloaded mid-run shows the prompt, guidance, shading and light the run is using.
         Order: prompt, negative prompt, prior, guidance, shading, distillation loss, light mode, azimuth, elevation,
-        distance, colour, ambient, learning rate, seed, steps, and the tuple the timer compares against (`followed`)."""
+        distance, colour, ambient, learning rate, seed, steps, the tuple the timer compares against (`followed`),
+        and run B's guidance and loss (A's while no fork is open)."""
         s, live = self.session, self.session.live
+        b = s.fork_run.live if s.fork_run is not None else live
         return [live.prompt, live.negative_prompt, s.prior_spec, live.guidance_scale, live.shading, live.distillation,
                 *followed(s)[:4], to_hex(live.light_color), live.ambient, live.learning_rate, live.seed, s.max_steps,
-                followed(s)]
+                followed(s), b.guidance_scale, b.distillation]
 
     def _tick(self, synced: tuple, shown_preview: int):
         """Streamed outputs; the followed controls move when the session's values changed elsewhere."""
@@ -473,7 +475,8 @@ class Panel:
                 button.click(lambda k=kind: self._ui_export(k), None, exports, api_name=f"ui_export_{kind}", **private)
 
             demo.load(self._controls, None, [prompt, negative, prior, guidance, shading, distill, light_mode, az, el, dist,
-                                             color, ambient, lr, seed, steps, synced], api_name="ui_load", **private)
+                                             color, ambient, lr, seed, steps, synced, fork_guidance, fork_loss],
+                      api_name="ui_load", **private)
             gr.Timer(self.timer_s).tick(self._tick, [synced, shown],
                                         [status, plot, preview, vocab, light_mode, az, el, dist, guidance, lr, steps,
                                          prior, synced, shown, exports, score_plot, fork_info],

@@ -232,7 +232,7 @@ def test_fork_changes_guidance_in_b_and_shows_two_objects_and_two_curves(playgro
     page.locator("#examples button", has_text="a green cone").click()  # one click: a fresh run of the example
     wait_until(lambda: (st := status(playground_app))["prompt"] == "a green cone" and st["step"] < before
                and st["state"] == "running", timeout=60, what="the example's fresh run")
-    assert page.locator("#prompt textarea").input_value() == "a green cone"
+    page.wait_for_function("document.querySelector('#prompt textarea').value === 'a green cone'", timeout=30_000)
     page.close()
 
 
