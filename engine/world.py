@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.cameras import Cameras, Light
+from engine.config import quoted
 from engine.ops import dot, max3, norm, normalize, sumsq
 from engine.shading import shade
 
@@ -128,7 +129,7 @@ def solid_sdf(name: str, x: Tensor) -> Tensor:
     try:
         fn = SOLIDS[name]
     except KeyError:
-        raise ValueError(f"unknown solid {name!r}; known: {', '.join(SOLIDS)}") from None
+        raise ValueError(f"unknown solid {quoted(name)}; known: {', '.join(SOLIDS)}") from None
     return fn(x)
 
 

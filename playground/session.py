@@ -26,6 +26,7 @@ import torch
 from engine.cameras import preview_cameras
 from engine.config import Config, LiveParams, live_defaults, preset, quoted
 from engine.priors import check_prior_spec, load_prior
+from engine.priors.base import check_distillation
 from engine.source import RenderSource
 from engine.trainer import Trainer
 from playground.runs import RUN_NAMES, Run, differences, fork_trainer, live_dict
@@ -218,6 +219,8 @@ class Session:
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 10**7):
             raise ValueError(f"steps must be an integer in [1, 10^7]; got {quoted(steps)}")
         new = target.live.replace(**changes)  # raises ValueError with a clear message
+        if "distillation" in changes and target.trainer is not None:  # a loss this prior cannot run: refused now
+            check_distillation(target.trainer.prior, new.distillation)
         self._commands.put((self._do_params, (run, changes, steps)))
         return new
 

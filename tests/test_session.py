@@ -308,3 +308,14 @@ def test_start_with_another_prior_while_running_says_what_it_did(session):
     st = session.status()
     assert st["prior"] == "oracle:cube" and st["state"] == "running"
     assert any("oracle:sphere was not used" in w and "Reset" in w for w in st["warnings"])
+
+
+def test_a_loss_the_prior_cannot_run_is_refused_when_set_and_the_run_goes_on(session):
+    session.start()
+    wait_for(lambda: session.step >= 1)
+    with pytest.raises(ValueError, match="cannot run distillation 'vsd'"):
+        session.set_params(distillation="vsd")  # the oracle's target changes with every camera: no VSD copy
+    session.set_params(distillation="csd")
+    before = session.step
+    wait_for(lambda: session.status()["distillation"] == "csd" and session.step > before + 1, what="csd steps")
+    assert session.state == "running"
