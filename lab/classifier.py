@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine import world
 from engine.evaluate import CLASSIFIER, COLOR_NAMES, SHAPE_NAMES, Classifier
+from lab.world_data import render_scenes, sample_scenes
 
 
 def _augment(x: Tensor, g: torch.Generator, strong: bool = False) -> Tensor:
@@ -53,8 +53,8 @@ def classifier_data(n_images: int, seed: int, cache: Path | None = None) -> tupl
         if len(d["colors"]) == n_images and d["seed"] == seed:
             return d["imgs"].float() / 255, d["colors"], d["shapes"], d["has_color"]
     g = torch.Generator().manual_seed(seed)
-    chunks = [world.sample_scenes(min(512, n_images - i), g) for i in range(0, n_images, 512)]
-    imgs = torch.cat([world.render_scenes(sc)[0] for sc in chunks])
+    chunks = [sample_scenes(min(512, n_images - i), g) for i in range(0, n_images, 512)]
+    imgs = torch.cat([render_scenes(sc)[0] for sc in chunks])
     colors = torch.tensor([COLOR_NAMES.index(c) for sc in chunks for c in sc["colors"]])
     shapes = torch.tensor([SHAPE_NAMES.index(s) for sc in chunks for s in sc["shapes"]])
     has_color = torch.tensor([m != "textureless" for sc in chunks for m in sc["shading"]])

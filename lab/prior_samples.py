@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from engine import world
 from engine.evaluate import COLOR_NAMES, SHAPE_NAMES, Classifier, load_classifier, votes
 from engine.priors.embedded import EmbeddedPrior, sample
+from lab.world_data import caption
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 3) -> None:
@@ -43,7 +43,7 @@ def prior_sample_accuracy(model, n_per_caption: int = 2, guidance_scale: float =
     """Sample the prior for every "a <colour> <shape>" and classify the samples (colour and shape both right)."""
     clf = classifier or load_classifier()
     pairs = [(c, s) for s in SHAPE_NAMES for c in COLOR_NAMES] * n_per_caption
-    imgs = sample(model, [world.caption(s, c) for c, s in pairs], guidance_scale, steps,
+    imgs = sample(model, [caption(s, c) for c, s in pairs], guidance_scale, steps,
                   torch.Generator().manual_seed(seed))
     lc, ls = clf(imgs)
     ok_c = lc.argmax(1) == torch.tensor([COLOR_NAMES.index(c) for c, _ in pairs])

@@ -27,14 +27,15 @@ from engine import world
 from engine.priors.embedded import EmbeddedModel, sample
 from engine.sds import view_labels
 from lab.prior_samples import save_grid
+from lab.world_data import caption, render_scenes, sample_scenes
 
 SHAPE_WEIGHTS = {"cube": 1.5, "house": 1.2, "mug": 1.5}  # boxy shapes came out lumpy, mugs lost their handle: show more of them
 
 
 def render_batch(n: int, g: torch.Generator) -> dict:
     """n fresh world renders with what their captions are drawn from (uint8 images keep the pool small)."""
-    sc = world.sample_scenes(n, g, shape_weights=SHAPE_WEIGHTS, contrast=True)
-    img, _ = world.render_scenes(sc, size=32)
+    sc = sample_scenes(n, g, shape_weights=SHAPE_WEIGHTS, contrast=True)
+    img, _ = render_scenes(sc, size=32)
     return {"img": (img * 255).round().to(torch.uint8), "shape": list(sc["shapes"]), "color": sc["colors"],
             "view": view_labels(sc["cameras"].view_weights()), "shading": sc["shading"]}
 
@@ -49,7 +50,7 @@ def draw_captions(pool: dict, idx: list[int], g: torch.Generator, p_drop: float 
             out.append("")
             continue
         color = None if pool["shading"][i] == "textureless" or u_col < 0.1 else pool["color"][i]
-        out.append(world.caption(pool["shape"][i], color, pool["view"][i] if u_view >= 0.3 else None))
+        out.append(caption(pool["shape"][i], color, pool["view"][i] if u_view >= 0.3 else None))
     return out
 
 
@@ -115,7 +116,7 @@ def export(ema: EmbeddedModel, out_dir: Path, meta: dict, grid_steps: int = 25, 
     if grid_steps <= 0:
         return
     model = EmbeddedModel.from_file(out_dir / "embedded_prior.safetensors")
-    caps = [world.caption(s, c) for s in world.SHAPES for c in world.COLORS]
+    caps = [caption(s, c) for s in world.SHAPES for c in world.COLORS]
     imgs = sample(model, caps, steps=grid_steps, generator=torch.Generator().manual_seed(grid_seed))
     save_grid(imgs, out_dir / "embedded_samples.png", nrow=len(world.COLORS))
 

@@ -7,6 +7,7 @@ from engine import world
 from engine.priors.base import SDSContext
 from engine.priors.embedded import DEFAULT_WEIGHTS, SAMPLE_CFG, EmbeddedPrior, Tokenizer, sample, vocabulary
 from engine.sds import view_weights
+from lab.world_data import caption
 
 
 def test_tokenizer_maps_synonyms_and_reports_unknown_words():
@@ -72,7 +73,7 @@ def test_shipped_prior_draws_what_it_is_asked():
     prior, clf = EmbeddedPrior.load(), load_classifier()
     pairs = [("red", "cube"), ("blue", "sphere"), ("green", "cone"), ("yellow", "torus"), ("purple", "cylinder"),
              ("orange", "house"), ("pink", "snowman"), ("white", "mug")]
-    imgs = sample(prior.model, [world.caption(s, c) for c, s in pairs], SAMPLE_CFG, 20, torch.Generator().manual_seed(0))
+    imgs = sample(prior.model, [caption(s, c) for c, s in pairs], SAMPLE_CFG, 20, torch.Generator().manual_seed(0))
     lc, ls = clf(imgs)
     colour_ok = (lc.argmax(1) == torch.tensor([list(world.COLORS).index(c) for c, _ in pairs])).float().mean()
     shape_ok = (ls.argmax(1) == torch.tensor([world.SHAPES.index(s) for _, s in pairs])).float().mean()

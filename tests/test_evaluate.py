@@ -7,6 +7,7 @@ import torch
 
 from engine import evaluate as ev
 from engine import world
+from lab.world_data import render_scenes, sample_scenes
 
 
 def test_parse_prompt():
@@ -38,8 +39,8 @@ def test_silhouette_score_prefers_the_prompted_solid():
 @pytest.mark.skipif(not ev.CLASSIFIER.exists(), reason="no shipped classifier in assets/")
 def test_shipped_classifier_names_colour_and_shape(generator):
     clf = ev.load_classifier()
-    sc = world.sample_scenes(48, generator)
-    imgs, _ = world.render_scenes(sc)
+    sc = sample_scenes(48, generator)
+    imgs, _ = render_scenes(sc)
     lc, ls = clf(imgs)
     shapes = torch.tensor([world.SHAPES.index(s) for s in sc["shapes"]])
     colors = torch.tensor([list(world.COLORS).index(c) for c in sc["colors"]])
