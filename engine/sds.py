@@ -156,8 +156,8 @@ def distillation_grad(kind: str, d: Denoiser, *, guidance_scale: float, t_range:
         return w * (domain + classifier), info
     e = d.eps(z_t, t, ("cond", "uncond"))
     eps_hat = d.guide(e, guidance_scale)
-    if kind == "sds":
-        return w * (eps_hat - noise), info
+    if kind == "sds":  # eps_err: the unweighted residual, how far x0 is from the prior's mode (lab.residual)
+        return w * (eps_hat - noise), {**info, "eps_err": (eps_hat - noise).pow(2).mean().item()}
     if kind == "csd":
         return w * (eps_hat - e["uncond"]), info
     if kind == "ism":
