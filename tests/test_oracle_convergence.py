@@ -9,7 +9,6 @@ import math
 import time
 
 import pytest
-import torch
 
 from engine.config import Config, LiveParams
 from engine.export import RenderSource
@@ -42,7 +41,6 @@ def steps_to_iou(solid: str, target: float = 0.9, every: int = 50) -> tuple[Trai
 @pytest.mark.slow  # 20-45 s per solid on the 2-core CPU
 @pytest.mark.parametrize("solid", list(BUDGET))
 def test_oracle_recovers_the_solid(solid):
-    torch.set_num_threads(1)
     trainer, iou, training, wall = steps_to_iou(solid)
     print(f"{solid}: IoU {iou:.3f} after {trainer.step_count} steps, {training:.0f} s training ({wall:.0f} s with checks)")
     assert iou >= 0.9, f"{solid}: IoU {iou:.3f} after {trainer.step_count} steps"

@@ -62,13 +62,6 @@ def test_run_prompt_trains_within_budget_and_scores(tmp_path):
     assert summary["prompts"] == 2 and summary["colour_r_precision"] == round(res["colour_r_precision"] / 2, 3)
 
 
-def test_worker_writes_a_preview(tmp_path):
-    job = {"prompt": "a red sphere", "row": "base", "steps": 3, "seconds": 30, "prior": "oracle:sphere",
-           "views": 2, "preview": str(tmp_path / "p.png")}
-    (res,) = protocol.run_protocol([job], tmp_path / "batch", workers=1, progress=False)
-    assert res["row"] == "base" and res["steps"] == 3 and (tmp_path / "p.png").stat().st_size > 0
-
-
 def test_overrides_reach_config_and_live_params():
     import pytest
 
