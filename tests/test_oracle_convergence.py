@@ -39,7 +39,7 @@ def steps_to_iou(solid: str, target: float = 0.9, every: int = 50) -> tuple[Trai
 
 
 @pytest.mark.slow  # 20-45 s per solid on the 2-core CPU
-@pytest.mark.parametrize("solid", list(BUDGET))
+@pytest.mark.parametrize("solid", ["sphere", "cube", "torus"])  # round, flat-faced, with a hole; BENCHMARKS.md: all 5
 def test_oracle_recovers_the_solid(solid):
     trainer, iou, training, wall = steps_to_iou(solid)
     print(f"{solid}: IoU {iou:.3f} after {trainer.step_count} steps, {training:.0f} s training ({wall:.0f} s with checks)")
