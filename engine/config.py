@@ -130,8 +130,6 @@ class BackgroundConfig:
 
     kind: str = "mlp"  # "mlp": learned colour per ray direction (the paper's); "solid": the fixed colour below
     color: tuple[float, float, float] = (1.0, 1.0, 1.0)  # colour of the "solid" background
-    hidden: int = 32  # width of the background MLP: a backdrop needs little capacity
-    fourier_bands: int = 3  # octaves of the direction encoding: smooth backdrops, no room to paint the object
 
     def __post_init__(self):
         _choice("background.kind", self.kind, BACKGROUNDS)
@@ -244,7 +242,8 @@ class Config:
 SECTIONS = {"field": FieldConfig, "background": BackgroundConfig, "render": RenderConfig, "camera": CameraConfig,
             "shading": ShadingConfig, "sds": SDSConfig, "reg": RegularizerConfig}
 # config keys of checkpoints from before these levers were removed (they were off in every shipped preset)
-RETIRED = {"field": {"band_anneal_steps", "density_activation"}, "background": {"grey_prob", "grey_range"},
+RETIRED = {"field": {"band_anneal_steps", "density_activation"},
+           "background": {"grey_prob", "grey_range", "hidden", "fourier_bands"},  # the last two: now constants
            "render": {"early_stop", "early_stop_min_pruned", "early_stop_probe_every"},
            "sds": {"view_blend", "weighting", "skip_nonfinite"}, "reg": {"normal_smoothness", "density_tv"}}
 

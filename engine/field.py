@@ -237,16 +237,21 @@ def make_field(cfg: FieldConfig, device="cpu") -> Field:
     raise ValueError(f"unknown field backbone {cfg.backbone!r}; choose 'grid' or 'hash'")
 
 
+# the background MLP: a backdrop needs little capacity (32 wide), and few octaves of the ray direction (3) keep
+# it smooth, with no room to paint the object into the backdrop
+BACKGROUND_HIDDEN, BACKGROUND_BANDS = 32, 3
+
+
 class Background(nn.Module):
     """Colour of rays that leave the sphere: an MLP on the direction, or a solid colour."""
 
     def __init__(self, cfg: BackgroundConfig):
         super().__init__()
         self.cfg = cfg
-        self.net = mlp(3 + 6 * cfg.fourier_bands, cfg.hidden, 3, layers=1) if cfg.kind == "mlp" else None
+        self.net = mlp(3 + 6 * BACKGROUND_BANDS, BACKGROUND_HIDDEN, 3, layers=1) if cfg.kind == "mlp" else None
 
     def forward(self, dirs: Tensor) -> Tensor:
         """dirs [N, 3] unit -> rgb [N, 3]."""
         if self.net is not None:
-            return torch.sigmoid(self.net(fourier_features(dirs, self.cfg.fourier_bands)))
+            return torch.sigmoid(self.net(fourier_features(dirs, BACKGROUND_BANDS)))
         return torch.tensor(self.cfg.color, device=dirs.device, dtype=dirs.dtype).expand(dirs.shape[0], 3)

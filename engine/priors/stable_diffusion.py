@@ -116,9 +116,11 @@ class StableDiffusionPrior:
 
     def _encode_images(self, x: Tensor) -> Tensor:
         """[B, 3, H, W] in [-1, 1] at the VAE's resolution -> scaled latents [B, 4, H/8, W/8], with graph."""
+        from diffusers import AutoencoderTiny
+
         enc = self.vae.encode(x.to(self.dtype))
-        latents = enc.latents if hasattr(enc, "latents") else enc.latent_dist.mean  # TAESD / VAE (mean: no noise)
-        return latents * self.vae.config.scaling_factor
+        tiny = isinstance(self.vae, AutoencoderTiny)  # TAESD gives latents; the VAE a distribution (its mean: no noise)
+        return (enc.latents if tiny else enc.latent_dist.mean) * self.vae.config.scaling_factor
 
     def sds_grad(self, images: Tensor, emb: PromptEmbedding, ctx: SDSContext, *, guidance_scale: float,
                  t_range: tuple[float, float], generator: torch.Generator) -> tuple[Tensor, dict]:
