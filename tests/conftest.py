@@ -101,12 +101,9 @@ def free_port():
     return _free_port()
 
 
-@pytest.fixture(scope="session")
-def playground_app(tmp_path_factory):
-    """`python app.py` with the oracle prior at tiny settings on free ports; stopped with Ctrl-C at the end.
-
-    Yields a dict: url, viewer_url, port, viewer_port, proc, log (path of its output).
-    """
+def launch_app(out, *args: str) -> dict:
+    """`python app.py ARGS` on free ports with its exports under `out`, once it says it is ready.
+    Returns a dict: url, viewer_url, port, viewer_port, proc, log (path of its output)."""
     import subprocess
     import sys
     import time
@@ -116,11 +113,9 @@ def playground_app(tmp_path_factory):
     port, viewer_port = _free_port(), _free_port()
     while viewer_port == port:
         viewer_port = _free_port()
-    out = tmp_path_factory.mktemp("app")
     log = out / "app.log"
-    cmd = [sys.executable, "app.py", "--prior", "oracle:cube", "--resolution", "24", "--batch-size", "1",
-           "--samples", "24", "--steps", "100000", "--port", str(port), "--viewer-port", str(viewer_port),
-           "--out", str(out / "outputs"), "--prompt", "a red cube"]
+    cmd = [sys.executable, "app.py", *args, "--port", str(port), "--viewer-port", str(viewer_port),
+           "--out", str(out / "outputs")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=root, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -130,9 +125,20 @@ def playground_app(tmp_path_factory):
             proc.kill()
             raise RuntimeError(f"app.py did not come up:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    info = {"url": f"http://127.0.0.1:{port}/", "viewer_url": f"http://127.0.0.1:{viewer_port}/", "port": port,
+    return {"url": f"http://127.0.0.1:{port}/", "viewer_url": f"http://127.0.0.1:{viewer_port}/", "port": port,
             "viewer_port": viewer_port, "proc": proc, "log": log}
+
+
+@pytest.fixture(scope="session")
+def playground_app(tmp_path_factory):
+    """`python app.py` with the oracle prior at tiny settings on free ports; stopped with Ctrl-C at the end
+    (it must exit 0 and free both ports). Yields `launch_app`'s dict."""
+    import subprocess
+
+    info = launch_app(tmp_path_factory.mktemp("app"), "--prior", "oracle:cube", "--resolution", "24",
+                      "--batch-size", "1", "--samples", "24", "--steps", "100000", "--prompt", "a red cube")
     yield info
+    proc, log, port, viewer_port = info["proc"], info["log"], info["port"], info["viewer_port"]
     if proc.poll() is None:
         import signal
 

@@ -3,7 +3,6 @@ in a folder, loaded through the real diffusers code) -> embedded, each run with 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
+from tests.conftest import launch_app
 from tests.tiny_pipelines import write_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,35 +29,12 @@ def wait(client, pred, what, timeout=120.0):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, free_port_pair):
-    port, viewer_port = free_port_pair
+def app(tmp_path_factory):
     out = tmp_path_factory.mktemp("app_priors")
-    log = out / "app.log"
-    cmd = [sys.executable, "app.py", "--prior", "embedded", "--port", str(port), "--viewer-port", str(viewer_port),
-           "--out", str(out / "outputs"), "--prompt", "a red cube", "--perp-neg", "--perp-neg-scale", "1.5"]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    end = time.monotonic() + 120
-    while "Press Ctrl-C" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            raise RuntimeError(f"app.py did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False), out
-    proc.send_signal(signal.SIGINT)
-    proc.wait(60)
-
-
-@pytest.fixture(scope="module")
-def free_port_pair():
-    from tests.conftest import _free_port
-
-    a = _free_port()
-    b = _free_port()
-    while b == a:
-        b = _free_port()
-    return a, b
+    info = launch_app(out, "--prior", "embedded", "--prompt", "a red cube", "--perp-neg", "--perp-neg-scale", "1.5")
+    yield Client(info["url"], verbose=False), out
+    info["proc"].send_signal(signal.SIGINT)
+    info["proc"].wait(60)
 
 
 def test_a_switch_to_stable_diffusion_and_back_runs_each_prior_with_its_own_settings(app):
