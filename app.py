@@ -96,7 +96,7 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
 def make_session(args):
     import torch
 
-    from engine.config import live_defaults, preset
+    from engine.config import live_defaults, preset, set_setting
     from playground.session import Session
 
     torch.set_num_threads(max(1, args.threads))
@@ -108,8 +108,7 @@ def make_session(args):
              "render.num_samples": args.samples}
     overrides = {name: value for name, value in flags.items() if value}  # kept when another prior is picked
     for name, value in overrides.items():
-        section, _, key = name.rpartition(".")
-        setattr(getattr(cfg, section) if section else cfg, key, value)
+        set_setting(cfg, name, value)
     live = live_defaults(args.prior, **({"prompt": args.prompt} if args.prompt else {}))
     from engine.priors.base import prior_options_from
 

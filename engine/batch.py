@@ -33,7 +33,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from engine.checkpoint import META, atomic_write, checkpoint_state, load_into, read_checkpoint, write_checkpoint
-from engine.config import Config, LiveParams, live_defaults, preset
+from engine.config import Config, LiveParams, apply_settings, live_defaults, preset
 from engine.export import slugify
 from engine.gallery import write_gallery
 
@@ -135,21 +135,6 @@ def expand(lines: list[str], seeds: list[int], grid: list[tuple] = ((),), prior:
             p, st = settings.pop("prior", prior), settings.pop("steps", steps)
             runs += [RunSpec(prompt, seed, p, st, tuple(settings.items()), error=error) for seed in seeds]
     return list({r.run_id: r for r in runs}.values())
-
-
-def apply_settings(cfg: Config, live: LiveParams, settings: dict) -> tuple[Config, LiveParams]:
-    """Apply {"section.field": value} to `cfg` and {"live.name": value} to `live`; ValueError names a bad key."""
-    changes = {}
-    for key, value in settings.items():
-        section, dot, name = key.partition(".")
-        sub = getattr(cfg, section, None) if dot and section != "live" else None
-        if section == "live" and dot:
-            changes[name] = value
-        elif dataclasses.is_dataclass(sub) and name in {f.name for f in dataclasses.fields(sub)}:
-            setattr(sub, name, tuple(value) if isinstance(value, list) else value)
-        else:
-            raise ValueError(f"unknown setting {key!r}: use section.field of the config, live.<name>, prior or steps")
-    return cfg, live.replace(**changes)
 
 
 def run_config(spec: RunSpec, device: str = "cpu") -> tuple[Config, LiveParams]:

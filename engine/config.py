@@ -259,6 +259,28 @@ def _build(cls, section: str, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
 
+def set_setting(cfg: Config, key: str, value) -> None:
+    """Set "section.field" (e.g. "render.resolution") or a top-level field ("steps") of `cfg`; ValueError names a
+    bad key."""
+    section, dot, name = key.rpartition(".")
+    target = getattr(cfg, section, None) if dot else cfg
+    if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)} \
+            or (not dot and name in SECTIONS):
+        raise ValueError(f"unknown setting {quoted(key)}: use section.field of the config, live.<name>, prior or steps")
+    setattr(target, name, tuple(value) if isinstance(value, list) else value)
+
+
+def apply_settings(cfg: Config, live: LiveParams, settings: dict) -> tuple[Config, LiveParams]:
+    """Apply {"section.field" or "steps": value} to `cfg` and {"live.name": value} to `live`."""
+    changes = {}
+    for key, value in settings.items():
+        if key.startswith("live."):
+            changes[key.removeprefix("live.")] = value
+        else:
+            set_setting(cfg, key, value)
+    return cfg, live.replace(**changes)
+
+
 # The embedded prior's settings, one place for preset() and live_defaults(); each was chosen on the SDS
 # protocol (`python bench/bench_sds_prompts.py`, docs/findings.md): guidance 10 (5 and 20 did worse; its samples
 # break above ~7.5 CFG, SDS wants a little more); one view per step for twice the steps (as the peers do) beat

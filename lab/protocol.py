@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.batch import RunOutputs, RunSpec, apply_settings, parse_value, run_batch
-from engine.config import Config, LiveParams, live_defaults, preset
+from engine.batch import RunOutputs, RunSpec, parse_value, run_batch
+from engine.config import Config, LiveParams, apply_settings, live_defaults, preset
 
 # Ten prompts spanning the vocabulary: every colour and every shape, cubes and the front-facing objects twice
 PROMPTS = ("a red cube", "a blue sphere", "a green cone", "a yellow cylinder", "a purple torus", "an orange mug",

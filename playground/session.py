@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from engine.cameras import preview_cameras
-from engine.config import Config, LiveParams, live_defaults, preset, quoted
+from engine.config import Config, LiveParams, live_defaults, preset, quoted, set_setting
 from engine.priors import check_prior_spec, load_prior
 from engine.priors.base import check_distillation
 from engine.source import RenderSource
@@ -345,8 +345,7 @@ class Session:
             return dataclasses.replace(self.cfg, prior=spec), self.live, ""
         cfg = preset(spec, self.device)
         for name, value in self.overrides.items():
-            section, _, key = name.rpartition(".")
-            setattr(getattr(cfg, section) if section else cfg, key, value)
+            set_setting(cfg, name, value)
         kept = sorted(k for k in self.user_live if k not in PRIOR_LIVE)
         live = live_defaults(spec, **{k: getattr(self.live, k) for k in kept})
         changed = [f"{k} {getattr(live, k):g}" for k in PRIOR_LIVE if getattr(live, k) != getattr(self.live, k)]
