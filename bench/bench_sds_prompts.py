@@ -2,13 +2,19 @@
 
 Each prompt trains a fresh field from the embedded prior's defaults for at most --steps steps and
 --seconds of wall time, then `engine.evaluate` scores 16 random views: colour R-Precision on shaded renders,
-geometry R-Precision on textureless renders, and the silhouette score. Prompts run through the batch runner
-(`engine.batch`, on Ray) in --jobs workers of one torch thread each (on 2 cores, two single-threaded runs beat
-one two-threaded run); each run's checkpoint, preview and scores stay in the batch folder (--batch, default
-runs/batch-<time>; the same folder again skips the runs done).
+geometry R-Precision on textureless renders, the silhouette score and the translucent share. Prompts run
+through the batch runner (`engine.batch`, on Ray) in --jobs workers of one torch thread each (on 2 cores, two
+single-threaded runs beat one two-threaded run); each run's checkpoint, preview and scores stay in the batch
+folder (--batch, default runs/batch-<time>; the same folder again skips the runs done).
+
+--grid KEY=V1,V2 and --seeds 0,1 repeat the protocol for each setting and seed, seed by seed, and print one
+summary row per setting (over prompts and seeds). --json FILE keeps every run's scores; the same FILE again
+skips the runs it holds, so a long protocol goes on where it stopped, even from another machine.
 
     python bench/bench_sds_prompts.py                        # 10 prompts, <= 2000 steps / 300 s each
     python bench/bench_sds_prompts.py --steps 200 --prompts "a red cube"   # a quick look
+    python bench/bench_sds_prompts.py --seconds 900 --seeds 0,1 --grid live.distillation=sds,csd,nfsd,ism,vsd \\
+        --json bench/results/distill_protocol.json          # the distillation table (BENCHMARKS.md)
 """
 
 from __future__ import annotations
@@ -22,34 +28,97 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lab.protocol import PROMPTS, add_run_args, job_of, run_protocol, summarize  # noqa: E402
+from engine.batch import parse_grid, parse_seeds  # noqa: E402
+from engine.checkpoint import atomic_write  # noqa: E402
+from lab.protocol import PROMPTS, add_run_args, job_of, run_protocol, spec_of, summarize  # noqa: E402
+
+
+def label_of(combo: tuple) -> str:
+    """A grid combination's name in tables: "live.distillation=csd" (several joined by ", "), or "defaults"."""
+    return ", ".join(f"{k}={v}" for k, v in combo) or "defaults"
+
+
+def _row_summary(rows: list[dict]) -> dict:
+    done = [r for r in rows if r.get("status", "done") == "done"]
+    share = [r["translucent_share"] for r in done if "translucent_share" in r]
+    return {**summarize(done), "runs": len(done), "seeds": sorted({r["seed"] for r in done}),
+            "translucent_share": round(sum(share) / len(share), 3) if share else None}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_args(ap, PROMPTS, steps=2000, seconds=300.0)
+    ap.add_argument("--seeds", default=None, help="several seeds, e.g. 0,1 or 0-3 (instead of --seed)")
+    ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="repeat the protocol for each value, e.g. live.distillation=sds,csd; several grids multiply")
     ap.add_argument("--out", default="runs/protocol", help="folder for previews (shaded row, textureless row)")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json", default=None, help="also write every run's scores here; runs it holds are skipped")
     ap.add_argument("--save-runs", action="store_true", help="also save each run's checkpoint in OUT/<prompt>/")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [job_of(args, p, preview=str(out / (p.replace(" ", "_") + ".png")),
-                   save=str(out / p.replace(" ", "_")) if args.save_runs else None) for p in args.prompts]
+    seeds, grid = parse_seeds(args.seeds) if args.seeds else [args.seed], parse_grid(args.grid)
+    jobs = []  # seed by seed, so that a protocol stopped early has every setting at its first seeds
+    for seed in seeds:
+        for combo in grid:
+            tag = "".join(f"_{v}" for _, v in combo) + (f"_s{seed}" if len(seeds) > 1 else "")
+            for p in args.prompts:
+                name = p.replace(" ", "_") + tag
+                jobs.append(job_of(args, p, seed=seed, set=args.set + [f"{k}={json.dumps(v)}" for k, v in combo],
+                                   row=None, group=label_of(combo), preview=str(out / f"{name}.png"),
+                                   save=str(out / name) if args.save_runs else None))
+    kept = {}
+    if args.json and Path(args.json).exists():
+        kept = {r["run_id"]: r for r in json.loads(Path(args.json).read_text()).get("rows", [])
+                if r.get("status") == "done"}
+    todo = [j for j in jobs if spec_of(j).run_id not in kept]
+    if len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {args.json}; running the other {len(todo)}")
     t0 = time.perf_counter()
-    rows = run_protocol(jobs, args.batch, workers=args.jobs)
-    print("\n| prompt | colour R-P | geometry R-P | shape score | margin | steps | wall s | it/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    ran = {}  # run id -> scores of the runs done by this invocation
+
+    def keep(row: dict) -> None:
+        ran[row["run_id"]] = {**{k: v for k, v in row.items() if k not in ("files", "node")}, "steps": row["step"]}
+
+    def save() -> None:
+        if args.json:
+            rows = [{**(kept.get(spec_of(j).run_id) or ran[spec_of(j).run_id]), "group": j["group"]}
+                    for j in jobs if spec_of(j).run_id in kept or spec_of(j).run_id in ran]
+            groups = {label_of(c): _row_summary([r for r in rows if r["group"] == label_of(c)]) for c in grid}
+            atomic_write(args.json, lambda p: Path(p).write_text(json.dumps({"groups": groups, "rows": rows}, indent=1)))
+
+    for seed in seeds:  # one batch per seed
+        batch = [j for j in todo if j["seed"] == seed]
+        if not batch:
+            continue
+        folder = Path(args.batch or f"runs/batch-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder = folder.with_name(f"{folder.name}-s{seed}") if len(seeds) > 1 else folder
+
+        def on_event(event, folder=folder):  # each finished run reaches --json at once
+            if event["kind"] == "done" and (folder / "manifest.json").exists():
+                for r in json.loads((folder / "manifest.json").read_text())["runs"]:
+                    if r["status"] == "done":
+                        keep(r)
+                save()
+
+        for r in run_protocol(batch, folder, workers=args.jobs, on_event=on_event):
+            if r["status"] == "done":
+                keep({**r, "step": r["steps"]})
+        save()
+    rows = [{**(kept.get(spec_of(j).run_id) or ran.get(spec_of(j).run_id) or {}), "group": j["group"]} for j in jobs]
+    print("\n| setting | prompt | seed | colour R-P | geometry R-P | translucent | steps | wall s | it/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['prompt']} | {r.get('colour_r_precision', 0):.2f} | {r.get('geometry_r_precision', 0):.2f} | "
-              f"{r.get('shape_score', 0):.2f} | {r.get('shape_margin', 0):+.2f} | {r['steps']} | {r['wall_s']} | "
-              f"{r['its_per_s']} |")
-    summary = {**summarize(rows), "total_wall_s": round(time.perf_counter() - t0, 1), "steps_budget": args.steps,
-               "seconds_budget": args.seconds, "jobs": args.jobs}
-    print(json.dumps(summary))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
-    return summary
+        if r.get("status") == "done":
+            print(f"| {r['group']} | {r['prompt']} | {r['seed']} | {r.get('colour_r_precision', 0):.2f} | "
+                  f"{r.get('geometry_r_precision', 0):.2f} | {r.get('translucent_share', 0):.2f} | {r['steps']} | "
+                  f"{r['wall_s']} | {r['its_per_s']} |")
+    groups = {label_of(c): _row_summary([r for r in rows if r["group"] == label_of(c)]) for c in grid}
+    for name, g in groups.items():
+        print(json.dumps({"setting": name, **g}))
+    summary = {**groups[label_of(grid[0])], "total_wall_s": round(time.perf_counter() - t0, 1),
+               "steps_budget": args.steps, "seconds_budget": args.seconds, "jobs": args.jobs}
+    return {"summary": summary, "groups": groups}
 
 
 if __name__ == "__main__":

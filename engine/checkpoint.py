@@ -1,5 +1,5 @@
 """Checkpoints: safetensors for every tensor (field, background, optimizer moments, occupancy grid,
-generator state) plus a JSON of the config, live parameters, step and prompt. Nothing is unpickled,
+generator state, VSD's trainable copy of the prior and its moments when the run has one) plus a JSON of the config, live parameters, step and prompt. Nothing is unpickled,
 so a checkpoint from elsewhere cannot run code. Writes are atomic (temp file + rename).
 """
 
@@ -43,14 +43,32 @@ def trainer_tensors(trainer) -> dict[str, torch.Tensor]:
     """Every tensor of a trainer's state, flat, for safetensors."""
     out = {f"field.{k}": v for k, v in trainer.field.state_dict().items()}
     out.update({f"background.{k}": v for k, v in trainer.background.state_dict().items()})
-    for gi, group in enumerate(trainer.optimizer.param_groups):
-        for pi, p in enumerate(group["params"]):
-            for k, v in trainer.optimizer.state.get(p, {}).items():
-                out[f"optim.{gi}.{pi}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    out.update(_optimizer_tensors(trainer.optimizer, "optim."))
     if trainer.occupancy is not None:
         out.update({f"occupancy.{k}": v for k, v in trainer.occupancy.estimator.state_dict().items()})
+    if trainer.vsd is not None:  # VSD's copy fits the renders over the run: a resumed run goes on with it
+        out.update({f"vsd.{k}": v for k, v in trainer.vsd.delta.state_dict().items()})
+        out.update(_optimizer_tensors(trainer.vsd.optimizer, "vsd_optim."))
     out["generator"] = trainer.generator.get_state()
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def _optimizer_tensors(optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state as {prefix + "group.param.key": tensor}."""
+    out = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            for k, v in optimizer.state.get(p, {}).items():
+                out[f"{prefix}{gi}.{pi}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], prefix: str, device) -> None:
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            state = section(tensors, f"{prefix}{gi}.{pi}.")
+            if state:
+                optimizer.state[p] = {k: v.to(device) if k != "step" else v for k, v in state.items()}
 
 
 def checkpoint_state(trainer, live: LiveParams, extra: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -103,7 +121,7 @@ def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 
 
 def load_into(trainer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Restore a trainer built from meta["config"] to the saved state (weights, optimizer, generator)."""
+    """Restore a trainer built from meta["config"] to the saved state (weights, optimizer, generator, VSD copy)."""
     def sub(prefix):
         return section(tensors, prefix)
 
@@ -114,12 +132,16 @@ def load_into(trainer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
             trainer.occupancy.estimator.load_state_dict(sub("occupancy."))
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint tensors do not fit this configuration: {str(err)[:300]}") from None
-    dev = trainer.device
-    for gi, group in enumerate(trainer.optimizer.param_groups):
-        for pi, p in enumerate(group["params"]):
-            state = sub(f"optim.{gi}.{pi}.")
-            if state:
-                trainer.optimizer.state[p] = {k: v.to(dev) if k != "step" else v for k, v in state.items()}
+    _load_optimizer(trainer.optimizer, tensors, "optim.", trainer.device)
+    trainer.vsd = None
+    if sub("vsd."):
+        trainer.vsd = trainer.prior.vsd_copy()
+        try:
+            trainer.vsd.delta.load_state_dict(sub("vsd."))
+        except RuntimeError as err:
+            raise CheckpointError(f"the checkpoint's VSD copy does not fit the {trainer.prior.name} prior: "
+                                  f"{str(err)[:200]}") from None
+        _load_optimizer(trainer.vsd.optimizer, tensors, "vsd_optim.", trainer.device)
     if "generator" in tensors:
         trainer.generator.set_state(tensors["generator"])
     trainer.step_count = int(meta["step"])

@@ -75,6 +75,32 @@ def test_resume_is_bit_identical(prior, tmp_path):
     assert_same_state(uninterrupted, resumed)
 
 
+def test_a_vsd_run_resumes_with_its_copy_of_the_prior(tmp_path):
+    """VSD's trainable copy (and its Adam moments) is in the checkpoint: resumed at step k, a VSD run ends
+    bit-identical to an uninterrupted one, copy included, instead of starting a fresh copy."""
+    prior = load_prior("gaussian")
+    live = LiveParams(prompt="a red sphere", seed=3, distillation="vsd")
+    cfg = tiny_config()
+    cfg.prior = "gaussian"
+
+    def run(steps, trainer=None):
+        trainer = trainer or Trainer(cfg, prior, live=live)
+        for _ in range(steps):
+            trainer.step(live)
+        return trainer
+
+    uninterrupted, first = run(4), run(2)
+    save_checkpoint(first, tmp_path, live)
+    assert any(n.startswith("vsd_optim.0.0.exp_avg") for n in load_file(tmp_path / WEIGHTS))
+    resumed, _ = restore(tmp_path, prior=prior)
+    assert resumed.vsd is not None and resumed.vsd is not first.vsd
+    run(2, resumed)
+    assert_same_state(uninterrupted, resumed)
+    for (name, x), (_, y) in zip(uninterrupted.vsd.delta.state_dict().items(), resumed.vsd.delta.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(x, y), name
+
+
 def test_checkpoint_meta_and_tensors(prior, tmp_path):
     trainer = trained(prior, 1)
     save_checkpoint(trainer, tmp_path, LIVE)
