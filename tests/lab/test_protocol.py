@@ -121,3 +121,46 @@ def test_jobs_carry_the_run_options_asked_for(tmp_path):
     assert protocol.job_of(args, "a red sphere", seed=5, row="base")["seed"] == 5
     (row,) = protocol.run_protocol([job], tmp_path / "batch", workers=1, progress=False)
     assert row["n_views"] == 3 and row["steps"] == 3 and row["seed"] == 2 and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_the_protocol_bench_goes_on_where_its_json_stopped(tmp_path, monkeypatch):
+    """bench_sds_prompts.py --seeds --grid: runs go seed by seed, one summary per setting; --json keeps each run
+    and the same file again runs only the runs it lacks (a protocol longer than a session resumes)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_sds", Path(__file__).parents[2] / "bench/bench_sds_prompts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    asked = []
+
+    def fake(jobs, out, workers=2, progress=True, on_event=None):  # scores from the setting, no training
+        asked.append([(j["seed"], j["set"][-1]) for j in jobs])
+        geo = {'live.distillation="sds"': 1.0, 'live.distillation="csd"': 0.5}
+        return [{"run_id": protocol.spec_of(j).run_id, "prompt": j["prompt"], "seed": j["seed"], "status": "done",
+                 "steps": 3, "wall_s": 1.0, "its_per_s": 3.0, "colour_r_precision": 1.0, "translucent_share": 0.1,
+                 "geometry_r_precision": geo[j["set"][-1]] - 0.25 * j["seed"]} for j in jobs]
+
+    monkeypatch.setattr(bench, "run_protocol", fake)
+    args = ["--prompts", "a red cube", "a blue sphere", "--steps", "3", "--seeds", "0,1", "--grid",
+            "live.distillation=sds,csd", "--json", str(tmp_path / "p.json"), "--out", str(tmp_path / "out"),
+            "--batch", str(tmp_path / "b")]
+    (tmp_path / "p.json").write_text(json.dumps({"rows": fake(
+        [protocol.job_of(argparse_ns(), "a red cube", seed=1, set=['live.distillation="csd"'])], None)}))
+    asked.clear()
+    groups = bench.main(args)["groups"]
+    assert [sorted({s for s, _ in batch}) for batch in asked] == [[0], [1]] and len(asked[0]) == 4 and len(asked[1]) == 3  # one run was in the file
+    assert groups['live.distillation=sds']["geometry_r_precision"] == 0.875
+    assert groups['live.distillation=csd']["runs"] == 4 and groups['live.distillation=csd']["seeds"] == [0, 1]
+    assert len(json.loads((tmp_path / "p.json").read_text())["rows"]) == 8
+    asked.clear()
+    assert bench.main(args)["groups"] == groups and asked == []
+
+
+def argparse_ns():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    protocol.add_run_args(ap, protocol.PROMPTS, steps=3, seconds=300.0)
+    return ap.parse_args([])
