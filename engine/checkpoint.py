@@ -1,5 +1,6 @@
 """Checkpoints: safetensors for every tensor (field, background, optimizer moments, occupancy grid,
-generator state, VSD's trainable copy of the prior and its moments when the run has one) plus a JSON of the config, live parameters, step and prompt. Nothing is unpickled,
+generator state, VSD's trainable copy of the prior and its moments when the run has one) plus a JSON of the
+config, live parameters, step and prompt. Nothing is unpickled,
 so a checkpoint from elsewhere cannot run code. Writes are atomic (temp file + rename).
 """
 

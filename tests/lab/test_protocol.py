@@ -150,7 +150,8 @@ def test_the_protocol_bench_goes_on_where_its_json_stopped(tmp_path, monkeypatch
         [protocol.job_of(argparse_ns(), "a red cube", seed=1, set=['live.distillation="csd"'])], None)}))
     asked.clear()
     groups = bench.main(args)["groups"]
-    assert [sorted({s for s, _ in batch}) for batch in asked] == [[0], [1]] and len(asked[0]) == 4 and len(asked[1]) == 3  # one run was in the file
+    assert [sorted({s for s, _ in batch}) for batch in asked] == [[0], [1]]
+    assert len(asked[0]) == 4 and len(asked[1]) == 3  # seed 1's csd run of the red cube was in the file
     assert groups['live.distillation=sds']["geometry_r_precision"] == 0.875
     assert groups['live.distillation=csd']["runs"] == 4 and groups['live.distillation=csd']["seeds"] == [0, 1]
     assert len(json.loads((tmp_path / "p.json").read_text())["rows"]) == 8
