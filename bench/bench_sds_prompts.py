@@ -39,10 +39,16 @@ def label_of(combo: tuple) -> str:
 
 
 def _row_summary(rows: list[dict]) -> dict:
+    """Means over a setting's finished runs; under "at", the same of the scores taken on the way (--score-at)."""
     done = [r for r in rows if r.get("status", "done") == "done"]
     share = [r["translucent_share"] for r in done if "translucent_share" in r]
-    return {**summarize(done), "runs": len(done), "seeds": sorted({r["seed"] for r in done}),
-            "translucent_share": round(sum(share) / len(share), 3) if share else None}
+    out = {**summarize(done), "runs": len(done), "seeds": sorted({r["seed"] for r in done}),
+           "translucent_share": round(sum(share) / len(share), 3) if share else None}
+    steps = sorted({int(k) for r in done for k in r.get("scores", {})})
+    if steps:
+        out["at"] = {str(k): _row_summary([{**r, **r["scores"][str(k)], "scores": {}} for r in done
+                                           if str(k) in r.get("scores", {})]) for k in steps}
+    return out
 
 
 def main(argv=None) -> dict:
@@ -51,6 +57,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default=None, help="several seeds, e.g. 0,1 or 0-3 (instead of --seed)")
     ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                     help="repeat the protocol for each value, e.g. live.distillation=sds,csd; several grids multiply")
+    ap.add_argument("--score-at", default="", metavar="STEPS",
+                    help="also score each run on the way at these steps, e.g. 1000 (a run's first N steps are a N-step run)")
     ap.add_argument("--out", default="runs/protocol", help="folder for previews (shaded row, textureless row)")
     ap.add_argument("--json", default=None, help="also write every run's scores here; runs it holds are skipped")
     ap.add_argument("--save-runs", action="store_true", help="also save each run's checkpoint in OUT/<prompt>/")
@@ -101,7 +109,13 @@ def main(argv=None) -> dict:
                         keep(r)
                 save()
 
-        for r in run_protocol(batch, folder, workers=args.jobs, on_event=on_event):
+        try:
+            done = run_protocol(batch, folder, workers=args.jobs, on_event=on_event,
+                                score_at=parse_seeds(args.score_at) if args.score_at else ())
+        except KeyboardInterrupt:
+            save()
+            sys.exit(f"interrupted: the finished runs are in {args.json or folder}; the same command again goes on")
+        for r in done:
             if r["status"] == "done":
                 keep({**r, "step": r["steps"]})
         save()
@@ -115,7 +129,9 @@ def main(argv=None) -> dict:
                   f"{r['wall_s']} | {r['its_per_s']} |")
     groups = {label_of(c): _row_summary([r for r in rows if r["group"] == label_of(c)]) for c in grid}
     for name, g in groups.items():
-        print(json.dumps({"setting": name, **g}))
+        print(json.dumps({"setting": name, **{k: v for k, v in g.items() if k != "at"}}))
+        for step, at in g.get("at", {}).items():
+            print(json.dumps({"setting": name, "at_step": int(step), **at}))
     summary = {**groups[label_of(grid[0])], "total_wall_s": round(time.perf_counter() - t0, 1),
                "steps_budget": args.steps, "seconds_budget": args.seconds, "jobs": args.jobs}
     return {"summary": summary, "groups": groups}

@@ -73,6 +73,7 @@ class RunOutputs:
     frames: int = 48  # frames of a full turn (gif, mp4)
     mesh_resolution: int = 96  # marching-cubes lattice
     eval_views: int = 16  # random views the evaluation scores (seeded by the run's seed + 1000)
+    score_at: tuple[int, ...] = ()  # steps at which the run is also scored on the way (row["scores"][step])
 
 
 # -- what to run -------------------------------------------------------------------------------------------
@@ -161,6 +162,7 @@ class _Job:
     trainer: object
     live: LiveParams
     train_s: float = 0.0  # training time so far, across resumes (for `RunSpec.seconds`)
+    scores: dict = dataclasses.field(default_factory=dict)  # step (str) -> scores taken on the way (`score_at`)
 
 
 class Worker:
@@ -183,12 +185,18 @@ class Worker:
             self.job = self._start(spec, resume)
         job, trainer, t0 = self.job, self.job.trainer, time.perf_counter()
         start, stop, budget = trainer.step_count, min(trainer.cfg.steps, trainer.step_count + every), spec.seconds
-        while trainer.step_count < stop and job.train_s + time.perf_counter() - t0 < (budget or math.inf):
+        scoring = 0.0  # seconds spent scoring on the way: not training time
+        while trainer.step_count < stop and job.train_s + time.perf_counter() - t0 - scoring < (budget or math.inf):
             trainer.step(job.live)
-        job.train_s += time.perf_counter() - t0
+            if trainer.step_count in outputs.score_at:
+                t1 = time.perf_counter()
+                job.scores[str(trainer.step_count)] = self._score(job, outputs)
+                scoring += time.perf_counter() - t1
+        job.train_s += time.perf_counter() - t0 - scoring
         meta, tensors = checkpoint_state(trainer, job.live, {"train_s": job.train_s})
         reply = {"step": trainer.step_count, "meta": meta, "weights": save_tensors(tensors), "train_s": job.train_s,
-                 "its_per_s": (trainer.step_count - start) / max(time.perf_counter() - t0, 1e-9), **self.ready()}
+                 "its_per_s": (trainer.step_count - start) / max(time.perf_counter() - t0 - scoring, 1e-9),
+                 "scores": dict(job.scores), **self.ready()}
         if trainer.step_count >= trainer.cfg.steps or job.train_s >= (budget or math.inf):
             reply.update(self._finish(job, outputs), done=True)
             self.job = None
@@ -210,15 +218,22 @@ class Worker:
     def _finish(self, job: _Job, outputs: RunOutputs) -> dict:
         """Evaluation (toy R-Precision where the prompt is in the world's vocabulary; the translucent share,
         CLIP-free, always) and exports as {kind: bytes}."""
-        from engine.evaluate import evaluate, trainer_render_fn
-
         t0 = time.perf_counter()
-        ev = evaluate(trainer_render_fn(job.trainer), job.live.prompt, outputs.eval_views, seed=job.spec.seed + 1000)
+        ev = self._score(job, outputs)
         t1 = time.perf_counter()
         files, errors = _export(job.trainer, job.live, outputs)
-        return {"evaluation": {k: ev[k] for k in (*SCORE_KEYS, "shape_votes", "n_views") if k in ev}, "files": files,
+        return {"evaluation": ev, "files": files,
                 "export_errors": errors, "eval_s": round(t1 - t0, 2), "export_s": round(time.perf_counter() - t1, 2),
                 "skipped_steps": job.trainer.skipped_steps}
+
+
+    @staticmethod
+    def _score(job: _Job, outputs: RunOutputs) -> dict:
+        """The run's evaluation now (its own generator: the run's training is not touched)."""
+        from engine.evaluate import evaluate, trainer_render_fn
+
+        ev = evaluate(trainer_render_fn(job.trainer), job.live.prompt, outputs.eval_views, seed=job.spec.seed + 1000)
+        return {k: ev[k] for k in (*SCORE_KEYS, "shape_votes", "n_views") if k in ev}
 
 
 def _export(trainer, live: LiveParams, outputs: RunOutputs) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -410,6 +425,8 @@ class _Driver:
         write_checkpoint(folder, reply["meta"], load_tensors(reply["weights"]))
         row.update(step=reply["step"], steps=reply["meta"]["config"]["steps"], wall_s=round(reply["train_s"], 2),
                    its_per_s=round(reply["its_per_s"], 2), node=reply["node"])
+        if reply["scores"]:
+            row["scores"] = {**row.get("scores", {}), **reply["scores"]}
         self.on_event({"kind": "checkpoint", "run_id": spec.run_id, "step": reply["step"], "pid": reply["pid"],
                        "its_per_s": reply["its_per_s"]})
         if reply.get("done"):
@@ -515,6 +532,8 @@ def add_parser(sub) -> None:
     b.add_argument("--steps", type=int, default=None, help="training steps (default: the prior preset's)")
     b.add_argument("--prior", default="embedded", help=f"prior: {PRIOR_HELP}")
     b.add_argument("--export", default="", help=f"exports of each run, comma-separated: {','.join(EXPORTS)}")
+    b.add_argument("--score-at", default="", metavar="STEPS", help="also score each run on the way at these steps, "
+                   "e.g. 500,1000 (manifest rows' \"scores\")")
     b.add_argument("--out", default="outputs/batch", help="batch folder: DIR/<run-id>/, manifest, index.html")
     b.add_argument("--address", default="", help="empty: a Ray of its own on this machine; auto, host:port or "
                    "ray://host:10001: a running cluster")
@@ -535,7 +554,8 @@ def cmd_batch(args) -> int:
     if not lines + args.prompt:
         raise ValueError("no prompts: give a prompts file and/or --prompt")
     runs = expand(lines + args.prompt, parse_seeds(args.seeds), parse_grid(args.grid), args.prior, args.steps)
-    outputs = RunOutputs(exports=tuple(e.strip() for e in args.export.split(",") if e.strip()))
+    outputs = RunOutputs(exports=tuple(e.strip() for e in args.export.split(",") if e.strip()),
+                         score_at=tuple(parse_seeds(args.score_at)) if args.score_at else ())
     manifest = Path(args.out) / "manifest.json"
     try:
         rows = run_batch(runs, args.out, outputs=outputs, address=args.address, workers=args.workers,

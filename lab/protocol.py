@@ -189,16 +189,17 @@ def spec_of(job: dict) -> RunSpec:
 
 
 def run_protocol(jobs: list[dict], out: str | Path | None = None, workers: int = 2, progress: bool = True,
-                 on_event=None) -> list[dict]:
+                 on_event=None, score_at: tuple[int, ...] = ()) -> list[dict]:
     """Run protocol jobs through the batch runner (`engine.batch.run_batch`: Ray, one torch thread per run) in
     the batch folder `out` (default: runs/batch-<time>); results in job order: each run's evaluation, steps,
     wall_s, its_per_s, row and seed. A job's "preview" (PNG path) and "save" (folder) get copies of its run's
-    preview and checkpoint. `on_event` hears the batch runner's events (`engine.batch.run_batch`)."""
+    preview and checkpoint. `on_event` hears the batch runner's events (`engine.batch.run_batch`); `score_at`:
+    steps at which each run is also scored on the way (rows' "scores")."""
     views = {j.get("views", 16) for j in jobs}
     if len(views) > 1:
         raise ValueError(f"one batch scores every run on the same number of views; got {sorted(views)}")
     out = Path(out or f"runs/batch-{time.strftime('%Y%m%d-%H%M%S')}")
-    outputs = RunOutputs(exports=("preview",), eval_views=views.pop() if views else 16)
+    outputs = RunOutputs(exports=("preview",), eval_views=views.pop() if views else 16, score_at=tuple(score_at))
     rows = run_batch([spec_of(j) for j in jobs], out, outputs=outputs, workers=workers, progress=progress,
                      on_event=on_event)
     for job, r in zip(jobs, rows):

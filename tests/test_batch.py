@@ -22,7 +22,7 @@ from engine.__main__ import main
 ray = pytest.importorskip("ray")
 
 TINY = (("render.resolution", 16), ("render.num_samples", 24))
-OUTPUTS = batch.RunOutputs(exports=("gif", "snapshot"), size=32, frames=4, eval_views=2)
+OUTPUTS = batch.RunOutputs(exports=("gif", "snapshot"), size=32, frames=4, eval_views=2, score_at=(10,))
 LINES = ["a red cube", "a blue sphere | prior=oracle:sphere", "a green cone | live.guidance_scale=abc",
          "a red cube | prior=oracle:dodecahedron"]
 
@@ -56,6 +56,7 @@ def test_batch_runs_every_line_and_writes_manifest(done_batch):
         if r["status"] == "done":  # trained to the end, scored, exported, checkpoint on disk
             assert r["step"] == r["steps"] == 20 and r["its_per_s"] > 0 and r["attempts"] == 0
             assert 0 <= r["geometry_r_precision"] <= 1 and 0 <= r["colour_r_precision"] <= 1
+            assert 0 <= r["scores"]["10"]["geometry_r_precision"] <= 1  # scored on the way too (score_at)
             folder = out / r["run_id"]
             assert {"checkpoint.safetensors", "checkpoint.json", "orbit.gif", "snapshot.png"} <= \
                 {p.name for p in folder.iterdir()}
@@ -190,3 +191,18 @@ def test_runs_expand_from_lines_seeds_and_grids():
     assert cfg.camera.elevation_range == (0, 60) and live.guidance_scale == 20 and cfg.steps == 50 and cfg.seed == 1
     with pytest.raises(ValueError, match="unknown setting"):
         batch.run_config(batch.RunSpec("a mug", settings=(("sds.nothing", 1),)))
+
+
+def test_a_score_on_the_way_is_the_score_of_the_shorter_run():
+    """RunOutputs.score_at: a run scored at step 3 on its way to 6 has, at 3, exactly the scores of a 3-step run
+    (nothing in training reads the step budget, and scoring draws from its own generator); scoring time is not
+    training time, and the run still ends bit-identical to an unscored one."""
+    worker = batch.Worker()
+    spec = lambda steps: batch.RunSpec("a red cube", 0, "oracle:cube", steps, TINY)  # noqa: E731
+    plain = batch.RunOutputs(eval_views=2)
+    short = worker.advance(spec(3), None, 10, plain)
+    scored = worker.advance(spec(6), None, 10, batch.RunOutputs(eval_views=2, score_at=(3, 99)))
+    unscored = worker.advance(spec(6), None, 10, plain)
+    assert short["done"] and scored["done"] and scored["scores"] == {"3": short["evaluation"]}
+    assert 0 <= scored["scores"]["3"]["geometry_r_precision"] <= 1 and unscored["scores"] == {}
+    assert scored["weights"] == unscored["weights"] and scored["evaluation"] == unscored["evaluation"]
