@@ -51,6 +51,25 @@ def _row_summary(rows: list[dict]) -> dict:
     return out
 
 
+def summary_table(groups: dict) -> str:
+    """One markdown row per setting: runs, then colour / geometry R-Precision (± s.e.) and translucent share at
+    each scoring step (--score-at, then the end), and it/s."""
+    def cells(g):
+        if not g or g["runs"] == 0:
+            return ["–"] * 3
+        se = f" ± {g['geometry_se']:.3f}" if g["geometry_se"] is not None else ""
+        return [f"{g['colour_r_precision']:.2f}", f"{g['geometry_r_precision']:.3f}{se}", f"{g['translucent_share']:.2f}"]
+
+    steps = sorted({int(k) for g in groups.values() for k in g.get("at", {})})
+    head = [f"{k} at {s}" for s in steps for k in ("colour", "geometry", "translucent")]
+    lines = ["| setting | runs | " + " | ".join(head + ["colour", "geometry", "translucent", "it/s"]) + " |",
+             "|---" * (len(head) + 6) + "|"]
+    for name, g in groups.items():
+        at = [c for s in steps for c in cells(g.get("at", {}).get(str(s)))]
+        lines.append(f"| {name} | {g['runs']} | " + " | ".join(at + cells(g) + [f"{g['its_per_s'] or 0:.1f}"]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_args(ap, PROMPTS, steps=2000, seconds=300.0)
@@ -132,6 +151,7 @@ def main(argv=None) -> dict:
         print(json.dumps({"setting": name, **{k: v for k, v in g.items() if k != "at"}}))
         for step, at in g.get("at", {}).items():
             print(json.dumps({"setting": name, "at_step": int(step), **at}))
+    print(summary_table(groups))
     summary = {**groups[label_of(grid[0])], "total_wall_s": round(time.perf_counter() - t0, 1),
                "steps_budget": args.steps, "seconds_budget": args.seconds, "jobs": args.jobs}
     return {"summary": summary, "groups": groups}
