@@ -135,17 +135,19 @@ def test_the_protocol_bench_goes_on_where_its_json_stopped(tmp_path, monkeypatch
     spec.loader.exec_module(bench)
     asked = []
 
-    def fake(jobs, out, workers=2, progress=True, on_event=None):  # scores from the setting, no training
+    def fake(jobs, out, workers=2, progress=True, on_event=None, score_at=()):  # scores from the setting alone
         asked.append([(j["seed"], j["set"][-1]) for j in jobs])
         geo = {'live.distillation="sds"': 1.0, 'live.distillation="csd"': 0.5}
         return [{"run_id": protocol.spec_of(j).run_id, "prompt": j["prompt"], "seed": j["seed"], "status": "done",
                  "steps": 3, "wall_s": 1.0, "its_per_s": 3.0, "colour_r_precision": 1.0, "translucent_share": 0.1,
-                 "geometry_r_precision": geo[j["set"][-1]] - 0.25 * j["seed"]} for j in jobs]
+                 "geometry_r_precision": geo[j["set"][-1]] - 0.25 * j["seed"],
+                 "scores": {str(k): {"colour_r_precision": 0.5, "translucent_share": 0.3,
+                                     "geometry_r_precision": geo[j["set"][-1]] / 2} for k in score_at}} for j in jobs]
 
     monkeypatch.setattr(bench, "run_protocol", fake)
     args = ["--prompts", "a red cube", "a blue sphere", "--steps", "3", "--seeds", "0,1", "--grid",
             "live.distillation=sds,csd", "--json", str(tmp_path / "p.json"), "--out", str(tmp_path / "out"),
-            "--batch", str(tmp_path / "b")]
+            "--batch", str(tmp_path / "b"), "--score-at", "2"]
     (tmp_path / "p.json").write_text(json.dumps({"rows": fake(
         [protocol.job_of(argparse_ns(), "a red cube", seed=1, set=['live.distillation="csd"'])], None)}))
     asked.clear()
@@ -154,6 +156,9 @@ def test_the_protocol_bench_goes_on_where_its_json_stopped(tmp_path, monkeypatch
     assert len(asked[0]) == 4 and len(asked[1]) == 3  # seed 1's csd run of the red cube was in the file
     assert groups['live.distillation=sds']["geometry_r_precision"] == 0.875
     assert groups['live.distillation=csd']["runs"] == 4 and groups['live.distillation=csd']["seeds"] == [0, 1]
+    at = groups['live.distillation=csd']["at"]["2"]  # the scores on the way (--score-at), of the 3 runs that have them
+    assert at["runs"] == 3 and at["geometry_r_precision"] == 0.25 and at["translucent_share"] == 0.3
+    assert "| live.distillation=csd | 4 | 0.50 | 0.250" in bench.summary_table(groups)
     assert len(json.loads((tmp_path / "p.json").read_text())["rows"]) == 8
     asked.clear()
     assert bench.main(args)["groups"] == groups and asked == []
