@@ -3,14 +3,13 @@
 A `Run` is one trainer and what the pane and the API show of it: the live parameters of its next step and
 of its last one, its loss history, its scores, its export folder and the viewer's copy of its field.
 `fork_trainer` makes run B: a new trainer of the same prior loaded with a deep copy of A's state (field,
-background, optimizer moments, occupancy grid, step, generator), so B goes on exactly as A would have
+background, optimizer moments, occupancy grid, step, generator, VSD's copy of the prior), so B goes on exactly as A would have
 with the same live parameters, and differs only by what the fork changed. Any live parameter can differ:
 the fork takes `LiveParams` whole.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import threading
 import time
@@ -43,12 +42,10 @@ def fork_trainer(trainer: Trainer, live: LiveParams) -> Trainer:
 
     Call it on the session thread (the only writer of `trainer`), so the state copied is one step's.
     """
-    meta, tensors = checkpoint_state(trainer, live)  # cloned tensors: B never aliases A
+    meta, tensors = checkpoint_state(trainer, live)  # cloned tensors, VSD's copy included: B never aliases A
     twin = Trainer(trainer.cfg, trainer.prior, trainer.device, live)
     load_into(twin, meta, tensors)
     twin.rollbacks = trainer.rollbacks
-    if trainer.vsd is not None:  # VSD's trainable copy of the prior (and its optimizer) is the run's own
-        twin.vsd = copy.deepcopy(trainer.vsd)
     return twin
 
 
