@@ -40,7 +40,7 @@ def label_of(combo: tuple) -> str:
 
 def _row_summary(rows: list[dict]) -> dict:
     """Means over a setting's finished runs; under "at", the same of the scores taken on the way (--score-at)."""
-    done = [r for r in rows if r.get("status", "done") == "done"]
+    done = [r for r in rows if r.get("status") == "done"]
     share = [r["translucent_share"] for r in done if "translucent_share" in r]
     out = {**summarize(done), "runs": len(done), "seeds": sorted({r["seed"] for r in done}),
            "translucent_share": round(sum(share) / len(share), 3) if share else None}
@@ -80,6 +80,7 @@ def main(argv=None) -> dict:
                     help="also score each run on the way at these steps, e.g. 1000 (a run's first N steps are a N-step run)")
     ap.add_argument("--out", default="runs/protocol", help="folder for previews (shaded row, textureless row)")
     ap.add_argument("--json", default=None, help="also write every run's scores here; runs it holds are skipped")
+    ap.add_argument("--report", action="store_true", help="run nothing: print the tables of the runs --json holds")
     ap.add_argument("--save-runs", action="store_true", help="also save each run's checkpoint in OUT/<prompt>/")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -98,8 +99,8 @@ def main(argv=None) -> dict:
     if args.json and Path(args.json).exists():
         kept = {r["run_id"]: r for r in json.loads(Path(args.json).read_text()).get("rows", [])
                 if r.get("status") == "done"}
-    todo = [j for j in jobs if spec_of(j).run_id not in kept]
-    if len(todo) < len(jobs):
+    todo = [] if args.report else [j for j in jobs if spec_of(j).run_id not in kept]
+    if len(todo) < len(jobs) and not args.report:
         print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {args.json}; running the other {len(todo)}")
     t0 = time.perf_counter()
     ran = {}  # run id -> scores of the runs done by this invocation
