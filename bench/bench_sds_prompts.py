@@ -20,6 +20,7 @@ skips the runs it holds, so a long protocol goes on where it stopped, even from 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -49,6 +50,21 @@ def _row_summary(rows: list[dict]) -> dict:
         out["at"] = {str(k): _row_summary([{**r, **r["scores"][str(k)], "scores": {}} for r in done
                                            if str(k) in r.get("scores", {})]) for k in steps}
     return out
+
+
+def _resumable(todo: list[dict], every: list[dict], folder: Path) -> tuple[list[dict], Path]:
+    """The jobs to hand the batch runner and its folder. A folder left by an interrupted invocation holds either
+    all of this seed's runs or the ones it had to do: given the same set again, the batch runner skips what
+    it finished and resumes what it had begun from its checkpoints. Any other set gets a folder of its own."""
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        return todo, folder
+    held = {r["run_id"] for r in json.loads(manifest.read_text())["runs"]}
+    for jobs in (every, todo):
+        if held == {spec_of(j).run_id for j in jobs}:
+            return jobs, folder
+    key = hashlib.sha1(" ".join(sorted(spec_of(j).run_id for j in todo)).encode()).hexdigest()[:6]
+    return todo, folder.with_name(f"{folder.name}-{key}")
 
 
 def summary_table(groups: dict) -> str:
@@ -121,6 +137,7 @@ def main(argv=None) -> dict:
             continue
         folder = Path(args.batch or f"runs/batch-{time.strftime('%Y%m%d-%H%M%S')}")
         folder = folder.with_name(f"{folder.name}-s{seed}") if len(seeds) > 1 else folder
+        batch, folder = _resumable(batch, [j for j in jobs if j["seed"] == seed], folder)
 
         def on_event(event, folder=folder):  # each finished run reaches --json at once
             if event["kind"] == "done" and (folder / "manifest.json").exists():

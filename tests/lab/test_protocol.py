@@ -170,3 +170,31 @@ def argparse_ns():
     ap = argparse.ArgumentParser()
     protocol.add_run_args(ap, protocol.PROMPTS, steps=3, seconds=300.0)
     return ap.parse_args([])
+
+
+def test_the_protocol_bench_resumes_an_interrupted_batch_folder(tmp_path):
+    """An interrupted seed's folder holds all its runs or the ones it had to do: the same set goes back to it
+    (the batch runner then skips and resumes); another set gets a folder of its own."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_sds", Path(__file__).parents[2] / "bench/bench_sds_prompts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    every = [protocol.job_of(argparse_ns(), p) for p in ("a red cube", "a blue sphere", "a green cone")]
+    todo = every[1:]
+    folder = tmp_path / "b-s0"
+    assert bench._resumable(todo, every, folder) == (todo, folder)  # no folder yet
+
+    def holding(jobs):
+        folder.mkdir(exist_ok=True)
+        (folder / "manifest.json").write_text(json.dumps({"runs": [{"run_id": protocol.spec_of(j).run_id} for j in jobs]}))
+
+    holding(every)
+    assert bench._resumable(todo, every, folder) == (every, folder)
+    holding(todo)
+    assert bench._resumable(todo, every, folder) == (todo, folder)
+    holding(every[:1])
+    jobs, other = bench._resumable(todo, every, folder)
+    assert jobs == todo and other != folder and other.name.startswith("b-s0-")
