@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
             done = run_protocol(batch, folder, workers=args.jobs, on_event=on_event,
                                 score_at=parse_seeds(args.score_at) if args.score_at else ())
         except KeyboardInterrupt:
-            save()
+            on_event({"kind": "done"})  # the runs the folder's manifest says are done
             sys.exit(f"interrupted: the finished runs are in {args.json or folder}; the same command again goes on")
         for r in done:
             if r["status"] == "done":

@@ -456,8 +456,8 @@ class _Driver:
         self.rows[spec.run_id].update(status=status, message=message)
         self.ckpt.pop(spec.run_id, None)  # the driver keeps checkpoints of unfinished runs only
         self.bar.update(1)
+        write_manifest(self.out, self.key, list(self.rows.values()))  # before the event: its hearers may read it
         self.on_event({"kind": status, "run_id": spec.run_id, "step": self.rows[spec.run_id]["step"], "pid": None})
-        write_manifest(self.out, self.key, list(self.rows.values()))
 
     def _progress(self) -> None:
         count = Counter(r["status"] for r in self.rows.values())
