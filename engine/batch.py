@@ -226,7 +226,6 @@ class Worker:
                 "export_errors": errors, "eval_s": round(t1 - t0, 2), "export_s": round(time.perf_counter() - t1, 2),
                 "skipped_steps": job.trainer.skipped_steps}
 
-
     @staticmethod
     def _score(job: _Job, outputs: RunOutputs) -> dict:
         """The run's evaluation now (its own generator: the run's training is not touched)."""
