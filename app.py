@@ -96,24 +96,22 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
 def make_session(args):
     import torch
 
-    from engine.config import live_defaults, preset, set_setting
+    from engine.presets import preset_run
     from playground.session import Session
 
     torch.set_num_threads(max(1, args.threads))
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = preset(args.prior, device)  # the prior's tuned defaults; flags below override them
-    flags = {"steps": args.steps, "render.resolution": args.resolution, "camera.batch_size": args.batch_size,
+    flags = {"live.steps": args.steps, "render.resolution": args.resolution, "camera.batch_size": args.batch_size,
              "render.num_samples": args.samples}
     overrides = {name: value for name, value in flags.items() if value}  # kept when another prior is picked
-    for name, value in overrides.items():
-        set_setting(cfg, name, value)
-    live = live_defaults(args.prior, **({"prompt": args.prompt} if args.prompt else {}))
+    # the prior's tuned defaults; the flags override them
+    cfg, live = preset_run(args.prior, device, {**overrides, **({"live.prompt": args.prompt} if args.prompt else {})})
     from engine.priors.base import prior_options_from
 
     return Session(cfg, live, device=device, out_root=args.out, overrides=overrides,
-                   user_live=("prompt",) if args.prompt else (), prior_options=prior_options_from(args))
+                   prior_options=prior_options_from(args))
 
 
 def main(argv=None) -> int:

@@ -137,13 +137,13 @@ def main() -> int:
     import torch
     from playwright.sync_api import sync_playwright
 
-    from engine.config import Config
+    from engine.config import Config, LiveParams
     from playground.session import Session
     from playground.viewer import Viewer
 
     torch.set_num_threads(args.threads)
-    cfg = Config(prior=args.prior, steps=10**6)
-    session = Session(cfg)
+    cfg = Config(prior=args.prior)
+    session = Session(cfg, LiveParams(steps=10**6))
     session.start()
     while session.step < args.warmup_steps:
         if session.state == "error":

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from bench.bench_priors import time_ms  # noqa: E402
 from engine.cameras import fixed_views  # noqa: E402
-from engine.config import DISTILLATIONS, live_defaults, preset  # noqa: E402
+from engine.config import DISTILLATIONS  # noqa: E402
+from engine.presets import live_defaults, preset  # noqa: E402
 from engine.priors import load_prior  # noqa: E402
 from engine.priors.base import SDSContext  # noqa: E402
 from tests.tiny_pipelines import write_tiny_if, write_tiny_sd  # noqa: E402

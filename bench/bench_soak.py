@@ -172,6 +172,7 @@ def main() -> int:
     from gradio_client import Client
 
     from bench.bench_app import free_port
+    from engine.config import LiveParams
     from playground.panel import Panel
     from playground.session import Session
     from playground.viewer import Viewer
@@ -179,7 +180,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     out = tempfile.mkdtemp(prefix="soak-")  # snapshots the API client asks for
-    session = Session(tiny_config(), out_root=out)
+    session = Session(tiny_config(), LiveParams(steps=10_000), out_root=out)
     viewer = Viewer(session, host="127.0.0.1", port=free_port())
     demo = Panel(session, viewer.url).build()
     demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)

@@ -76,10 +76,8 @@ def time_interleaved(trainers, live: LiveParams, rounds: int, steps: int) -> lis
 
 
 def make(backbone: str, res: int, occupancy: bool) -> Trainer:
-    cfg = Config(prior="oracle:cube")
-    cfg.field.backbone = backbone
-    cfg.render.resolution = res
-    cfg.render.occupancy = occupancy
+    cfg = Config(prior="oracle:cube").with_settings({"field.backbone": backbone, "render.resolution": res,
+                                                     "render.occupancy": occupancy})
     return Trainer(cfg, load_prior(cfg.prior))
 
 

@@ -150,15 +150,13 @@ def hash_grid(device: str, resolution: int, steps: int, frame: int, tiny: bool =
     """Training it/s of the hash-grid backbone with the oracle prior, then one frame of `frame`^2 pixels.
     tiny: one view of 16 samples per ray (the smoke run)."""
     from engine.cameras import fixed_views
-    from engine.config import live_defaults, preset
+    from engine.presets import live_defaults, preset
     from engine.priors import load_prior
     from engine.trainer import Trainer
 
-    cfg = preset("oracle:cube", device)
-    cfg.field.backbone = "hash"
-    cfg.render.resolution = resolution
+    cfg = preset("oracle:cube", device).with_settings({"field.backbone": "hash", "render.resolution": resolution})
     if tiny:
-        cfg.camera.batch_size, cfg.render.num_samples = 1, 16
+        cfg = cfg.with_settings({"camera.batch_size": 1, "render.num_samples": 16})
     live = live_defaults(cfg.prior, prompt="a cube")
     trainer = Trainer(cfg, load_prior(cfg.prior, device=device), device, live)
     warm = 1 if tiny else 5

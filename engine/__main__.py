@@ -25,34 +25,25 @@ def cmd_run(args) -> int:
 
     from engine.cameras import preview_cameras
     from engine.checkpoint import live_from_meta, load_into, read_checkpoint, save_checkpoint
-    from engine.config import Config, live_defaults, preset
+    from engine.config import Config
     from engine.export import run_folder, save_png, tile
+    from engine.presets import preset_run
     from engine.priors import load_prior
     from engine.trainer import Trainer
 
     device = _device(args.device)
     if args.resume:
         meta, tensors = read_checkpoint(args.resume)
-        cfg = Config.from_dict(meta["config"])
-        live = live_from_meta(meta)
+        cfg, live = Config.from_dict(meta["config"]), live_from_meta(meta)
         if args.steps is not None:
-            cfg.steps = args.steps
+            live = live.replace(steps=args.steps)
         out = Path(args.out or args.resume)
     else:
-        cfg = preset(args.prior or "embedded", device)
-        cfg.seed = args.seed
-        if args.steps is not None:
-            cfg.steps = args.steps
-        if args.backbone:
-            cfg.field.backbone = args.backbone
-        if args.resolution:
-            cfg.render.resolution = args.resolution
-        given = {"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {}
-        live = live_defaults(cfg.prior, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                             **given)
+        given = {"seed": args.seed, "live.prompt": args.prompt, "live.negative_prompt": args.negative_prompt,
+                 "live.steps": args.steps, "field.backbone": args.backbone, "render.resolution": args.resolution,
+                 "live.guidance_scale": args.guidance_scale}
+        cfg, live = preset_run(args.prior or "embedded", device, {k: v for k, v in given.items() if v is not None})
         out = Path(args.out) if args.out else run_folder(args.out_root, args.prompt)
-    if cfg.steps < 1:
-        raise ValueError(f"--steps must be a positive integer; got {cfg.steps}")
     from engine.priors.base import prior_options_from
 
     options = prior_options_from(args)
@@ -64,10 +55,10 @@ def cmd_run(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     start, t0 = trainer.step_count, time.perf_counter()
     last = {}
-    for _ in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="SDS", disable=args.quiet):
+    for _ in tqdm(range(start, live.steps), initial=start, total=live.steps, desc="SDS", disable=args.quiet):
         last = trainer.step(live).metrics
     wall = time.perf_counter() - t0
-    done = cfg.steps - start
+    done = max(0, live.steps - start)
     save_checkpoint(trainer, out, live)
     views = trainer.render_views(preview_cameras(device), 128, 128, "lambertian", live=live)
     save_png(tile(views.rgb), out / "preview.png")

@@ -33,9 +33,10 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from engine.checkpoint import META, atomic_write, checkpoint_state, load_into, read_checkpoint, write_checkpoint
-from engine.config import Config, LiveParams, apply_settings, live_defaults, preset
+from engine.config import Config, LiveParams
 from engine.export import slugify
 from engine.gallery import write_gallery
+from engine.presets import preset_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORTS = {"gif": "orbit.gif", "mp4": "orbit.mp4", "mesh": "mesh.glb", "snapshot": "snapshot.png",
@@ -144,13 +145,10 @@ def run_config(spec: RunSpec, device: str = "cpu") -> tuple[Config, LiveParams]:
 
     if spec.error:
         raise ValueError(spec.error)
-    cfg = preset(check_prior_spec(spec.prior), device)
-    cfg.seed = spec.seed
-    if spec.steps is not None:
-        if not isinstance(spec.steps, int) or isinstance(spec.steps, bool) or spec.steps < 1:
-            raise ValueError(f"steps must be a positive integer; got {spec.steps!r}")
-        cfg.steps = spec.steps
-    return apply_settings(cfg, live_defaults(cfg.prior, prompt=spec.prompt, seed=spec.seed), dict(spec.settings))
+    if spec.steps is not None and (not isinstance(spec.steps, int) or isinstance(spec.steps, bool) or spec.steps < 1):
+        raise ValueError(f"steps must be a positive integer; got {spec.steps!r}")
+    given = {"seed": spec.seed, "live.prompt": spec.prompt, **({"live.steps": spec.steps} if spec.steps else {})}
+    return preset_run(check_prior_spec(spec.prior), device, {**given, **dict(spec.settings)})
 
 
 # -- the worker --------------------------------------------------------------------------------------------
@@ -184,7 +182,7 @@ class Worker:
             self.job = None  # free the last run before building the next
             self.job = self._start(spec, resume)
         job, trainer, t0 = self.job, self.job.trainer, time.perf_counter()
-        start, stop, budget = trainer.step_count, min(trainer.cfg.steps, trainer.step_count + every), spec.seconds
+        start, stop, budget = trainer.step_count, min(job.live.steps, trainer.step_count + every), spec.seconds
         scoring = 0.0  # seconds spent scoring on the way: not training time
         while trainer.step_count < stop and job.train_s + time.perf_counter() - t0 - scoring < (budget or math.inf):
             trainer.step(job.live)
@@ -197,7 +195,7 @@ class Worker:
         reply = {"step": trainer.step_count, "meta": meta, "weights": save_tensors(tensors), "train_s": job.train_s,
                  "its_per_s": (trainer.step_count - start) / max(time.perf_counter() - t0 - scoring, 1e-9),
                  "scores": dict(job.scores), **self.ready()}
-        if trainer.step_count >= trainer.cfg.steps or job.train_s >= (budget or math.inf):
+        if trainer.step_count >= job.live.steps or job.train_s >= (budget or math.inf):
             reply.update(self._finish(job, outputs), done=True)
             self.job = None
         return reply
@@ -422,7 +420,7 @@ class _Driver:
         row, folder = self.rows[spec.run_id], self.out / spec.run_id
         self.ckpt[spec.run_id] = (reply["meta"], reply["weights"])
         write_checkpoint(folder, reply["meta"], load_tensors(reply["weights"]))
-        row.update(step=reply["step"], steps=reply["meta"]["config"]["steps"], wall_s=round(reply["train_s"], 2),
+        row.update(step=reply["step"], steps=reply["meta"]["live"]["steps"], wall_s=round(reply["train_s"], 2),
                    its_per_s=round(reply["its_per_s"], 2), node=reply["node"])
         if reply["scores"]:
             row["scores"] = {**row.get("scores", {}), **reply["scores"]}
@@ -495,7 +493,7 @@ def run_batch(runs: list[RunSpec], out: str | Path, *, outputs: RunOutputs = Run
     todo = []
     for spec in (r for r in runs if rows[r.run_id]["status"] != "done"):
         try:  # a bad line or value fails its run here, before Ray starts
-            rows[spec.run_id]["steps"] = run_config(spec)[0].steps
+            rows[spec.run_id]["steps"] = run_config(spec)[1].steps
             todo.append(spec)
         except (ValueError, TypeError) as err:
             rows[spec.run_id].update(status="failed", message=str(err))

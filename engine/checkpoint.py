@@ -106,7 +106,7 @@ def read_checkpoint(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]
     try:
         meta = json.loads(meta_path.read_text())
         Config.from_dict(meta["config"])
-        LiveParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["live"].items()})
+        live_from_meta(meta)
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{meta_path} is not a valid checkpoint description: {err}") from None
     try:
@@ -150,8 +150,12 @@ def load_into(trainer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def live_from_meta(meta: dict) -> LiveParams:
-    """The live parameters saved in a checkpoint's meta (JSON lists back to tuples)."""
-    return LiveParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["live"].items()})
+    """The live parameters saved in a checkpoint's meta (JSON lists back to tuples). Checkpoints written before
+    the seed moved to the config and the step count to the live parameters are read too."""
+    live = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["live"].items() if k != "seed"}
+    if "steps" not in live and "steps" in meta.get("config", {}):
+        live["steps"] = meta["config"]["steps"]
+    return LiveParams(**live)
 
 
 def restore(run_dir: str | Path, device="cpu", prior=None):

@@ -44,7 +44,7 @@ class LiveParams:
     light_color: tuple[float, float, float] = (0.9, 0.9, 0.9)  # l_rho, the light's RGB intensity
     ambient: float = 0.1  # l_a, ambient light intensity
     learning_rate: float = 1e-2  # learning rate of the field; other groups scale with it
-    seed: int = 0  # seed of a run; takes effect on reset
+    steps: int = 1500  # length of the run: it trains until this step (raise it to go on; nothing in a step reads it)
     distillation: str = "sds"  # the loss: one of DISTILLATIONS (sds, csd, nfsd, ism, vsd); switching keeps the field
 
     def validated(self) -> LiveParams:
@@ -69,8 +69,8 @@ class LiveParams:
             _finite_in("light_color", c, 0.0, 10.0)
         _finite_in("ambient", self.ambient, 0.0, 1.0)
         _finite_in("learning_rate", self.learning_rate, 1e-6, 1.0)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2^63); got {quoted(self.seed)}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 1 <= self.steps <= 10**7:
+            raise ValueError(f"steps must be an integer in [1, 10^7]; got {quoted(self.steps)}")
         _choice("distillation", self.distillation, DISTILLATIONS)
         return self
 
@@ -102,7 +102,7 @@ BACKBONES = ("grid", "hash")
 BACKGROUNDS = ("mlp", "solid")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FieldConfig:
     """The neural field: density and albedo inside the bounding sphere."""
 
@@ -124,7 +124,7 @@ class FieldConfig:
         _choice("field.backbone", self.backbone, BACKBONES)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BackgroundConfig:
     """What rays that leave the sphere see."""
 
@@ -135,7 +135,7 @@ class BackgroundConfig:
         _choice("background.kind", self.kind, BACKGROUNDS)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RenderConfig:
     """Volume rendering."""
 
@@ -151,7 +151,7 @@ class RenderConfig:
     shade_threshold: float = 1e-4  # renders without gradients shade only samples of larger weight
 
 
-@dataclass
+@dataclass(frozen=True)
 class CameraConfig:
     """The random cameras of training (the paper's values, distances scaled to the scene)."""
 
@@ -167,7 +167,7 @@ class CameraConfig:
     batch_size: int = 2  # views per step (the paper's 4 at its scale; the presets pick 1 or 2)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShadingConfig:
     """How each step picks its shading when the live mode is "random"."""
 
@@ -177,7 +177,7 @@ class ShadingConfig:
     p_textureless: float = 0.4  # probability of textureless shading: geometry must read without colour
 
 
-@dataclass
+@dataclass(frozen=True)
 class SDSConfig:
     """Score distillation."""
 
@@ -190,7 +190,7 @@ class SDSConfig:
     rollback_after: int = 5  # consecutive non-finite steps that restore the last good copy (0: never)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RegularizerConfig:
     """Losses besides SDS."""
 
@@ -200,7 +200,7 @@ class RegularizerConfig:
     orientation_ramp_steps: int = 500  # the weight ramps up from zero (threestudio ramps it too): shape first
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """Everything fixed for a run."""
 
@@ -212,17 +212,23 @@ class Config:
     sds: SDSConfig = _field(default_factory=SDSConfig)
     reg: RegularizerConfig = _field(default_factory=RegularizerConfig)
     prior: str = "embedded"  # prior spec: "embedded", "oracle:<solid>", "gaussian", "sd[:<id or folder>]", "if[:<id or folder>]"
-    steps: int = 1500  # training steps of a run
     seed: int = 0  # seed of the run's generator and of the networks' initialisation
 
     def validated(self) -> Config:
-        """Self if every choice is known (fields may have been set after construction), else ValueError."""
+        """Self if the prior and the seed are usable (the sections check themselves when built), else ValueError."""
         from engine.priors import check_prior_spec
 
-        self.field.__post_init__()
-        self.background.__post_init__()
         check_prior_spec(self.prior)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2^63); got {quoted(self.seed)}")
         return self
+
+    def with_settings(self, settings: dict) -> Config:
+        """A copy with {"section.field" or "seed" / "prior": value} applied; ValueError names a bad key or value."""
+        cfg = self
+        for key, value in settings.items():
+            cfg = _with_setting(cfg, key, value)
+        return cfg
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -231,7 +237,7 @@ class Config:
     def from_dict(cls, d: dict) -> Config:
         """Inverse of to_dict; unknown keys and bad choices raise ValueError. Keys of levers that were removed
         (in checkpoints written before) are dropped with a warning."""
-        d = {k: v for k, v in d.items() if k != "optim"}
+        d = {k: v for k, v in d.items() if k not in RETIRED_TOP}
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config key(s): {', '.join(sorted(unknown))}")
@@ -241,6 +247,8 @@ class Config:
 
 SECTIONS = {"field": FieldConfig, "background": BackgroundConfig, "render": RenderConfig, "camera": CameraConfig,
             "shading": ShadingConfig, "sds": SDSConfig, "reg": RegularizerConfig}
+# top-level keys of older checkpoints: "optim" was removed, "steps" moved to LiveParams (engine.checkpoint reads it)
+RETIRED_TOP = {"optim", "steps"}
 # config keys of checkpoints from before these levers were removed (they were off in every shipped preset)
 RETIRED = {"field": {"band_anneal_steps", "density_activation"},
            "background": {"grey_prob", "grey_range", "hidden", "fourier_bands"},  # the last two: now constants
@@ -259,68 +267,27 @@ def _build(cls, section: str, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
 
-def set_setting(cfg: Config, key: str, value) -> None:
-    """Set "section.field" (e.g. "render.resolution") or a top-level field ("steps") of `cfg`; ValueError names a
-    bad key."""
+def _with_setting(cfg: Config, key: str, value) -> Config:
     section, dot, name = key.rpartition(".")
-    target = getattr(cfg, section, None) if dot else cfg
-    if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)} \
-            or (not dot and name in SECTIONS):
-        raise ValueError(f"unknown setting {quoted(key)}: use section.field of the config, live.<name>, prior or steps")
-    setattr(target, name, tuple(value) if isinstance(value, list) else value)
+    target = getattr(cfg, section, None) if dot and section in SECTIONS else (None if dot else cfg)
+    if target is None or name not in {f.name for f in dataclasses.fields(target)} or (not dot and name in SECTIONS):
+        raise ValueError(f"unknown setting {quoted(key)}: use section.field of the config, live.<name>, prior or seed")
+    value = tuple(value) if isinstance(value, list) else value
+    try:
+        if not dot:
+            return dataclasses.replace(cfg, **{name: value})
+        return dataclasses.replace(cfg, **{section: dataclasses.replace(target, **{name: value})})
+    except TypeError as err:  # a value a section's check cannot even compare
+        raise ValueError(f"{key}: {err}") from None
 
 
 def apply_settings(cfg: Config, live: LiveParams, settings: dict) -> tuple[Config, LiveParams]:
-    """Apply {"section.field" or "steps": value} to `cfg` and {"live.name": value} to `live`."""
-    changes = {}
+    """New copies of `cfg` with {"section.field", "seed" or "prior": value} and of `live` with {"live.name": value}
+    applied ("steps" is accepted for "live.steps"); ValueError names a bad key or value."""
+    live_changes, cfg_changes = {}, {}
     for key, value in settings.items():
-        if key.startswith("live."):
-            changes[key.removeprefix("live.")] = value
+        if key.startswith("live.") or key == "steps":
+            live_changes[key.removeprefix("live.")] = value
         else:
-            set_setting(cfg, key, value)
-    return cfg, live.replace(**changes)
-
-
-# The embedded prior's settings, one place for preset() and live_defaults(); each was chosen on the SDS
-# protocol (`python bench/bench_sds_prompts.py`, docs/findings.md): guidance 10 (5 and 20 did worse; its samples
-# break above ~7.5 CFG, SDS wants a little more); one view per step for twice the steps (as the peers do) beat
-# two views per step in the same wall time; t_max annealed 0.98 -> 0.5 refines detail once the shape stands;
-# opacity entropy 0.2 turns boxy clouds into solids; a denser centre blob (20) keeps density out of the corners.
-EMBEDDED_DEFAULTS = {"guidance_scale": 10.0, "learning_rate": 0.01, "t_min": 0.02, "t_max": 0.98, "t_max_end": 0.5,
-                     "anneal_steps": 1000, "entropy": 0.2, "blob_density": 20.0, "resolution": 32, "batch_size": 1,
-                     "steps": 2000}
-
-
-def preset(prior: str = "embedded", device: str = "cpu") -> Config:
-    """The run configuration tuned for a prior (its spec, e.g. "embedded", "oracle:cube", "sd:/models/x").
-
-    1. every prior starts from the defaults above (sized for the CPU);
-    2. the embedded prior anneals t_max 0.98 -> 0.5 over 1000 steps (its prototype's finding);
-    3. oracle priors reconstruct: a larger learning rate is safe (see `live_defaults`);
-    4. Stable Diffusion and IF render 64x64 like the peers; on CUDA the hash-grid backbone is affordable.
-    """
-    kind = (prior or "embedded").split(":", 1)[0].lower()
-    cfg = Config(prior=prior or "embedded")
-    if kind == "embedded":
-        d = EMBEDDED_DEFAULTS
-        cfg.sds.t_min, cfg.sds.t_max, cfg.sds.t_max_end = d["t_min"], d["t_max"], d["t_max_end"]
-        cfg.sds.anneal_steps, cfg.reg.entropy, cfg.render.resolution = d["anneal_steps"], d["entropy"], d["resolution"]
-        cfg.camera.batch_size, cfg.steps = d["batch_size"], d["steps"]
-        cfg.field.blob_density = d["blob_density"]
-    elif kind in ("sd", "if"):
-        cfg.render.resolution = 64
-        cfg.camera.batch_size = 1
-        cfg.steps = 10000
-        if str(device).startswith("cuda"):
-            cfg.field.backbone = "hash"
-            cfg.render.num_samples = 64
-    return cfg
-
-
-def live_defaults(prior: str = "embedded", **overrides) -> LiveParams:
-    """Starting live parameters for a prior: its own guidance scale and learning rate."""
-    kind = (prior or "embedded").split(":", 1)[0].lower()
-    embedded = {k: EMBEDDED_DEFAULTS[k] for k in ("guidance_scale", "learning_rate")}
-    base = {"embedded": embedded, "sd": {"guidance_scale": 100.0}, "if": {"guidance_scale": 20.0},
-            "oracle": {"learning_rate": 0.03}}.get(kind, {})
-    return LiveParams(**{**base, **overrides}).validated()
+            cfg_changes[key] = value
+    return cfg.with_settings(cfg_changes).validated(), live.replace(**live_changes)

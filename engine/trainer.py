@@ -56,7 +56,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, prior: Prior, device="cpu", live: LiveParams | None = None):
         self.cfg, self.prior, self.device = cfg.validated(), prior, torch.device(device)
-        live = live or LiveParams(seed=cfg.seed)
+        live = live or LiveParams()
         torch.manual_seed(cfg.seed)  # network initialisation
         self.field = make_field(cfg.field, self.device)
         self.background = Background(cfg.background).to(self.device)

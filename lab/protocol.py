@@ -18,50 +18,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.batch import RunOutputs, RunSpec, parse_value, run_batch
-from engine.config import Config, LiveParams, apply_settings, live_defaults, preset
+from engine.config import Config, LiveParams, apply_settings
+from engine.presets import live_defaults, preset
 
 # Ten prompts spanning the vocabulary: every colour and every shape, cubes and the front-facing objects twice
 PROMPTS = ("a red cube", "a blue sphere", "a green cone", "a yellow cylinder", "a purple torus", "an orange mug",
            "a white house", "a pink snowman", "a blue cube", "a red house")
 
 
-def _base(cfg: Config) -> None:
-    """(i) base: albedo only, the plain prompt, a narrow band of cameras (eye level, fixed distance and focal)."""
-    cfg.camera.elevation_range = (0.0, 30.0)
-    cfg.camera.distance_range = (1.25, 1.25)
-    cfg.camera.focal_range = (1.0, 1.0)
-    cfg.sds.view_dependent = False
-    cfg.shading.albedo_only_steps = 10**9
-
-
-def _view_aug(cfg: Config) -> None:
-    """(ii) + view augmentation: the paper's camera distribution (elevation -10..90, distance, focal)."""
-    _base(cfg)
-    fresh = Config().camera
-    cfg.camera.elevation_range, cfg.camera.distance_range = fresh.elevation_range, fresh.distance_range
-    cfg.camera.focal_range = fresh.focal_range
-
-
-def _view_dep(cfg: Config) -> None:
-    """(iii) + view-dependent prompts ("..., front view" etc. by camera)."""
-    _view_aug(cfg)
-    cfg.sds.view_dependent = True
-
-
-def _lighting(cfg: Config) -> None:
-    """(iv) + lighting: albedo and lambertian shading with a random point light, no textureless."""
-    _view_dep(cfg)
-    cfg.shading.albedo_only_steps = preset(cfg.prior).shading.albedo_only_steps  # the product's warm-up
-    cfg.shading.p_albedo, cfg.shading.p_lambertian, cfg.shading.p_textureless = 0.3, 0.7, 0.0
-
-
-def _textureless(cfg: Config) -> None:
-    """(v) + textureless shading: the full method (the defaults)."""
-
-
-ABLATION: dict[str, Callable[[Config], None]] = {
-    "base": _base, "+view aug": _view_aug, "+view-dependent prompts": _view_dep, "+lighting": _lighting,
-    "+textureless": _textureless,
+# The Fig. 6 ablation: each row adds one component, as dotted settings over the prior's preset
+_CAMERA = Config().camera
+_BASE = {  # (i) base: albedo only, the plain prompt, a narrow band of cameras (eye level, fixed distance and focal)
+    "camera.elevation_range": (0.0, 30.0), "camera.distance_range": (1.25, 1.25), "camera.focal_range": (1.0, 1.0),
+    "sds.view_dependent": False, "shading.albedo_only_steps": 10**9}
+# (ii) + view augmentation: the paper's camera distribution (elevation -10..90, distance, focal)
+_VIEW_AUG = {**_BASE, "camera.elevation_range": _CAMERA.elevation_range,
+             "camera.distance_range": _CAMERA.distance_range, "camera.focal_range": _CAMERA.focal_range}
+_VIEW_DEP = {**_VIEW_AUG, "sds.view_dependent": True}  # (iii) + view-dependent prompts ("..., front view")
+# (iv) + lighting: albedo and lambertian shading with a random point light after the product's warm-up, no textureless
+_LIGHTING = {**_VIEW_DEP, "shading.albedo_only_steps": Config().shading.albedo_only_steps,
+             "shading.p_albedo": 0.3, "shading.p_lambertian": 0.7, "shading.p_textureless": 0.0}
+ABLATION: dict[str, dict] = {
+    "base": _BASE, "+view aug": _VIEW_AUG, "+view-dependent prompts": _VIEW_DEP, "+lighting": _LIGHTING,
+    "+textureless": {},  # (v) + textureless shading: the full method (the defaults)
 }
 
 
@@ -76,9 +55,8 @@ def run_prompt(prompt: str, prior=None, *, cfg: Config | None = None, live: Live
     from engine.trainer import Trainer
 
     prior = prior or load_prior("embedded", device=device)
-    cfg = cfg or preset(prior.name, str(device))
-    cfg.seed = seed
-    live = live or live_defaults(cfg.prior, prompt=prompt, seed=seed)
+    cfg = (cfg or preset(prior.name, str(device))).with_settings({"seed": seed})
+    live = live or live_defaults(cfg.prior, prompt=prompt)
     trainer = Trainer(cfg, prior, device, live)
     t0 = time.perf_counter()
     while trainer.step_count < max_steps and time.perf_counter() - t0 < max_seconds:
@@ -170,13 +148,13 @@ def job_of(args, prompt: str, **extra) -> dict:
 
 
 def ablation_settings(row: str | None, prior: str = "embedded") -> dict:
-    """An ablation row as settings of the batch runner: the config fields its function changes in the preset."""
+    """An ablation row as settings of the batch runner: the config fields it changes in the prior's preset (in the
+    config's order, so a run's id stays that of the same run before)."""
     if not row:
         return {}
-    cfg = preset(prior)
-    ABLATION[row](cfg)
     base = preset(prior).to_dict()
-    return {f"{section}.{k}": v for section, fields in cfg.to_dict().items() if isinstance(fields, dict)
+    cfg = preset(prior).with_settings(ABLATION[row]).to_dict()
+    return {f"{section}.{k}": v for section, fields in cfg.items() if isinstance(fields, dict)
             for k, v in fields.items() if base[section][k] != v}
 
 

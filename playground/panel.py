@@ -236,8 +236,7 @@ class Panel:
                  light_mode: str | None = None, light_azimuth: float | None = None,
                  light_elevation: float | None = None, light_distance: float | None = None,
                  light_color: str | list[float] | None = None, ambient: float | None = None,
-                 learning_rate: float | None = None, seed: int | None = None,
-                 distillation: str | None = None) -> dict:
+                 learning_rate: float | None = None, distillation: str | None = None) -> dict:
         """Start run B as a copy of run A (field, optimizer, step) with any of A's live parameters changed;
         A and B then train in turns. Returns /status."""
         kw = {k: v for k, v in locals().items() if k != "self" and v is not None}
@@ -351,7 +350,8 @@ class Panel:
         s, live = self.session, self.session.live
         b = s.fork_run.live if s.fork_run is not None else live
         return [live.prompt, live.negative_prompt, s.prior_spec, live.guidance_scale, live.shading, live.distillation,
-                *followed(s)[:4], to_hex(live.light_color), live.ambient, live.learning_rate, live.seed, s.max_steps,
+                *followed(s)[:4], to_hex(live.light_color), live.ambient, live.learning_rate,
+                s.pending.get("seed", s.cfg.seed), s.max_steps,
                 followed(s), b.guidance_scale, b.distillation]
 
     def _tick(self, synced: tuple, shown_preview: int):
@@ -420,7 +420,7 @@ class Panel:
                         ambient = gr.Slider(0, 1, live.ambient, step=0.01, label="Ambient")
                     with gr.Accordion("Optimisation", open=False):
                         lr = gr.Number(live.learning_rate, label="Learning rate", minimum=1e-6, maximum=1.0)
-                        seed = gr.Number(live.seed, label="Seed (takes effect on Reset)", precision=0, minimum=0)
+                        seed = gr.Number(s.cfg.seed, label="Seed (takes effect on Reset)", precision=0, minimum=0)
                         steps = gr.Number(s.max_steps, label="Steps", precision=0, minimum=1)
                     with gr.Accordion("Export", open=False):
                         with gr.Row():

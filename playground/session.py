@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from engine.cameras import preview_cameras
-from engine.config import Config, LiveParams, live_defaults, preset, quoted, set_setting
+from engine.config import Config, LiveParams, quoted
+from engine.presets import new_run, prior_kind
 from engine.priors import check_prior_spec, load_prior
 from engine.priors.base import check_distillation
 from engine.source import RenderSource
@@ -49,40 +50,33 @@ class ExportRefused(RuntimeError):
 
 
 
-def prior_kind(spec: str) -> str:
-    return spec.partition(":")[0].lower()
-
-
-# live parameters whose good values depend on the prior: a switch to another kind of prior takes its own
-PRIOR_LIVE = ("guidance_scale", "learning_rate")
 LARGE_PRIORS = ("sd", "if")  # gigabytes each: only one stays loaded
 
 
 class Session:
     """Owns the runs (A, and B while forked): their trainers, the thread, the lock, the state and history.
 
-    `cfg` and `live` are the launch prior's settings. `overrides` (dotted config names, e.g.
-    {"render.resolution": 24}) and `user_live` (names of live parameters) are what the user set explicitly:
-    when a run starts with another kind of prior, its preset and live defaults apply (`preset`,
-    `live_defaults`) and only these stay, except the prior-specific live values (guidance, learning rate).
+    `cfg` and `live` are the launch prior's settings. `overrides` (dotted settings, e.g. {"render.resolution": 24})
+    are what the command line set for the whole session. Which settings a new run gets is
+    `engine.presets.new_run`: the same kind of prior goes on with the current settings, another kind gets its
+    preset; `overrides` and what the user set since the last run (`start(settings=...)`) win over both.
     `score_every_s`: seconds between live scores of each run (0: no live score).
     """
 
     def __init__(self, cfg: Config | None = None, live: LiveParams | None = None, *, device="cpu",
                  out_root: str | Path = "outputs", prior_loader=load_prior, preview_size: int = 64,
-                 overrides: dict | None = None, user_live: tuple[str, ...] = (), prior_options=None,
+                 overrides: dict | None = None, prior_options=None,
                  score_every_s: float = 5.0):
         self.cfg = cfg or Config()
         self.device = device
         self.out_root = Path(out_root)
         self.preview_size = preview_size
         self.overrides = dict(overrides or {})
-        self.user_live = set(user_live)
+        self.pending: dict = {}  # dotted settings the user set for the next new run (`start`, `reset`)
         self.prior_options = prior_options
         self.lock = threading.Lock()  # held for one training step, or while copying a field
         # run A always; run B while a fork is open. The list is replaced whole (under the lock), never mutated
-        self.runs: list[Run] = [Run("A", live=(live or LiveParams(seed=self.cfg.seed)).validated())]
-        self.max_steps = self.cfg.steps
+        self.runs: list[Run] = [Run("A", live=(live or LiveParams()).validated())]
         self.prior_spec = self.cfg.prior
         self.state, self.message, self.error = "idle", "press Start to train", None
         self.warnings: list[str] = []  # run A's unknown prompt words, and what failed
@@ -108,6 +102,11 @@ class Session:
     def fork_run(self) -> Run | None:
         runs = self.runs
         return runs[1] if len(runs) > 1 else None
+
+    @property
+    def max_steps(self) -> int:
+        """Run A's length (a fork has the same unless changed)."""
+        return self.runs[0].live.steps
 
     @property
     def trainer(self) -> Trainer | None:
@@ -152,12 +151,15 @@ class Session:
         return run
 
     # -- commands (any thread; they queue work for the session thread and return at once) -------------
-    def start(self, prior: str | None = None) -> None:
+    def start(self, prior: str | None = None, settings: dict | None = None) -> None:
         """Train: from idle/done/error builds a run if needed; from paused resumes.
 
-        An unknown prior kind raises ValueError here; one that fails to load leaves the current run as it was.
+        `settings`: dotted settings the user set since the last run ("live.guidance_scale", "seed",
+        "render.resolution"...): they apply to the next new run, over its prior's preset; live ones apply at
+        once to a run that goes on. An unknown prior kind or a bad setting raises ValueError here; a prior that
+        fails to load leaves the current run as it was.
         """
-        self._commands.put((self._do_start, check_prior_spec(prior) if prior else None))
+        self._commands.put((self._do_start, self._checked(prior, settings)))
 
     def pause(self) -> None:
         self._commands.put((self._do_pause, None))
@@ -165,10 +167,18 @@ class Session:
     def resume(self) -> None:
         self._commands.put((self._do_resume, None))
 
-    def reset(self, prior: str | None = None) -> None:
-        """A new field with the same settings (seed from the live parameters); keeps running if it was.
+    def reset(self, prior: str | None = None, settings: dict | None = None) -> None:
+        """A new field with the same settings and `settings` (as in `start`); keeps running if it was.
         With another kind of prior, that prior's settings apply (see the class docstring). Closes run B."""
-        self._commands.put((self._do_reset, check_prior_spec(prior) if prior else None))
+        self._commands.put((self._do_reset, self._checked(prior, settings)))
+
+    def _checked(self, prior: str | None, settings: dict | None) -> tuple[str | None, dict]:
+        """(prior, settings) if a new run could be built with them, else ValueError naming the bad one."""
+        prior = check_prior_spec(prior) if prior else None
+        settings = dict(settings or {})
+        new_run(prior or self.prior_spec, device=self.device, current=(self.cfg, self.live),
+                overrides=self.overrides, changes={**self.pending, **settings})
+        return prior, settings
 
     def fork(self, **changes) -> LiveParams:
         """Start run B as a copy of run A (field, optimizer, step, generator) with `changes` to A's live
@@ -212,16 +222,15 @@ class Session:
     def set_params(self, run: str = "A", **changes) -> LiveParams:
         """Validate changes to a run's live parameters (ValueError names a bad one) and queue them.
 
-        Returns the parameters the run's next step will use. "steps" (the runs' length) is accepted too.
+        Returns the parameters the run's next step will use. "steps" (the run's length) applies to every run.
         """
         target = self._named(run)
-        steps = changes.pop("steps", None)
-        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 10**7):
-            raise ValueError(f"steps must be an integer in [1, 10^7]; got {quoted(steps)}")
+        if "seed" in changes:  # the seed is fixed for a run: it is kept for the next new one
+            self._commands.put((self._do_pending, self._checked(None, {"seed": changes.pop("seed")})[1]))
         new = target.live.replace(**changes)  # raises ValueError with a clear message
         if "distillation" in changes and target.trainer is not None:  # a loss this prior cannot run: refused now
             check_distillation(target.trainer.prior, new.distillation)
-        self._commands.put((self._do_params, (run, changes, steps)))
+        self._commands.put((self._do_params, (run, changes)))
         return new
 
     def set_prior_options(self, options) -> None:
@@ -259,19 +268,23 @@ class Session:
                 self._fail(f"{name} failed: {err}")
 
     def _do_params(self, arg) -> None:
-        name, changes, steps = arg
+        name, changes = arg
         run = self.run(name)
         if run is None:
             self.message = f"run {name} was closed: its change was not applied"
             return
         run.live = run.live.replace(**changes)
-        if run is self.a:
-            self.user_live |= set(changes)
-        if steps is not None:
-            self.max_steps = steps
-            self.overrides["steps"] = steps
-            if self.state == "done" and any(r.trainer is not None and r.step < steps for r in self.runs):
-                self.state, self.message = "paused", f"run extended to {steps} steps; press Start"
+        if run is self.a:  # what the user set since the last run: a new run keeps it over its prior's preset
+            self.pending.update({f"live.{k}": v for k, v in changes.items()})
+        if "steps" in changes:
+            for other in self.runs:
+                other.live = other.live.replace(steps=changes["steps"])
+            if self.state == "done" and any(r.trainer is not None and r.step < r.live.steps for r in self.runs):
+                self.state, self.message = "paused", f"run extended to {changes['steps']} steps; press Start"
+
+    def _do_pending(self, settings: dict) -> None:
+        self.pending.update(settings)
+        self.message = f"{', '.join(f'{k} {v}' for k, v in settings.items())}: applies to the next new run (Reset)"
 
     def _do_fork(self, changes: dict) -> None:
         a = self.a
@@ -285,7 +298,7 @@ class Session:
             self.runs = [a, b]
         self._encode(b, live)
         self._turn = 1  # B takes the next step
-        if self.state == "done" and b.step < self.max_steps:
+        if self.state == "done" and b.step < live.steps:
             self.state = "paused"
         diff = ", ".join(f"{k} {v[1]}" for k, v in differences(a.live, live).items())
         self.message = f"forked run B from run A at step {b.step}" + (f" with {diff}" if diff else " (no changes)")
@@ -312,8 +325,13 @@ class Session:
         if self.state == "paused":
             self.state, self.message = "running", "training"
 
-    def _do_start(self, prior: str | None) -> None:
+    def _do_start(self, arg: tuple[str | None, dict]) -> None:
+        prior, settings = arg
+        self.pending.update(settings)
         if self.state in ("running", "paused"):
+            live = {k.removeprefix("live."): v for k, v in settings.items() if k.startswith("live.")}
+            if live:
+                self._do_params(("A", live))
             if prior and prior != self.prior_spec:
                 self.message = (f"already training with {self.prior_spec}; the prior {prior} was not used "
                                 "(press Reset with it to switch)")
@@ -326,7 +344,9 @@ class Session:
             self._new_trainer()
         self.state, self.message = "running", "training"
 
-    def _do_reset(self, prior: str | None) -> None:
+    def _do_reset(self, arg: tuple[str | None, dict]) -> None:
+        prior, settings = arg
+        self.pending.update(settings)
         if prior:
             self.prior_spec = prior
         was_running, forked = self.state == "running", self.fork_run is not None
@@ -337,22 +357,6 @@ class Session:
     def _prior_name(self) -> str:
         prior = self._priors.get(self.prior_spec)
         return prior.name if prior is not None else f"<not loaded: {self.prior_spec}>"
-
-    def _settings_for(self, spec: str) -> tuple[Config, LiveParams, str]:
-        """The config and live parameters of a new run with `spec`, and a note of what changed: the same kind
-        of prior keeps the current settings; another kind gets its own, but for what the user set."""
-        if prior_kind(spec) == prior_kind(self.cfg.prior):
-            return dataclasses.replace(self.cfg, prior=spec), self.live, ""
-        cfg = preset(spec, self.device)
-        for name, value in self.overrides.items():
-            set_setting(cfg, name, value)
-        kept = sorted(k for k in self.user_live if k not in PRIOR_LIVE)
-        live = live_defaults(spec, **{k: getattr(self.live, k) for k in kept})
-        changed = [f"{k} {getattr(live, k):g}" for k in PRIOR_LIVE if getattr(live, k) != getattr(self.live, k)]
-        note = (f"{prior_kind(spec)} settings: {cfg.render.resolution or 'its own'} px, {cfg.field.backbone} field, "
-                f"{cfg.steps} steps" + (", " + ", ".join(changed) if changed else "")
-                + (f"; kept what you set: {', '.join(kept + sorted(self.overrides))}" if kept or self.overrides else ""))
-        return cfg, live, note
 
     def _load(self, spec: str):
         """The prior of `spec`, loaded once; before a large prior loads, priors no run uses are freed."""
@@ -376,17 +380,16 @@ class Session:
         swapped under the lock at once, so an export or a frame never sees half a switch."""
         spec = self.prior_spec
         prior = self._load(spec)  # loaded before the current run is dropped: a failure keeps it
-        cfg, live, note = self._settings_for(spec)
-        if "steps" in self.overrides:
-            cfg.steps = self.overrides["steps"]
-        cfg = dataclasses.replace(cfg, seed=live.seed)
+        run = new_run(spec, device=self.device, current=(self.cfg, self.live), overrides=self.overrides,
+                      changes=self.pending)
+        cfg, live, note = run.cfg, run.live, run.note
         trainer = Trainer(cfg, prior, self.device, live)
         a = self.a
         with self.lock:
             a.restart(trainer, live)
             self.runs = [a]
         self._preview, self.warnings, self.error, self._turn = None, [], None, 0
-        self.cfg, self.max_steps, self.settings_note = cfg, cfg.steps, note or self.settings_note
+        self.cfg, self.pending, self.settings_note = cfg, {}, note or self.settings_note
         self._priors = {k: p for k, p in self._priors.items() if p is prior or prior_kind(k) not in LARGE_PRIORS}
         if self.device != "cpu" and torch.cuda.is_available():
             torch.cuda.empty_cache()  # an evicted prior's memory goes back to the card
@@ -403,7 +406,7 @@ class Session:
         if self.trainer is None:
             self.state = "idle"
             return
-        ready = [r for r in self.runs if r.trainer is not None and r.step < self.max_steps]
+        ready = [r for r in self.runs if r.trainer is not None and r.step < r.live.steps]
         if not ready:
             self.state, self.message = "done", f"finished {self.trainer.step_count} steps"
             return
@@ -459,7 +462,7 @@ class Session:
         the last step used, all of run A; `runs` summarises every run and `fork` is run B's summary (or None)."""
         runs, a = self.runs, self.runs[0]
         tr = a.trainer
-        summaries = [r.summary(state=self.state, max_steps=self.max_steps, reference=None if r is a else a.used)
+        summaries = [r.summary(state=self.state, max_steps=r.live.steps, reference=None if r is a else a.used)
                      for r in runs]
         return {"state": self.state, "step": a.step, "steps": self.max_steps,
                 "skipped_steps": tr.skipped_steps if tr is not None else 0,  # non-finite steps skipped

@@ -20,15 +20,13 @@ def generator():
 # -- small runs: a config that trains in milliseconds a step, and a poll for a session's progress ----------
 def _tiny_config(prior: str = "oracle:sphere", **kw):
     """16x16 renders, 16 samples per ray, a 16^3 grid, one view per step, shading after 2 albedo steps, the
-    occupancy grid from step 2; 10,000 steps, so that a session keeps running. `kw`: Config's own fields."""
+    occupancy grid from step 2. `kw`: Config's own fields. Sessions built on it get 10,000 steps (`TINY_LIVE`), so
+    that they keep running."""
     from engine.config import Config
 
-    cfg = Config(prior=prior, **{"steps": 10_000, **kw})
-    cfg.render.resolution, cfg.render.num_samples, cfg.field.grid_resolution = 16, 16, 16
-    cfg.render.occupancy_warmup, cfg.render.occupancy_every = 2, 2
-    cfg.camera.batch_size = 1
-    cfg.shading.albedo_only_steps = 2
-    return cfg
+    return Config(prior=prior, **kw).with_settings({
+        "render.resolution": 16, "render.num_samples": 16, "field.grid_resolution": 16, "render.occupancy_warmup": 2,
+        "render.occupancy_every": 2, "camera.batch_size": 1, "shading.albedo_only_steps": 2})
 
 
 def _wait_for(pred, timeout: float = 30.0, what: str = "condition"):

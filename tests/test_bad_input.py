@@ -15,6 +15,7 @@ import torch
 
 from engine.__main__ import main as cli
 from engine.checkpoint import CheckpointError, read_checkpoint
+from engine.config import LiveParams
 from engine.export import safe_path
 from tests.test_session import tiny_config, wait_for
 
@@ -146,7 +147,7 @@ def running(tmp_path_factory):
     from playground.panel import Panel
     from playground.session import Session
 
-    s = Session(tiny_config(), out_root=tmp_path_factory.mktemp("out"))
+    s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp_path_factory.mktemp("out"))
     s.start()
     wait_for(lambda: s.step >= 1, what="the first step")
     s.set_params(**GOOD)
@@ -262,7 +263,7 @@ if __name__ == "__main__":  # print the table of docs/troubleshooting.md
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        s = Session(tiny_config(), out_root=tmp)
+        s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp)
         s.start()
         wait_for(lambda: s.step >= 1)
         for case, where, kw, _ in API_CASES:

@@ -29,15 +29,13 @@ from engine.config import Config, LiveParams
 from engine.priors import load_prior
 from engine.trainer import Trainer
 
-LIVE = LiveParams(prompt="a red sphere", seed=3, shading="random")
+LIVE = LiveParams(prompt="a red sphere", shading="random")
 
 
 def tiny_config() -> Config:
-    cfg = Config(prior="oracle:sphere", seed=3)
-    cfg.render.resolution, cfg.render.num_samples = 16, 16
-    cfg.render.occupancy_resolution, cfg.render.occupancy_warmup, cfg.render.occupancy_every = 16, 2, 2
-    cfg.shading.albedo_only_steps = 2
-    return cfg
+    return Config(prior="oracle:sphere", seed=3).with_settings({
+        "render.resolution": 16, "render.num_samples": 16, "render.occupancy_resolution": 16,
+        "render.occupancy_warmup": 2, "render.occupancy_every": 2, "shading.albedo_only_steps": 2})
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +77,8 @@ def test_a_vsd_run_resumes_with_its_copy_of_the_prior(tmp_path):
     """VSD's trainable copy (and its Adam moments) is in the checkpoint: resumed at step k, a VSD run ends
     bit-identical to an uninterrupted one, copy included, instead of starting a fresh copy."""
     prior = load_prior("gaussian")
-    live = LiveParams(prompt="a red sphere", seed=3, distillation="vsd")
-    cfg = tiny_config()
-    cfg.prior = "gaussian"
+    live = LiveParams(prompt="a red sphere", distillation="vsd")
+    cfg = tiny_config().with_settings({"prior": "gaussian"})
 
     def run(steps, trainer=None):
         trainer = trainer or Trainer(cfg, prior, live=live)

@@ -44,9 +44,8 @@ def test_packed_occupancy_sampling_matches_the_batched_renderer():
 
 @pytest.mark.parametrize("spec", ["oracle:cube", "embedded"])
 def test_training_on_cuda(spec):
-    cfg = Config(prior=spec, seed=0)
-    cfg.render.resolution = 32
-    cfg.render.occupancy_warmup, cfg.render.occupancy_every = 4, 2
+    cfg = Config(prior=spec, seed=0).with_settings({"render.resolution": 32, "render.occupancy_warmup": 4,
+                                                    "render.occupancy_every": 2})
     prior = load_prior(spec, device="cuda")
     trainer = Trainer(cfg, prior, device="cuda")
     live = LiveParams(prompt="a red cube")
@@ -62,8 +61,8 @@ def test_training_on_cuda(spec):
 def test_the_torch_renderer_trains_on_cuda_without_nerfacc_kernels(monkeypatch):
     """A CUDA machine without a compiler: the pure-torch occupancy path trains, nothing is built."""
     monkeypatch.setattr(accel, "load_kernels", lambda: False)
-    cfg = Config(prior="oracle:cube", seed=0)
-    cfg.render.resolution, cfg.render.occupancy_warmup, cfg.render.occupancy_every = 32, 2, 2
+    cfg = Config(prior="oracle:cube", seed=0).with_settings({"render.resolution": 32, "render.occupancy_warmup": 2,
+                                                             "render.occupancy_every": 2})
     trainer = Trainer(cfg, load_prior("oracle:cube", device="cuda"), device="cuda")
     metrics = [trainer.step(LiveParams(prompt="a red cube")).metrics for _ in range(6)]
     assert not trainer.packed and all(math.isfinite(m["loss"]) for m in metrics) and metrics[-1]["samples"] > 0

@@ -36,9 +36,8 @@ SPHERE_RADIUS = 0.55  # engine.world.sdf_sphere's
 
 
 def analytic_source(solid: str) -> RenderSource:
-    cfg = Config(background=BackgroundConfig(kind="solid", color=(1.0, 1.0, 1.0)))
-    cfg.render.occupancy = False
-    cfg.render.num_samples = 32
+    cfg = Config(background=BackgroundConfig(kind="solid", color=(1.0, 1.0, 1.0))).with_settings(
+        {"render.occupancy": False, "render.num_samples": 32})
     return RenderSource(AnalyticField(solid, RED), Background(cfg.background), None, cfg, step=7)
 
 

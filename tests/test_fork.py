@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def session(tmp_path):
-    s = Session(_tiny_config("oracle:cube"), out_root=tmp_path, score_every_s=0)
+    s = Session(_tiny_config("oracle:cube"), LiveParams(steps=10_000), out_root=tmp_path, score_every_s=0)
     yield s
     s.stop()
 
@@ -84,7 +84,7 @@ def test_fork_trains_a_and_b_in_turns_with_what_differs(session):
 @pytest.mark.parametrize("loss,prior", [("csd", "oracle:cube"), ("vsd", "gaussian")])
 def test_a_fork_compares_two_distillation_losses(tmp_path, loss, prior):
     """Another loss is just another live parameter: B runs it from A's state while A keeps SDS."""
-    session = Session(_tiny_config(prior), out_root=tmp_path, score_every_s=0)
+    session = Session(_tiny_config(prior), LiveParams(steps=10_000), out_root=tmp_path, score_every_s=0)
     try:
         _fork_with_a_loss(session, loss)
     finally:
@@ -122,7 +122,7 @@ def test_a_failing_fork_is_closed_and_run_a_goes_on(session):
 
 
 def test_closing_the_app_saves_both_runs(tmp_path):
-    s = Session(_tiny_config("oracle:cube"), out_root=tmp_path, score_every_s=0)
+    s = Session(_tiny_config("oracle:cube"), LiveParams(steps=10_000), out_root=tmp_path, score_every_s=0)
     s.start()
     wait_for(lambda: s.step >= 2)
     s.fork(guidance_scale=20.0)
@@ -208,7 +208,7 @@ def test_live_score_is_computed_off_the_training_thread(tmp_path, monkeypatch):
         return evaluate(*a, **k)
 
     monkeypatch.setattr(score_module, "evaluate", recording)
-    s = Session(_tiny_config("oracle:cube"), out_root=tmp_path, score_every_s=0.2)
+    s = Session(_tiny_config("oracle:cube"), LiveParams(steps=10_000), out_root=tmp_path, score_every_s=0.2)
     try:
         assert s.status()["score"] is None
         s.start()

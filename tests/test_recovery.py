@@ -26,8 +26,7 @@ def state(tr: Trainer) -> list[torch.Tensor]:
 
 
 def test_repeated_non_finite_steps_roll_back_to_the_last_good_state(tiny_config):
-    cfg = tiny_config()
-    cfg.sds.good_state_every, cfg.sds.rollback_after = 3, 4
+    cfg = tiny_config().with_settings({"sds.good_state_every": 3, "sds.rollback_after": 4})
     tr = Trainer(cfg, FlakyPrior("sphere", range(7, 7 + 4)))
     live = LiveParams(prompt="a red sphere")
     kept = None
@@ -47,8 +46,7 @@ def test_repeated_non_finite_steps_roll_back_to_the_last_good_state(tiny_config)
 
 
 def test_rollback_restores_an_older_copy_not_the_latest_weights(tiny_config):
-    cfg = tiny_config()
-    cfg.sds.good_state_every, cfg.sds.rollback_after = 100, 2
+    cfg = tiny_config().with_settings({"sds.good_state_every": 100, "sds.rollback_after": 2})
     tr = Trainer(cfg, FlakyPrior("sphere", range(5, 7)))
     live = LiveParams(prompt="a red sphere")
     tr.step(live)
@@ -61,9 +59,8 @@ def test_rollback_restores_an_older_copy_not_the_latest_weights(tiny_config):
 
 
 def test_keeping_good_state_leaves_seeded_runs_bit_identical(tiny_config):
-    a_cfg, b_cfg = tiny_config(seed=5), tiny_config(seed=5)
-    b_cfg.sds.good_state_every = 1
-    b_cfg.sds.rollback_after = 0
+    a_cfg = tiny_config(seed=5)
+    b_cfg = a_cfg.with_settings({"sds.good_state_every": 1, "sds.rollback_after": 0})
     a, b = Trainer(a_cfg, OraclePrior("sphere")), Trainer(b_cfg, OraclePrior("sphere"))
     for _ in range(3):
         a.step(LiveParams(prompt="a red sphere")), b.step(LiveParams(prompt="a red sphere"))
@@ -75,7 +72,7 @@ def test_shutdown_checkpoints_a_dirty_run_once(tmp_path, tiny_config, wait_for):
     from engine.checkpoint import read_checkpoint
     from playground.session import Session
 
-    s = Session(tiny_config("oracle:cube"), out_root=tmp_path)
+    s = Session(tiny_config("oracle:cube"), LiveParams(steps=10_000), out_root=tmp_path)
     assert s.save_if_dirty() is None  # nothing trained
     s.start()
     wait_for(lambda: s.step >= 2, what="steps")
@@ -92,9 +89,8 @@ def test_session_status_counts_skipped_steps_and_rollbacks(tmp_path, tiny_config
     from playground.panel import status_markdown
     from playground.session import Session
 
-    cfg = tiny_config("oracle:cube")
-    cfg.sds.good_state_every, cfg.sds.rollback_after = 2, 3
-    s = Session(cfg, out_root=tmp_path)
+    cfg = tiny_config("oracle:cube").with_settings({"sds.good_state_every": 2, "sds.rollback_after": 3})
+    s = Session(cfg, LiveParams(steps=10_000), out_root=tmp_path)
     s._priors["oracle:cube"] = FlakyPrior("cube", range(4, 7))  # steps 4-6 non-finite: 3 skipped, 1 rollback
     try:
         assert s.status()["skipped_steps"] == 0 and s.status()["rollbacks"] == 0

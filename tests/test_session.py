@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.cameras import fixed_views
-from engine.config import Config
+from engine.config import Config, LiveParams
 from engine.priors import load_prior
 from playground.session import Session
 from playground.snapshot import RENDER_MODES
@@ -24,7 +24,7 @@ def tiny_config(prior: str = "oracle:cube") -> Config:
 
 @pytest.fixture
 def session(tmp_path):
-    s = Session(tiny_config(), out_root=tmp_path)
+    s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp_path)
     yield s
     s.stop()
 
@@ -83,7 +83,7 @@ def test_prompt_change_is_encoded_on_the_session_thread(tmp_path):
         prior.encode_prompt = recording
         return prior
 
-    s = Session(tiny_config(), out_root=tmp_path, prior_loader=loader)
+    s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp_path, prior_loader=loader)
     try:
         s.start()
         wait_for(lambda: s.step >= 1)
@@ -111,7 +111,7 @@ def test_step_error_then_reset_recovers(tmp_path):
         prior.sds_grad = flaky
         return prior
 
-    s = Session(tiny_config(), out_root=tmp_path, prior_loader=loader)
+    s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp_path, prior_loader=loader)
     try:
         s.start()
         wait_for(lambda: s.step >= 1)
@@ -134,7 +134,7 @@ def test_missing_prior_is_reported_and_another_can_be_picked(tmp_path):
             raise FileNotFoundError("assets/embedded_prior.safetensors is missing")
         return load_prior(spec, device=device)
 
-    s = Session(tiny_config(prior="embedded"), out_root=tmp_path, prior_loader=loader)
+    s = Session(tiny_config(prior="embedded"), LiveParams(steps=10_000), out_root=tmp_path, prior_loader=loader)
     try:
         s.start()
         st = wait_for(lambda: (x := s.status())["state"] == "error" and x, what="the error state")
@@ -147,7 +147,7 @@ def test_missing_prior_is_reported_and_another_can_be_picked(tmp_path):
 
 
 def test_done_after_steps_and_extend(tmp_path):
-    s = Session(tiny_config(), out_root=tmp_path)
+    s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp_path)
     try:
         s.set_params(steps=3)
         s.start()
@@ -206,7 +206,7 @@ def test_vocabulary_and_unknown_words_are_shown(tmp_path):
 
     from playground.panel import vocabulary_markdown
 
-    s = Session(tiny_config(), out_root=tmp_path, prior_loader=loader)
+    s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp_path, prior_loader=loader)
     try:
         s.start()
         wait_for(lambda: s.step >= 1)
@@ -232,7 +232,7 @@ def fake_large_loader(spec, device="cpu"):
 
 
 def test_a_prior_switch_applies_that_priors_settings_and_keeps_what_the_user_set(tmp_path):
-    from engine.config import live_defaults, preset
+    from engine.presets import live_defaults, preset
 
     s = Session(preset("embedded"), live_defaults("embedded"), out_root=tmp_path, prior_loader=fake_large_loader,
                 overrides={"camera.batch_size": 1})
@@ -244,7 +244,7 @@ def test_a_prior_switch_applies_that_priors_settings_and_keeps_what_the_user_set
         assert st["prior"] == "sd:/models/tiny" and st["next"]["guidance_scale"] == 100.0  # SD's own guidance
         assert st["settings"]["resolution"] == 64 and st["steps"] == 10000 and st["settings"]["t_max_end"] == 0.98
         assert st["next"]["prompt"] == "a blue cone" and st["next"]["shading"] == "albedo"  # what the user set stays
-        assert "guidance_scale 100" in st["settings_note"] and "prompt" in st["settings_note"]
+        assert "guidance 100" in st["settings_note"] and "shading" in st["settings_note"]
         s.reset(prior="embedded")
         s.wait_idle_queue(60)
         st = s.status()
@@ -263,7 +263,7 @@ def test_switching_large_priors_keeps_only_one_loaded(tmp_path):
     import gc
     import weakref
 
-    s = Session(tiny_config(), out_root=tmp_path, prior_loader=fake_large_loader)
+    s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp_path, prior_loader=fake_large_loader)
     try:
         s.reset(prior="sd:a")
         s.wait_idle_queue(60)
@@ -290,7 +290,7 @@ def test_out_of_memory_in_a_step_pauses_with_what_to_lower(tmp_path):
         prior.sds_grad = oom
         return prior
 
-    s = Session(tiny_config(), out_root=tmp_path, prior_loader=loader)
+    s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp_path, prior_loader=loader)
     try:
         s.start()
         st = wait_for(lambda: (x := s.status())["state"] == "paused" and x, what="the pause after OOM")

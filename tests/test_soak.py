@@ -15,11 +15,12 @@ from bench.bench_soak import Soak
 
 @pytest.mark.slow  # 10 s of soak by design
 def test_short_soak_keeps_training_without_errors(tmp_path, free_port, tiny_config, wait_for):
+    from engine.config import LiveParams
     from playground.panel import Panel
     from playground.session import Session
     from playground.viewer import Viewer
 
-    session = Session(tiny_config("oracle:cube"), out_root=tmp_path)
+    session = Session(tiny_config("oracle:cube"), LiveParams(steps=10_000), out_root=tmp_path)
     viewer = Viewer(session, host="127.0.0.1", port=free_port)
     panel = Panel(session, viewer.url)
     try:

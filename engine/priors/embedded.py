@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from engine import sds, world
-from engine.config import EMBEDDED_DEFAULTS
 from engine.priors.base import PromptEmbedding, SDSContext, check_distillation
 from engine.priors.vsd import FullCopy, TrainableCopy
 from engine.sds import VIEWS, classifier_free_guidance
@@ -32,8 +31,6 @@ MODEL_CONFIG = {  # the shipped model's architecture; the .json next to the weig
     "resolution": 32, "block_out_channels": [16, 32, 96], "layers_per_block": 1, "text_dim": 64,
     "max_tokens": 8, "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
 }
-# SDS settings tuned for this prior (engine.config.preset / live_defaults use them; see EMBEDDED_DEFAULTS there)
-DEFAULTS = EMBEDDED_DEFAULTS
 VSD_LR = 1e-4  # Adam's learning rate for VSD's copy of the U-Net (ProlificDreamer's for its LoRA)
 
 
@@ -172,7 +169,6 @@ class EmbeddedPrior:
         self.resolution = model.config["resolution"]
         self.num_train_timesteps = model.config["num_train_timesteps"]
         self.alphas_cumprod = model.scheduler().alphas_cumprod.to(self.device)
-        self.defaults = dict(DEFAULTS)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device="cpu", **_ignored) -> EmbeddedPrior:

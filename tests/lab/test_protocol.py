@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.config import preset
+from engine.presets import preset
 from engine.priors import load_prior
 from engine.shading import pick_shading
 from lab import protocol
@@ -20,10 +20,8 @@ def test_prompts_span_the_vocabulary():
 
 def test_ablation_rows_add_one_component_each():
     cfgs = {}
-    for name, apply in protocol.ABLATION.items():
-        cfg = preset("embedded")
-        apply(cfg)
-        cfgs[name] = cfg
+    for name, settings in protocol.ABLATION.items():
+        cfgs[name] = preset("embedded").with_settings(settings)
     base, aug, dep, light, full = cfgs.values()
     assert not base.sds.view_dependent and base.camera.focal_range == (1.0, 1.0)
     assert aug.camera == preset("embedded").camera and not aug.sds.view_dependent
@@ -38,11 +36,12 @@ def test_ablation_rows_add_one_component_each():
 
 
 def test_embedded_preset_carries_its_tuned_settings():
-    from engine.config import EMBEDDED_DEFAULTS, Config
+    from engine.config import Config
+    from engine.presets import EMBEDDED
 
     cfg, plain = preset("embedded"), Config()
-    assert cfg.reg.entropy == EMBEDDED_DEFAULTS["entropy"] != plain.reg.entropy
-    assert cfg.field.blob_density == EMBEDDED_DEFAULTS["blob_density"] != plain.field.blob_density
+    assert cfg.reg.entropy == EMBEDDED["reg.entropy"] != plain.reg.entropy
+    assert cfg.field.blob_density == EMBEDDED["field.blob_density"] != plain.field.blob_density
     for other in ("oracle:cube", "sd", "if"):  # the other priors keep the peers' blob and entropy
         assert preset(other).field.blob_density == plain.field.blob_density
         assert preset(other).reg.entropy == plain.reg.entropy

@@ -1,7 +1,8 @@
 """The prior's denoising residual of a run against the prompted solid (lab/residual.py)."""
 
 from engine.checkpoint import save_checkpoint
-from engine.config import LiveParams, preset
+from engine.config import LiveParams
+from engine.presets import preset
 from engine.priors import load_prior
 from engine.trainer import Trainer
 from lab.residual import residuals
