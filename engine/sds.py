@@ -138,15 +138,8 @@ def distillation_grad(kind: str, d: Denoiser, *, guidance_scale: float, t_range:
     abar = abar_all[t]
     w = sds_weight(abar).view(-1, *[1] * (x0.dim() - 1))
     info: dict = {"t": t.tolist()}
-    # 2. the noisy point and what eps_hat is compared with
-    if kind == "ism":
-        s = (t - int(round(ISM_INTERVAL * T))).clamp(min=0)
-        z_s = ddim_invert(d, add_noise(x0, noise, abar_all[torch.zeros_like(t)]), torch.zeros_like(t), s,
-                          int(round(ISM_STRIDE * T)))
-        target = d.eps(z_s, s, ("null",))["null"]
-        z_t = ddim_step(z_s, target, abar_all[s], abar)
-    else:
-        z_t = add_noise(x0, noise, abar)
+    # 2. the noisy point (and, for ISM, the prediction that made it: what eps_hat is compared with)
+    z_t, target = ism_point(d, noise, t) if kind == "ism" else (add_noise(x0, noise, abar), None)
     # 3. the predictions (no graph) and the gradient
     if kind == "nfsd":
         e = d.eps(z_t, t, ("cond", "null", "uncond"))
@@ -169,6 +162,17 @@ def distillation_grad(kind: str, d: Denoiser, *, guidance_scale: float, t_range:
         eps_copy = d.copy(z_t, t).float()
     info["vsd_loss"] = fit_copy(d, t_range, generator)
     return w * (eps_hat - eps_copy), info
+
+
+def ism_point(d: Denoiser, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """ISM's z_t and the eps_0 that made it: x0 -> x_s by DDIM inversion with eps_0, s = t - ISM_INTERVAL T, then
+    one inversion step x_s -> x_t with eps_0(x_s, s)."""
+    abar_all, T = d.alphas_cumprod, d.alphas_cumprod.shape[0]
+    s = (t - int(round(ISM_INTERVAL * T))).clamp(min=0)
+    z_s = ddim_invert(d, add_noise(d.x0, noise, abar_all[torch.zeros_like(t)]), torch.zeros_like(t), s,
+                      int(round(ISM_STRIDE * T)))
+    eps_s = d.eps(z_s, s, ("null",))["null"]
+    return ddim_step(z_s, eps_s, abar_all[s], abar_all[t]), eps_s
 
 
 def ddim_step(z: Tensor, eps: Tensor, abar_from: Tensor, abar_to: Tensor) -> Tensor:
