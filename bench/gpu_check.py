@@ -5,7 +5,7 @@ What it runs, in order, each part timed and reported even when another fails:
    `@pytest.mark.skipif(not torch.cuda.is_available(), ...)` elsewhere (found by `cuda_tests_ids`);
 2. nerfacc's kernels: `engine.accel.kernels_status()`, and whether a finished build loads (nothing is built);
 3. fp16 SDS steps with tiny Stable Diffusion and DeepFloyd IF pipelines built from config in a temp folder (the
-   tests' own, `tests/tiny_pipelines.py`), loaded through `engine.priors.load_prior`;
+   shared with the tests, `engine/testing.py`), loaded through `engine.priors.load_prior`;
 4. the hash-grid backbone's training speed (it/s) at 64x64 with the oracle prior (`engine.trainer.Trainer`);
 5. a 512x512 viewer frame from fixed cameras under no_grad (`Trainer.render_views`, as every view for people is);
 6. peak GPU memory of each part.
@@ -121,7 +121,7 @@ def sds_steps(kind: str, device: str, steps: int, fp16: bool) -> dict:
     """SDS steps with a tiny pipeline of `kind` ("sd" or "if") saved to a temp folder and loaded as users load."""
     from engine.cameras import fixed_views
     from engine.priors import PriorOptions, SDSContext, load_prior
-    from tests.tiny_pipelines import write_tiny_if, write_tiny_sd
+    from engine.testing import write_tiny_if, write_tiny_sd
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = (write_tiny_sd if kind == "sd" else write_tiny_if)(str(Path(tmp) / kind))

@@ -12,11 +12,11 @@ import torch
 
 from engine.config import LiveParams
 from engine.priors import load_prior
+from engine.testing import tiny_config as _tiny_config
+from engine.testing import wait_for
 from engine.trainer import Trainer
 from playground.runs import fork_trainer
 from playground.session import ExportRefused, Session
-from tests.conftest import _tiny_config
-from tests.conftest import _wait_for as wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
