@@ -13,6 +13,7 @@ It prints one line per part and writes one JSON (--out). No downloads: the tiny 
 
     python bench/gpu_check.py                      # CUDA, writes bench/results/gpu_check.json
     python bench/gpu_check.py --device cpu --tiny  # smoke run of the script itself (tests/test_gpu_check.py)
+    python bench/gpu_check.py --list-tests         # print the CUDA tests' ids it would run, one a line
 
 A machine with no package registry: it needs Python 3.11 with torch (CUDA build), transformers, safetensors,
 sentencepiece and accelerate already installed (with their own dependencies: numpy, huggingface_hub, tokenizers,
@@ -191,7 +192,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"), help="JSON to write")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (smoke run): 8x8 training, a 32x32 frame")
     ap.add_argument("--no-tests", action="store_true", help="skip the pytest part")
+    ap.add_argument("--list-tests", action="store_true", help="print the CUDA tests' ids (part 1) and exit")
     args = ap.parse_args(argv)
+    if args.list_tests:
+        print("\n".join(cuda_tests_ids()))
+        return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device (torch sees none); --device cpu runs the smoke version", file=sys.stderr)
         return 2
