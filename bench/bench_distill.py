@@ -1,7 +1,7 @@
 """Milliseconds per step of each distillation loss (engine.sds.distillation_grad) on this machine.
 
 For each prior, the median wall time of `prior.sds_grad` with each `distillation` (VSD includes its copy's fitting
-step), and how many U-Net rows the step runs. Priors: the tiny random SD and IF pipelines of tests/tiny_pipelines.py
+step), and how many U-Net rows the step runs. Priors: the tiny random SD and IF pipelines of engine/testing.py
 (the code path of a real run, tiny widths; renders 2 x 3 x 64^2, as bench/bench_priors.py) and the shipped embedded
 prior (renders 1 x 3 x 32^2, its preset). `--trainer` also times whole training steps of the embedded preset.
 
@@ -28,7 +28,7 @@ from engine.config import DISTILLATIONS  # noqa: E402
 from engine.presets import live_defaults, preset  # noqa: E402
 from engine.priors import load_prior  # noqa: E402
 from engine.priors.base import SDSContext  # noqa: E402
-from tests.tiny_pipelines import write_tiny_if, write_tiny_sd  # noqa: E402
+from engine.testing import write_tiny_if, write_tiny_sd  # noqa: E402
 
 
 def step_ms(prior, kind: str, batch: int, size: int, repeats: int, guidance: float) -> tuple[float, float, int]:

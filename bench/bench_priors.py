@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from engine.cameras import fixed_views  # noqa: E402
 from engine.priors import PriorOptions, load_prior  # noqa: E402
 from engine.priors.base import SDSContext  # noqa: E402
-from tests.tiny_pipelines import write_tiny_if, write_tiny_sd, write_tiny_taesd  # noqa: E402
+from engine.testing import write_tiny_if, write_tiny_sd, write_tiny_taesd  # noqa: E402
 
 
 def time_ms(fn, repeats: int, warmup: int = 2) -> float:

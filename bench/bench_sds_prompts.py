@@ -15,165 +15,56 @@ skips the runs it holds, so a long protocol goes on where it stopped, even from 
     python bench/bench_sds_prompts.py --steps 200 --prompts "a red cube"   # a quick look
     python bench/bench_sds_prompts.py --seconds 900 --seeds 0,1 --grid live.distillation=sds,csd,nfsd,ism,vsd \\
         --json bench/results/distill_protocol.json          # the distillation table (BENCHMARKS.md)
+    python bench/bench_sds_prompts.py --report --examples --json bench/results/distill_protocol.json
+        # the tables again, and whether each of the pane's example prompts forms well at both seeds
+
+The protocol's code is `lab/sweep.py` (tests/lab/test_protocol.py tests it); this file is its command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.batch import parse_grid, parse_seeds  # noqa: E402
-from engine.checkpoint import atomic_write  # noqa: E402
-from lab.protocol import PROMPTS, add_run_args, job_of, run_protocol, spec_of, summarize  # noqa: E402
+from lab.sweep import main as sweep  # noqa: E402
 
 
-def label_of(combo: tuple) -> str:
-    """A grid combination's name in tables: "live.distillation=csd" (several joined by ", "), or "defaults"."""
-    return ", ".join(f"{k}={v}" for k, v in combo) or "defaults"
+def examples_report(rows: list[dict], group: str = "live.distillation=sds", seeds=(0, 1)) -> list[str]:
+    """Whether each of the pane's example prompts forms well in the protocol: colour >= 0.9 and geometry >= 0.8 in
+    `group` at each of `seeds`. One line per example; "FAIL" lines for the ones that do not (or lack a seed)."""
+    from playground.panel import EXAMPLES
+
+    lines = []
+    for prompt in EXAMPLES:
+        runs = {r["seed"]: r for r in rows if r.get("prompt") == prompt and r.get("group") == group
+                and r.get("status") == "done"}
+        ok = set(seeds) <= set(runs) and all(runs[s]["colour_r_precision"] >= 0.9
+                                             and runs[s]["geometry_r_precision"] >= 0.8 for s in seeds)
+        scores = ", ".join(f"seed {s}: {runs[s]['colour_r_precision']:.2f} / {runs[s]['geometry_r_precision']:.2f}"
+                           if s in runs else f"seed {s}: missing" for s in seeds)
+        lines.append(f"{'ok  ' if ok else 'FAIL'} {prompt!r} (colour / geometry) {scores}")
+    return lines
 
 
-def _row_summary(rows: list[dict]) -> dict:
-    """Means over a setting's finished runs; under "at", the same of the scores taken on the way (--score-at)."""
-    done = [r for r in rows if r.get("status") == "done"]
-    share = [r["translucent_share"] for r in done if "translucent_share" in r]
-    out = {**summarize(done), "runs": len(done), "seeds": sorted({r["seed"] for r in done}),
-           "translucent_share": round(sum(share) / len(share), 3) if share else None}
-    steps = sorted({int(k) for r in done for k in r.get("scores", {})})
-    if steps:
-        out["at"] = {str(k): _row_summary([{**r, **r["scores"][str(k)], "scores": {}} for r in done
-                                           if str(k) in r.get("scores", {})]) for k in steps}
-    return out
-
-
-def _resumable(todo: list[dict], every: list[dict], folder: Path) -> tuple[list[dict], Path]:
-    """The jobs to hand the batch runner and its folder. A folder left by an interrupted invocation holds either
-    all of this seed's runs or the ones it had to do: given the same set again, the batch runner skips what
-    it finished and resumes what it had begun from its checkpoints. Any other set gets a folder of its own."""
-    manifest = folder / "manifest.json"
-    if not manifest.exists():
-        return todo, folder
-    held = {r["run_id"] for r in json.loads(manifest.read_text())["runs"]}
-    for jobs in (every, todo):
-        if held == {spec_of(j).run_id for j in jobs}:
-            return jobs, folder
-    key = hashlib.sha1(" ".join(sorted(spec_of(j).run_id for j in todo)).encode()).hexdigest()[:6]
-    return todo, folder.with_name(f"{folder.name}-{key}")
-
-
-def summary_table(groups: dict) -> str:
-    """One markdown row per setting: runs, then colour / geometry R-Precision (± s.e.) and translucent share at
-    each scoring step (--score-at, then the end), and it/s."""
-    def cells(g):
-        if not g or g["runs"] == 0:
-            return ["–"] * 3
-        se = f" ± {g['geometry_se']:.3f}" if g["geometry_se"] is not None else ""
-        return [f"{g['colour_r_precision']:.2f}", f"{g['geometry_r_precision']:.3f}{se}", f"{g['translucent_share']:.2f}"]
-
-    steps = sorted({int(k) for g in groups.values() for k in g.get("at", {})})
-    head = [f"{k} at {s}" for s in steps for k in ("colour", "geometry", "translucent")]
-    lines = ["| setting | runs | " + " | ".join(head + ["colour", "geometry", "translucent", "it/s"]) + " |",
-             "|---" * (len(head) + 6) + "|"]
-    for name, g in groups.items():
-        at = [c for s in steps for c in cells(g.get("at", {}).get(str(s)))]
-        lines.append(f"| {name} | {g['runs']} | " + " | ".join(at + cells(g) + [f"{g['its_per_s'] or 0:.1f}"]) + " |")
-    return "\n".join(lines)
-
-
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_run_args(ap, PROMPTS, steps=2000, seconds=300.0)
-    ap.add_argument("--seeds", default=None, help="several seeds, e.g. 0,1 or 0-3 (instead of --seed)")
-    ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                    help="repeat the protocol for each value, e.g. live.distillation=sds,csd; several grids multiply")
-    ap.add_argument("--score-at", default="", metavar="STEPS",
-                    help="also score each run on the way at these steps, e.g. 1000 (a run's first N steps are a N-step run)")
-    ap.add_argument("--out", default="runs/protocol", help="folder for previews (shaded row, textureless row)")
-    ap.add_argument("--json", default=None, help="also write every run's scores here; runs it holds are skipped")
-    ap.add_argument("--report", action="store_true", help="run nothing: print the tables of the runs --json holds")
-    ap.add_argument("--save-runs", action="store_true", help="also save each run's checkpoint in OUT/<prompt>/")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seeds, grid = parse_seeds(args.seeds) if args.seeds else [args.seed], parse_grid(args.grid)
-    jobs = []  # seed by seed, so that a protocol stopped early has every setting at its first seeds
-    for seed in seeds:
-        for combo in grid:
-            tag = "".join(f"_{v}" for _, v in combo) + (f"_s{seed}" if len(seeds) > 1 else "")
-            for p in args.prompts:
-                name = p.replace(" ", "_") + tag
-                jobs.append(job_of(args, p, seed=seed, set=args.set + [f"{k}={json.dumps(v)}" for k, v in combo],
-                                   row=None, group=label_of(combo), preview=str(out / f"{name}.png"),
-                                   save=str(out / name) if args.save_runs else None))
-    kept = {}
-    if args.json and Path(args.json).exists():
-        kept = {r["run_id"]: r for r in json.loads(Path(args.json).read_text()).get("rows", [])
-                if r.get("status") == "done"}
-    todo = [] if args.report else [j for j in jobs if spec_of(j).run_id not in kept]
-    if len(todo) < len(jobs) and not args.report:
-        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {args.json}; running the other {len(todo)}")
-    t0 = time.perf_counter()
-    ran = {}  # run id -> scores of the runs done by this invocation
-
-    def keep(row: dict) -> None:
-        ran[row["run_id"]] = {**{k: v for k, v in row.items() if k not in ("files", "node")}, "steps": row["step"]}
-
-    def save() -> None:
-        if args.json:
-            rows = [{**(kept.get(spec_of(j).run_id) or ran[spec_of(j).run_id]), "group": j["group"]}
-                    for j in jobs if spec_of(j).run_id in kept or spec_of(j).run_id in ran]
-            groups = {label_of(c): _row_summary([r for r in rows if r["group"] == label_of(c)]) for c in grid}
-            atomic_write(args.json, lambda p: Path(p).write_text(json.dumps({"groups": groups, "rows": rows}, indent=1)))
-
-    for seed in seeds:  # one batch per seed
-        batch = [j for j in todo if j["seed"] == seed]
-        if not batch:
-            continue
-        folder = Path(args.batch or f"runs/batch-{time.strftime('%Y%m%d-%H%M%S')}")
-        folder = folder.with_name(f"{folder.name}-s{seed}") if len(seeds) > 1 else folder
-        batch, folder = _resumable(batch, [j for j in jobs if j["seed"] == seed], folder)
-
-        def on_event(event, folder=folder):  # each finished run reaches --json at once
-            if event["kind"] == "done" and (folder / "manifest.json").exists():
-                for r in json.loads((folder / "manifest.json").read_text())["runs"]:
-                    if r["status"] == "done":
-                        keep(r)
-                save()
-
-        try:
-            done = run_protocol(batch, folder, workers=args.jobs, on_event=on_event,
-                                score_at=parse_seeds(args.score_at) if args.score_at else ())
-        except KeyboardInterrupt:
-            on_event({"kind": "done"})  # the runs the folder's manifest says are done
-            sys.exit(f"interrupted: the finished runs are in {args.json or folder}; the same command again goes on")
-        for r in done:
-            if r["status"] == "done":
-                keep({**r, "step": r["steps"]})
-        save()
-    rows = [{**(kept.get(spec_of(j).run_id) or ran.get(spec_of(j).run_id) or {}), "group": j["group"]} for j in jobs]
-    print("\n| setting | prompt | seed | colour R-P | geometry R-P | translucent | steps | wall s | it/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if r.get("status") == "done":
-            print(f"| {r['group']} | {r['prompt']} | {r['seed']} | {r.get('colour_r_precision', 0):.2f} | "
-                  f"{r.get('geometry_r_precision', 0):.2f} | {r.get('translucent_share', 0):.2f} | {r['steps']} | "
-                  f"{r['wall_s']} | {r['its_per_s']} |")
-    groups = {label_of(c): _row_summary([r for r in rows if r["group"] == label_of(c)]) for c in grid}
-    for name, g in groups.items():
-        print(json.dumps({"setting": name, **{k: v for k, v in g.items() if k != "at"}}))
-        for step, at in g.get("at", {}).items():
-            print(json.dumps({"setting": name, "at_step": int(step), **at}))
-    print(summary_table(groups))
-    summary = {**groups[label_of(grid[0])], "total_wall_s": round(time.perf_counter() - t0, 1),
-               "steps_budget": args.steps, "seconds_budget": args.seconds, "jobs": args.jobs}
-    return {"summary": summary, "groups": groups}
+    ap.add_argument("--examples", action="store_true",
+                    help="also check the pane's example prompts: colour >= 0.9, geometry >= 0.8 at seeds 0 and 1 "
+                         "in the live.distillation=sds setting (exit 1 when one does not)")
+    result = sweep(argv, parser=ap)
+    if not result["args"].examples:
+        return 0
+    args = result["args"]  # every run --json holds (whatever options made it), else the runs of these options
+    rows = json.loads(Path(args.json).read_text())["rows"] if args.json and Path(args.json).exists() else result["rows"]
+    lines = examples_report(rows)
+    print("\nthe pane's example prompts in the protocol:\n" + "\n".join(lines))
+    return 1 if any(ln.startswith("FAIL") for ln in lines) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

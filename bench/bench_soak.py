@@ -16,6 +16,9 @@ it, a warm-up does not.
 
     python bench/bench_soak.py                 # 30 minutes
     python bench/bench_soak.py --minutes 5
+    python bench/bench_soak.py --seconds 10 --warmup 1 --settle 0 --json soak.json   # the short one (tests/test_soak.py)
+
+It exits 1 when an error was seen, no step was done, or training did not go on after the soak.
 """
 
 from __future__ import annotations
@@ -162,25 +165,27 @@ class Soak:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--seconds", type=float, default=None, help="the soak's length in seconds (instead of --minutes)")
     p.add_argument("--warmup", type=float, default=30.0, help="seconds of training before the clients start")
     p.add_argument("--settle", type=float, default=2.0,
                    help="minutes under load before the measured window starts (0: measure from launch)")
+    p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
+    seconds = args.seconds if args.seconds is not None else 60 * args.minutes
     import tempfile
 
     import torch
     from gradio_client import Client
 
     from bench.bench_app import free_port
-    from engine.config import LiveParams
+    from engine.testing import tiny_config, tiny_live, wait_for
     from playground.panel import Panel
     from playground.session import Session
     from playground.viewer import Viewer
-    from tests.test_session import tiny_config
 
     torch.set_num_threads(1)
     out = tempfile.mkdtemp(prefix="soak-")  # snapshots the API client asks for
-    session = Session(tiny_config(), LiveParams(steps=10_000), out_root=out)
+    session = Session(tiny_config("oracle:cube"), tiny_live(), out_root=out)
     viewer = Viewer(session, host="127.0.0.1", port=free_port())
     demo = Panel(session, viewer.url).build()
     demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
@@ -202,9 +207,17 @@ def main() -> int:
             trace.append(round(rss_mb(), 1))
 
     threading.Thread(target=sample, daemon=True).start()
-    result = Soak(session, call, viewer.port).run(60 * args.minutes)
+    result = Soak(session, call, viewer.port).run(seconds)
     done.set()
     rss1 = rss_mb()
+    before = session.step
+    session.resume()  # in case the last thing the client did was a pause
+    session.wait_idle_queue()
+    try:  # training goes on after the soak
+        wait_for(lambda: session.step > before, timeout=120.0, what="steps after the soak")
+        result["goes_on_after"] = True
+    except AssertionError:
+        result["goes_on_after"] = False
     result["rss_mb_each_minute"] = trace
     rss0 = window["rss0"]
     result.update({"rss_launch_mb": round(rss_launch, 1), "settle_minutes": args.settle,
@@ -215,7 +228,9 @@ def main() -> int:
     viewer.stop()
     session.stop()
     print(json.dumps(result, indent=2))
-    return 0 if result["errors"] == 0 and result["steps"] > 0 else 1
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0 if result["errors"] == 0 and result["steps"] > 0 and result["goes_on_after"] else 1
 
 
 if __name__ == "__main__":

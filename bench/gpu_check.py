@@ -5,7 +5,7 @@ What it runs, in order, each part timed and reported even when another fails:
    `@pytest.mark.skipif(not torch.cuda.is_available(), ...)` elsewhere (found by `cuda_tests_ids`);
 2. nerfacc's kernels: `engine.accel.kernels_status()`, and whether a finished build loads (nothing is built);
 3. fp16 SDS steps with tiny Stable Diffusion and DeepFloyd IF pipelines built from config in a temp folder (the
-   tests' own, `tests/tiny_pipelines.py`), loaded through `engine.priors.load_prior`;
+   shared with the tests, `engine/testing.py`), loaded through `engine.priors.load_prior`;
 4. the hash-grid backbone's training speed (it/s) at 64x64 with the oracle prior (`engine.trainer.Trainer`);
 5. a 512x512 viewer frame from fixed cameras under no_grad (`Trainer.render_views`, as every view for people is);
 6. peak GPU memory of each part.
@@ -13,6 +13,7 @@ It prints one line per part and writes one JSON (--out). No downloads: the tiny 
 
     python bench/gpu_check.py                      # CUDA, writes bench/results/gpu_check.json
     python bench/gpu_check.py --device cpu --tiny  # smoke run of the script itself (tests/test_gpu_check.py)
+    python bench/gpu_check.py --list-tests         # print the CUDA tests' ids it would run, one a line
 
 A machine with no package registry: it needs Python 3.11 with torch (CUDA build), transformers, safetensors,
 sentencepiece and accelerate already installed (with their own dependencies: numpy, huggingface_hub, tokenizers,
@@ -121,7 +122,7 @@ def sds_steps(kind: str, device: str, steps: int, fp16: bool) -> dict:
     """SDS steps with a tiny pipeline of `kind` ("sd" or "if") saved to a temp folder and loaded as users load."""
     from engine.cameras import fixed_views
     from engine.priors import PriorOptions, SDSContext, load_prior
-    from tests.tiny_pipelines import write_tiny_if, write_tiny_sd
+    from engine.testing import write_tiny_if, write_tiny_sd
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = (write_tiny_sd if kind == "sd" else write_tiny_if)(str(Path(tmp) / kind))
@@ -189,7 +190,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"), help="JSON to write")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (smoke run): 8x8 training, a 32x32 frame")
     ap.add_argument("--no-tests", action="store_true", help="skip the pytest part")
+    ap.add_argument("--list-tests", action="store_true", help="print the CUDA tests' ids (part 1) and exit")
     args = ap.parse_args(argv)
+    if args.list_tests:
+        print("\n".join(cuda_tests_ids()))
+        return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device (torch sees none); --device cpu runs the smoke version", file=sys.stderr)
         return 2

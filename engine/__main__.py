@@ -32,6 +32,8 @@ def cmd_run(args) -> int:
     from engine.trainer import Trainer
 
     device = _device(args.device)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be a positive integer; got {args.steps}")
     if args.resume:
         meta, tensors = read_checkpoint(args.resume)
         cfg, live = Config.from_dict(meta["config"]), live_from_meta(meta)

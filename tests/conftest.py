@@ -17,41 +17,21 @@ def generator():
     return torch.Generator().manual_seed(0)
 
 
-# -- small runs: a config that trains in milliseconds a step, and a poll for a session's progress ----------
-def _tiny_config(prior: str = "oracle:sphere", **kw):
-    """16x16 renders, 16 samples per ray, a 16^3 grid, one view per step, shading after 2 albedo steps, the
-    occupancy grid from step 2. `kw`: Config's own fields. Sessions built on it get 10,000 steps (`TINY_LIVE`), so
-    that they keep running."""
-    from engine.config import Config
-
-    return Config(prior=prior, **kw).with_settings({
-        "render.resolution": 16, "render.num_samples": 16, "field.grid_resolution": 16, "render.occupancy_warmup": 2,
-        "render.occupancy_every": 2, "camera.batch_size": 1, "shading.albedo_only_steps": 2})
-
-
-def _wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    """pred()'s first truthy value, polled every 20 ms; AssertionError naming `what` after `timeout` seconds."""
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
+# -- small runs (engine.testing: shared with bench/) --------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_config():
-    """tiny_config(prior="oracle:sphere", **config_fields) -> a fresh small Config (see `_tiny_config`)."""
-    return _tiny_config
+    """tiny_config(prior="oracle:sphere", **config_fields) -> a fresh small Config (`engine.testing.tiny_config`)."""
+    from engine.testing import tiny_config
+
+    return tiny_config
 
 
 @pytest.fixture(scope="session")
 def wait_for():
-    """wait_for(pred, timeout=30.0, what="condition") -> pred()'s first truthy value (see `_wait_for`)."""
-    return _wait_for
+    """wait_for(pred, timeout=30.0, what="condition") -> pred()'s first truthy value (`engine.testing.wait_for`)."""
+    from engine.testing import wait_for
+
+    return wait_for
 
 
 # -- a tiny embedded prior (8-16-16 channels, 100 timesteps): trains and samples in milliseconds ----------
@@ -82,7 +62,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_is_free(port: int) -> bool:
+def _port_is_free(port: int) -> bool:
     import socket
 
     with socket.socket() as s:  # as a server binds: SO_REUSEADDR, so closed connections in TIME_WAIT do not count
@@ -96,10 +76,17 @@ def port_is_free(port: int) -> bool:
 
 @pytest.fixture
 def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on."""
     return _free_port()
 
 
-def launch_app(out, *args: str) -> dict:
+@pytest.fixture(scope="session")
+def port_is_free():
+    """port_is_free(port) -> whether a server could bind `port` on 127.0.0.1 now."""
+    return _port_is_free
+
+
+def _launch_app(out, *args: str) -> dict:
     """`python app.py ARGS` on free ports with its exports under `out`, once it says it is ready.
     Returns a dict: url, viewer_url, port, viewer_port, proc, log (path of its output)."""
     import subprocess
@@ -128,13 +115,19 @@ def launch_app(out, *args: str) -> dict:
 
 
 @pytest.fixture(scope="session")
+def launch_app():
+    """launch_app(out, *app_args) -> `python app.py ARGS` on free ports, once ready (see `_launch_app`)."""
+    return _launch_app
+
+
+@pytest.fixture(scope="session")
 def playground_app(tmp_path_factory):
     """`python app.py` with the oracle prior at tiny settings on free ports; stopped with Ctrl-C at the end
     (it must exit 0 and free both ports). Yields `launch_app`'s dict."""
     import subprocess
 
-    info = launch_app(tmp_path_factory.mktemp("app"), "--prior", "oracle:cube", "--resolution", "24",
-                      "--batch-size", "1", "--samples", "24", "--steps", "100000", "--prompt", "a red cube")
+    info = _launch_app(tmp_path_factory.mktemp("app"), "--prior", "oracle:cube", "--resolution", "24",
+                       "--batch-size", "1", "--samples", "24", "--steps", "100000", "--prompt", "a red cube")
     yield info
     proc, log, port, viewer_port = info["proc"], info["log"], info["port"], info["viewer_port"]
     if proc.poll() is None:
@@ -148,4 +141,4 @@ def playground_app(tmp_path_factory):
             proc.wait()
             raise AssertionError("app.py did not stop within 60 s of Ctrl-C") from None
         assert proc.returncode == 0, log.read_text()[-3000:]
-        assert port_is_free(port) and port_is_free(viewer_port), "a port is still taken after shutdown"
+        assert _port_is_free(port) and _port_is_free(viewer_port), "a port is still taken after shutdown"

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from tests.conftest import launch_app
-from tests.tiny_pipelines import write_tiny_sd
+from engine.testing import write_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +28,7 @@ def wait(client, pred, what, timeout=120.0):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, launch_app):
     out = tmp_path_factory.mktemp("app_priors")
     info = launch_app(out, "--prior", "embedded", "--prompt", "a red cube", "--perp-neg", "--perp-neg-scale", "1.5")
     yield Client(info["url"], verbose=False), out

@@ -15,9 +15,8 @@ import torch
 
 from engine.__main__ import main as cli
 from engine.checkpoint import CheckpointError, read_checkpoint
-from engine.config import LiveParams
 from engine.export import safe_path
-from tests.test_session import tiny_config, wait_for
+from engine.testing import tiny_config, tiny_live, wait_for
 
 GOOD = {"guidance_scale": 12.0, "light_azimuth": 30.0, "ambient": 0.2, "learning_rate": 0.02}
 NAN, BIG = float("nan"), "a red cube " * 1000  # 11 kB
@@ -76,10 +75,9 @@ def _bad_checkpoints(root: Path) -> dict[str, Path]:
     from engine.config import LiveParams
     from engine.priors import load_prior
     from engine.trainer import Trainer
-    from tests.test_trainer import small_config
 
     good = root / "good"
-    cfg = small_config()
+    cfg = tiny_config()
     save_checkpoint(Trainer(cfg, load_prior(cfg.prior)), good, LiveParams())
     dirs = {}
     for name, write in {"truncated": lambda p: p.write_bytes((good / "checkpoint.safetensors").read_bytes()[:300]),
@@ -147,7 +145,7 @@ def running(tmp_path_factory):
     from playground.panel import Panel
     from playground.session import Session
 
-    s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp_path_factory.mktemp("out"))
+    s = Session(tiny_config("oracle:cube"), tiny_live(), out_root=tmp_path_factory.mktemp("out"))
     s.start()
     wait_for(lambda: s.step >= 1, what="the first step")
     s.set_params(**GOOD)
@@ -263,7 +261,7 @@ if __name__ == "__main__":  # print the table of docs/troubleshooting.md
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp)
+        s = Session(tiny_config("oracle:cube"), tiny_live(), out_root=tmp)
         s.start()
         wait_for(lambda: s.step >= 1)
         for case, where, kw, _ in API_CASES:

@@ -164,7 +164,7 @@ def test_killed_worker_resumes_from_its_checkpoint_bit_identical(local_ray, tmp_
     try:
         cfg, live = batch.run_config(spec)
         trainer = Trainer(cfg, load_prior(cfg.prior), "cpu", live)
-        while trainer.step_count < cfg.steps:
+        while trainer.step_count < live.steps:
             trainer.step(live)
     finally:
         torch.set_num_threads(threads)
@@ -188,7 +188,7 @@ def test_runs_expand_from_lines_seeds_and_grids():
     assert first.prior == "oracle:cube" and dict(first.settings)["live.guidance_scale"] == 5 and first.steps == 50
     assert runs[4].error and "KEY=VALUE" in runs[4].error  # a bad line: its runs fail without starting
     cfg, live = batch.run_config(runs[-1])
-    assert cfg.camera.elevation_range == (0, 60) and live.guidance_scale == 20 and cfg.steps == 50 and cfg.seed == 1
+    assert cfg.camera.elevation_range == (0, 60) and live.guidance_scale == 20 and live.steps == 50 and cfg.seed == 1
     with pytest.raises(ValueError, match="unknown setting"):
         batch.run_config(batch.RunSpec("a mug", settings=(("sds.nothing", 1),)))
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import port_is_free
 from gradio_client import Client
 from PIL import Image
 from playwright.sync_api import sync_playwright
@@ -236,7 +235,7 @@ def test_fork_changes_guidance_in_b_and_shows_two_objects_and_two_curves(playgro
     page.close()
 
 
-def test_ctrl_c_stops_cleanly_and_frees_both_ports(playground_app):
+def test_ctrl_c_stops_cleanly_and_frees_both_ports(playground_app, port_is_free):
     proc = playground_app["proc"]
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0

@@ -215,7 +215,7 @@ def test_live_distillation_is_validated_with_the_choices():
 @pytest.fixture(scope="module")
 def tiny_priors(tmp_path_factory):
     from engine.priors import PriorOptions, load_prior
-    from tests.tiny_pipelines import write_tiny_if, write_tiny_sd
+    from engine.testing import write_tiny_if, write_tiny_sd
 
     root = tmp_path_factory.mktemp("distill")
     sd, deepfloyd = write_tiny_sd(str(root / "sd")), write_tiny_if(str(root / "if"))

@@ -1,4 +1,5 @@
-"""`python -m engine doctor`: fast, offline, and right about what the Hugging Face cache holds."""
+"""`python -m engine doctor`: offline, light (no diffusers / transformers imported), and right about what the
+Hugging Face cache holds. Its wall time is measured by bench/bench_latency.py."""
 
 from __future__ import annotations
 
@@ -6,22 +7,18 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.test_priors_diffusers import hf_cache, partial_cache
-from tests.tiny_pipelines import write_tiny_if, write_tiny_sd
+from engine.testing import hf_cache, partial_cache, write_tiny_if, write_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def doctor(*args, env=None) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "engine", "doctor", *args], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=60)
-    return out, time.monotonic() - t0
+def doctor(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", "doctor", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)  # a hang, not a speed: ~2 s here
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +34,7 @@ def cache(tmp_path_factory):
 
 
 def test_doctor_json_lists_what_runs_offline(cache):
-    out, wall = doctor("--json", env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"})
+    out = doctor("--json", env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     facts = json.loads(out.stdout)
     assert facts["device"] in ("cpu", "cuda") and facts["total_gb"] > 0 and facts["free_gb"] > 0
@@ -51,11 +48,10 @@ def test_doctor_json_lists_what_runs_offline(cache):
     for kind in ("sd", "if"):
         p = priors[kind]
         assert p["needs_gb_cpu_offload"] < p["needs_gb"] and p["fits"] == (p["needs_gb"] <= p["free_gb"])
-    assert wall < 10  # ~2 s on the 2-core machine (docs/priors.md); the bound leaves room for a loaded machine
 
 
 def test_doctor_text_and_no_heavy_imports(cache):
-    out, _ = doctor(env={"HF_HUB_CACHE": cache})
+    out = doctor(env={"HF_HUB_CACHE": cache})
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert text.startswith("device: ") and "nerfacc kernels: " in text and "embedded: ready" in text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -41,8 +40,7 @@ def test_gpu_check_without_cuda_says_so(tmp_path):
 
 
 def test_gpu_check_finds_the_cuda_tests():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    ids = module.cuda_tests_ids()
+    proc = run_check("--list-tests")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = proc.stdout.split()
     assert "tests/test_cuda.py" in ids and "tests/test_priors_diffusers.py::test_fp16_on_cuda" in ids

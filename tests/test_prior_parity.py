@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from engine.cameras import fixed_views
 from engine.priors import PriorOptions, load_prior
 from engine.priors.base import SDSContext
-from tests.tiny_pipelines import write_tiny_if, write_tiny_sd
+from engine.testing import write_tiny_if, write_tiny_sd
 
 SCALE = 7.5
 PROMPT = "a red cube"

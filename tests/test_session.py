@@ -12,10 +12,10 @@ import torch
 from engine.cameras import fixed_views
 from engine.config import Config, LiveParams
 from engine.priors import load_prior
+from engine.testing import tiny_config as _tiny_config
+from engine.testing import wait_for
 from playground.session import Session
 from playground.snapshot import RENDER_MODES
-from tests.conftest import _tiny_config
-from tests.conftest import _wait_for as wait_for
 
 
 def tiny_config(prior: str = "oracle:cube") -> Config:

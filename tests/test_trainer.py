@@ -143,3 +143,37 @@ def test_checkpoints_with_removed_levers_still_load(caplog):
     d["steps"] = 700  # the step count lived in the config then; engine.checkpoint.live_from_meta moves it
     cfg = Config.from_dict(d)
     assert cfg.render == small_config().render and "render.early_stop" in caplog.text
+
+
+@pytest.mark.parametrize("prior,backbone", [("embedded", "grid"), ("oracle:cube", "hash")])
+def test_a_seeded_run_twice_in_one_process_gives_the_same_whole_state(prior, backbone):
+    """Weights, Adam moments, occupancy grid and generator, tensor for tensor, of the same seeded run done twice
+    here, past the occupancy warm-up and through every shading mode, on one torch thread (the hash grid's
+    backward adds into shared rows: with two threads the order of those float sums varies from run to run).
+    Bits are compared within this process only: another CPU (AVX2 / AVX-512) or another torch may round
+    differently, and that is no regression."""
+    from engine.checkpoint import trainer_tensors
+    from engine.presets import preset_run
+
+    def whole_state(steps: int = 8) -> tuple[dict, float]:
+        cfg, live = preset_run(prior, settings={
+            "seed": 3, "field.backbone": backbone, "render.resolution": 12, "render.num_samples": 16,
+            "camera.batch_size": 1, "field.hash_log2_size": 12, "render.occupancy_warmup": 4,
+            "render.occupancy_every": 2, "shading.albedo_only_steps": 2, "live.prompt": "a red cube"})
+        tr = Trainer(cfg, load_prior(prior), "cpu", live)
+        for _ in range(steps):
+            loss = tr.step(live).metrics["loss"]
+        return trainer_tensors(tr), loss
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (a, loss_a), (b, loss_b) = whole_state(), whole_state()
+        torch.rand(3)  # the global RNG between runs must not matter
+        c, loss_c = whole_state()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss_a == loss_b == loss_c and a.keys() == b.keys() == c.keys()
+    assert any(k.startswith("occupancy.") for k in a) and any(k.startswith("optim.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k

@@ -123,15 +123,12 @@ def test_jobs_carry_the_run_options_asked_for(tmp_path):
 
 
 def test_the_protocol_bench_goes_on_where_its_json_stopped(tmp_path, monkeypatch):
-    """bench_sds_prompts.py --seeds --grid: runs go seed by seed, one summary per setting; --json keeps each run
+    """lab/sweep.py (bench_sds_prompts.py) --seeds --grid: runs go seed by seed, one summary per setting; --json keeps each run
     and the same file again runs only the runs it lacks (a protocol longer than a session resumes)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_sds", Path(__file__).parents[2] / "bench/bench_sds_prompts.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from lab import sweep  # the code of bench/bench_sds_prompts.py
+
     asked = []
 
     def fake(jobs, out, workers=2, progress=True, on_event=None, score_at=()):  # scores from the setting alone
@@ -143,24 +140,24 @@ def test_the_protocol_bench_goes_on_where_its_json_stopped(tmp_path, monkeypatch
                  "scores": {str(k): {"colour_r_precision": 0.5, "translucent_share": 0.3,
                                      "geometry_r_precision": geo[j["set"][-1]] / 2} for k in score_at}} for j in jobs]
 
-    monkeypatch.setattr(bench, "run_protocol", fake)
+    monkeypatch.setattr(sweep, "run_protocol", fake)
     args = ["--prompts", "a red cube", "a blue sphere", "--steps", "3", "--seeds", "0,1", "--grid",
             "live.distillation=sds,csd", "--json", str(tmp_path / "p.json"), "--out", str(tmp_path / "out"),
             "--batch", str(tmp_path / "b"), "--score-at", "2"]
     (tmp_path / "p.json").write_text(json.dumps({"rows": fake(
         [protocol.job_of(argparse_ns(), "a red cube", seed=1, set=['live.distillation="csd"'])], None)}))
     asked.clear()
-    groups = bench.main(args)["groups"]
+    groups = sweep.main(args)["groups"]
     assert [sorted({s for s, _ in batch}) for batch in asked] == [[0], [1]]
     assert len(asked[0]) == 4 and len(asked[1]) == 3  # seed 1's csd run of the red cube was in the file
     assert groups['live.distillation=sds']["geometry_r_precision"] == 0.875
     assert groups['live.distillation=csd']["runs"] == 4 and groups['live.distillation=csd']["seeds"] == [0, 1]
     at = groups['live.distillation=csd']["at"]["2"]  # the scores on the way (--score-at), of the 3 runs that have them
     assert at["runs"] == 3 and at["geometry_r_precision"] == 0.25 and at["translucent_share"] == 0.3
-    assert "| live.distillation=csd | 4 | 0.50 | 0.250" in bench.summary_table(groups)
+    assert "| live.distillation=csd | 4 | 0.50 | 0.250" in sweep.summary_table(groups)
     assert len(json.loads((tmp_path / "p.json").read_text())["rows"]) == 8
     asked.clear()
-    assert bench.main(args)["groups"] == groups and asked == []
+    assert sweep.main(args)["groups"] == groups and asked == []
 
 
 def argparse_ns():
@@ -174,26 +171,23 @@ def argparse_ns():
 def test_the_protocol_bench_resumes_an_interrupted_batch_folder(tmp_path):
     """An interrupted seed's folder holds all its runs or the ones it had to do: the same set goes back to it
     (the batch runner then skips and resumes); another set gets a folder of its own."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_sds", Path(__file__).parents[2] / "bench/bench_sds_prompts.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from lab import sweep  # the code of bench/bench_sds_prompts.py
+
     every = [protocol.job_of(argparse_ns(), p) for p in ("a red cube", "a blue sphere", "a green cone")]
     todo = every[1:]
     folder = tmp_path / "b-s0"
-    assert bench._resumable(todo, every, folder) == (todo, folder)  # no folder yet
+    assert sweep._resumable(todo, every, folder) == (todo, folder)  # no folder yet
 
     def holding(jobs):
         folder.mkdir(exist_ok=True)
         (folder / "manifest.json").write_text(json.dumps({"runs": [{"run_id": protocol.spec_of(j).run_id} for j in jobs]}))
 
     holding(every)
-    assert bench._resumable(todo, every, folder) == (every, folder)
+    assert sweep._resumable(todo, every, folder) == (every, folder)
     holding(todo)
-    assert bench._resumable(todo, every, folder) == (todo, folder)
+    assert sweep._resumable(todo, every, folder) == (todo, folder)
     holding(every[:1])
-    jobs, other = bench._resumable(todo, every, folder)
+    jobs, other = sweep._resumable(todo, every, folder)
     assert jobs == todo and other != folder and other.name.startswith("b-s0-")

@@ -1,10 +1,16 @@
-"""Tiny random Stable Diffusion and DeepFloyd IF pipelines built from config and saved like the real checkpoints.
+"""Testing helpers shipped with the engine (as numpy.testing, torch.testing): what the tests and the benchmarks share.
 
-Shared by the prior tests and `bench/gpu_check.py`. The folders have the real layout (model_index.json, one
-subfolder per component); only the widths are tiny. Two details copy what real users download:
-- the SD tokenizer folder has no `model_max_length` (transformers then reports ~1e30);
-- the IF tokenizer folder holds only `spiece.model` and `tokenizer_config.json`, as DeepFloyd's repository ships
-  it, so loading it needs sentencepiece and protobuf.
+- `tiny_config`, `tiny_live`: a run that trains in milliseconds a step and keeps going; `wait_for`: poll a
+  condition with a timeout.
+- Tiny random Stable Diffusion and DeepFloyd IF pipelines built from config and saved like the real checkpoints
+  (`write_tiny_sd`, `write_tiny_if`, `write_tiny_taesd`), and a folder laid out as the Hugging Face cache lays
+  out a download (`hf_cache`, `partial_cache`). The folders have the real layout (model_index.json, one
+  subfolder per component); only the widths are tiny. Two details copy what real users download:
+  - the SD tokenizer folder has no `model_max_length` (transformers then reports ~1e30);
+  - the IF tokenizer folder holds only `spiece.model` and `tokenizer_config.json`, as DeepFloyd's repository ships
+    it, so loading it needs sentencepiece and protobuf.
+diffusers, transformers and sentencepiece are imported only by the writers that need them. Like all of engine/,
+nothing here imports gradio, viser or playground/.
 """
 
 from __future__ import annotations
@@ -14,9 +20,41 @@ import json
 import os
 import shutil
 import string
+import time
 
 import torch
 
+
+# -- small runs: a config that trains in milliseconds a step, and a poll for a condition --------------------
+def tiny_config(prior: str = "oracle:sphere", **kw):
+    """16x16 renders, 16 samples per ray, a 16^3 grid, one view per step, shading after 2 albedo steps, the
+    occupancy grid from step 2. `kw`: Config's own fields. A session built on it should get `tiny_live()`."""
+    from engine.config import Config
+
+    return Config(prior=prior, **kw).with_settings({
+        "render.resolution": 16, "render.num_samples": 16, "field.grid_resolution": 16, "render.occupancy_warmup": 2,
+        "render.occupancy_every": 2, "camera.batch_size": 1, "shading.albedo_only_steps": 2})
+
+
+def tiny_live(**kw):
+    """Live parameters for a session on `tiny_config`: 10,000 steps, so that it keeps running. `kw`: LiveParams'."""
+    from engine.config import LiveParams
+
+    return LiveParams(**{"steps": 10_000, **kw})
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
+    """pred()'s first truthy value, polled every 20 ms; AssertionError naming `what` after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- tiny diffusers pipelines ------------------------------------------------------------------------------
 WORDS = ("a", "red", "blue", "cube", "sphere", "front", "side", "back", "overhead", "view", "ugly", "blurry")
 
 
@@ -107,3 +145,35 @@ def write_tiny_taesd(folder: str) -> str:
     AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
                     num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(folder)
     return folder
+
+
+# -- the Hugging Face cache's layout -----------------------------------------------------------------------
+def repo_files(folder: str) -> list[str]:
+    """Every file under `folder`, as sorted paths relative to it."""
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def hf_cache(src: str, cache: str, repo: str) -> str:
+    """`src` laid out as the Hugging Face cache does: blobs/<hash>, snapshots/<commit>/<path> -> link, refs/main.
+    Returns the snapshot folder."""
+    commit = "0" * 40
+    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    snap = os.path.join(root, "snapshots", commit)
+    os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
+    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    with open(os.path.join(root, "refs", "main"), "w") as fh:
+        fh.write(commit)
+    for i, rel in enumerate(repo_files(src)):
+        blob = os.path.join(root, "blobs", f"{i:040x}")
+        shutil.copyfile(os.path.join(src, rel), blob)
+        os.makedirs(os.path.dirname(os.path.join(snap, rel)), exist_ok=True)
+        os.symlink(os.path.relpath(blob, os.path.dirname(os.path.join(snap, rel))), os.path.join(snap, rel))
+    return snap
+
+
+def partial_cache(sd_dir: str, cache: str, repo: str = "org/half-sd") -> str:
+    """A cache whose U-Net weights never finished: no snapshot link, a blobs/*.incomplete left behind."""
+    snap = hf_cache(sd_dir, cache, repo)
+    os.remove(os.path.join(snap, "unet", "diffusion_pytorch_model.safetensors"))
+    open(os.path.join(snap, os.pardir, os.pardir, "blobs", "f" * 40 + ".incomplete"), "wb").close()
+    return snap
