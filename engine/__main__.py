@@ -34,6 +34,8 @@ def cmd_run(args) -> int:
     device = _device(args.device)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be a positive integer; got {args.steps}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.resume:
         meta, tensors = read_checkpoint(args.resume)
         cfg, live = Config.from_dict(meta["config"]), live_from_meta(meta)
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prior", default=None, help=f"prior: {PRIOR_HELP}")
     r.add_argument("--steps", type=int, default=None, help="total training steps (default: the config's)")
     r.add_argument("--seed", type=int, default=0, help="seed of the run")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 makes a seeded run bit-for-bit repeatable here)")
     r.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     r.add_argument("--backbone", choices=("grid", "hash"), default=None, help="field backbone")
     r.add_argument("--resolution", type=int, default=None, help="training render size (default: the prior's)")
