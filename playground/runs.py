@@ -101,6 +101,24 @@ class Run:
         self.trainer, self.live, self.used, self.run_dir, self.saved, self.snap = trainer, live, live, None, None, None
         self.history, self.scores, self.last_metrics, self.times, self.recent_cameras = [], [], {}, [], None
 
+    def forked(self, changes: dict) -> Run:
+        """Run B: a copy of this run's state with `changes` to its live parameters (call it on the session
+        thread, this trainer's only writer, so that the state copied is one step's)."""
+        live = self.live.replace(**changes)
+        b = Run("B", live=live)
+        b.restart(fork_trainer(self.trainer, live), live)
+        return b
+
+    def train(self, live: LiveParams, lock: threading.Lock) -> None:
+        """One step with `live` under `lock` (the session lock), a fresh copy of the field if a viewer asked for
+        one, then `record`."""
+        with lock:
+            result = self.trainer.step(live)
+            if self.snap_wanted.is_set():
+                self.snap_wanted.clear()
+                self.snap = Snapshot.of(self.trainer)
+        self.record(result, live)
+
     def record(self, result: StepResult, live: LiveParams) -> None:
         """What a step did: the live values it used, its loss and cameras, and the time (for its/s)."""
         self.used, self.last_metrics = live, result.metrics

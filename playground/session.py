@@ -25,9 +25,8 @@ from playground import exports, snapshot
 from playground import status as status_room
 from playground.exports import EXPORTS, ExportRefused, Worker
 from playground.priors import PriorCache, PriorUnavailable
-from playground.runs import Run, differences, find_run, fork_trainer, named_run
+from playground.runs import Run, differences, find_run, named_run
 from playground.score import Scorer
-from playground.snapshot import Snapshot
 
 __all__ = ["EXPORTS", "STATES", "ExportRefused", "PriorUnavailable", "Session"]
 
@@ -201,16 +200,14 @@ class Session:
             self.message = "prior options set: they apply when Start or Reset next loads sd or if"
 
     def _do_fork(self, changes: dict) -> None:
-        a, live = self.a, self.a.live.replace(**changes)
-        b = Run("B", live=live)
-        b.restart(fork_trainer(a.trainer, live), live)  # this thread is A's only writer: one step's state
+        a, b = self.a, self.a.forked(changes)
         with self.lock:
             self.runs = [a, b]
-        self._encode(b, live)
+        self._encode(b, b.live)
         self._turn = 1  # B takes the next step
-        if self.state == "done" and b.step < live.steps:
+        if self.state == "done" and b.step < b.live.steps:
             self.state = "paused"
-        diff = ", ".join(f"{k} {v[1]}" for k, v in differences(a.live, live).items())
+        diff = ", ".join(f"{k} {v[1]}" for k, v in differences(a.live, b.live).items())
         self.message = f"forked run B from run A at step {b.step}" + (f" with {diff}" if diff else " (no changes)")
 
     def _do_close_fork(self, _) -> None:
@@ -279,20 +276,14 @@ class Session:
             return
         run = ready[self._turn % len(ready)]
         self._turn = (self._turn + 1) % len(self.runs)
-        tr, live = run.trainer, run.live  # read once: the whole step uses this one LiveParams
+        live = run.live  # read once: the whole step uses this one LiveParams
         try:
             if (live.prompt, live.negative_prompt) != (run.used.prompt, run.used.negative_prompt):
                 self.message = "encoding the new prompt..."
                 self._encode(run, live)
-            with self.lock:
-                result = tr.step(live)
-                if run.snap_wanted.is_set():  # a viewer asked for a fresher copy of the field
-                    run.snap_wanted.clear()
-                    run.snap = Snapshot.of(tr)
+            run.train(live, self.lock)
         except Exception as err:
-            self._step_failed(run, err)
-            return
-        run.record(result, live)
+            return self._step_failed(run, err)
         self.message = "training"
 
     def _step_failed(self, run: Run, err: Exception) -> None:
