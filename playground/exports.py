@@ -72,6 +72,7 @@ class Worker:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-work")
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
+        """Run `fn(*args)` on the worker thread, after the jobs queued before it."""
         return self._pool.submit(fn, *args)
 
     def shutdown(self) -> None:

@@ -36,12 +36,9 @@ STATES = ("idle", "running", "paused", "done", "error")
 
 
 class Session:
-    """The runs (A, and B while forked), the thread, the lock, the state, and the rooms it holds.
-
-    `cfg` and `live`: the launch prior's settings; `overrides`: dotted settings the command line set for the whole
-    session. A new run's settings are `engine.presets.new_run` of those, the current run's and what the user set
-    since (`pending`). `score_every_s`: seconds between live scores of each run (0: no live score).
-    """
+    """`cfg`, `live`: the launch prior's settings; `overrides`: dotted settings the command line set for the session.
+    A new run's settings are `engine.presets.new_run` of those, the current run's and what the user set since
+    (`pending`). `score_every_s`: seconds between live scores of each run (0: no live score)."""
 
     def __init__(self, cfg: Config | None = None, live: LiveParams | None = None, *, device="cpu",
                  out_root: str | Path = "outputs", prior_loader=load_prior, preview_size: int = 64,
@@ -71,8 +68,7 @@ class Session:
 
     @property
     def fork_run(self) -> Run | None:
-        runs = self.runs
-        return runs[1] if len(runs) > 1 else None
+        return find_run(self.runs, "B")
 
     @property
     def max_steps(self) -> int:
