@@ -100,7 +100,7 @@ def render_capacity(session, seconds: float) -> dict:
 
     def frame(i: int, size: int, samples: int) -> None:
         snap = session.render_source()
-        img = snap.render(fixed_views([7.0 * i], [20.0], distance=3.0), size, size, "lambertian", live=session.used,
+        img = snap.render(fixed_views([7.0 * i], [20.0], distance=3.0), size, size, "lambertian", live=session.a.used,
                           samples=samples)
         Image.fromarray(to_uint8(img)[0]).save(io.BytesIO(), format="JPEG", quality=85)
 

@@ -124,7 +124,7 @@ class Soak:
                 try:
                     with torch.no_grad():
                         img = snap.render(cams, size, size, rng.choice(["lambertian", "albedo", "normal"]),
-                                          live=self.session.used, samples=24)
+                                          live=self.session.a.used, samples=24)
                     Image.fromarray(to_uint8(img)[0]).save(io.BytesIO(), format="JPEG", quality=85)
                     self.counts["frames"] += 1
                 except Exception as err:

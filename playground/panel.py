@@ -121,7 +121,7 @@ def followed(session: Session) -> tuple:
     """The controls the pane keeps in step with the session when something else changes them (the viewer
     moves the light; a prior switch brings its guidance, learning rate and steps): light mode, azimuth,
     elevation, distance, guidance, learning rate, steps, prior."""
-    live = session.live
+    live = session.a.live
     return (live.light_mode, live.light_azimuth, live.light_elevation, live.light_distance, live.guidance_scale,
             live.learning_rate, session.max_steps, session.prior_spec)
 
@@ -347,7 +347,7 @@ class Panel:
         Order: prompt, negative prompt, prior, guidance, shading, distillation loss, light mode, azimuth, elevation,
         distance, colour, ambient, learning rate, seed, steps, the tuple the timer compares against (`followed`),
         and run B's guidance and loss (A's while no fork is open)."""
-        s, live = self.session, self.session.live
+        s, live = self.session, self.session.a.live
         b = s.fork_run.live if s.fork_run is not None else live
         return [live.prompt, live.negative_prompt, s.prior_spec, live.guidance_scale, live.shading, live.distillation,
                 *followed(s)[:4], to_hex(live.light_color), live.ambient, live.learning_rate,
@@ -371,7 +371,7 @@ class Panel:
 
     # -- layout --------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
-        s, live = self.session, self.session.live
+        s, live = self.session, self.session.a.live
         private = {"api_visibility": "private", "show_progress": "hidden"}
         with gr.Blocks(title="DreamFusion Playground") as demo:
             gr.Markdown("# DreamFusion Playground\nType a prompt, press **Start** and watch the object form. "

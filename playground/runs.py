@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.checkpoint import checkpoint_state, load_into
-from engine.config import LiveParams
+from engine.config import LiveParams, quoted
 from engine.trainer import StepResult, Trainer
 from playground.snapshot import Snapshot
 
@@ -35,6 +35,20 @@ def differences(a: LiveParams, b: LiveParams) -> dict:
     """{name: [A's value, B's value]} for every live parameter that differs (JSON-ready)."""
     da, db = live_dict(a), live_dict(b)
     return {k: [da[k], db[k]] for k in da if da[k] != db[k]}
+
+
+def find_run(runs: list[Run], name: str) -> Run | None:
+    """The run called `name` in `runs`, or None (B while no fork is open)."""
+    return next((r for r in runs if r.name == name), None)
+
+
+def named_run(runs: list[Run], name: str) -> Run:
+    """The run called `name`; ValueError says why there is none."""
+    if name not in RUN_NAMES:
+        raise ValueError(f"run must be one of {', '.join(RUN_NAMES)}; got {quoted(name)}")
+    if (run := find_run(runs, name)) is None:
+        raise ValueError(f"there is no run {name}: fork run A first")
+    return run
 
 
 def fork_trainer(trainer: Trainer, live: LiveParams) -> Trainer:
@@ -87,6 +101,24 @@ class Run:
         self.trainer, self.live, self.used, self.run_dir, self.saved, self.snap = trainer, live, live, None, None, None
         self.history, self.scores, self.last_metrics, self.times, self.recent_cameras = [], [], {}, [], None
 
+    def forked(self, changes: dict) -> Run:
+        """Run B: a copy of this run's state with `changes` to its live parameters (call it on the session
+        thread, this trainer's only writer, so that the state copied is one step's)."""
+        live = self.live.replace(**changes)
+        b = Run("B", live=live)
+        b.restart(fork_trainer(self.trainer, live), live)
+        return b
+
+    def train(self, live: LiveParams, lock: threading.Lock) -> None:
+        """One step with `live` under `lock` (the session lock), a fresh copy of the field if a viewer asked for
+        one, then `record`."""
+        with lock:
+            result = self.trainer.step(live)
+            if self.snap_wanted.is_set():
+                self.snap_wanted.clear()
+                self.snap = Snapshot.of(self.trainer)
+        self.record(result, live)
+
     def record(self, result: StepResult, live: LiveParams) -> None:
         """What a step did: the live values it used, its loss and cameras, and the time (for its/s)."""
         self.used, self.last_metrics = live, result.metrics
@@ -108,6 +140,26 @@ class Run:
         if not running or len(t) < 2 or time.perf_counter() - t[-1] > 5.0:
             return 0.0
         return (len(t) - 1) / max(t[-1] - t[0], 1e-9)
+
+    def snapshot(self, lock: threading.Lock, *, running: bool) -> Snapshot | None:
+        """A frozen copy of its field at a recent step, to render without holding the lock.
+
+        While training runs, the session thread makes a fresher copy right after this run's next step when asked
+        (no waiting on the lock here); otherwise the copy is taken now under `lock` (the session lock).
+        """
+        tr, snap = self.trainer, self.snap
+        if tr is None:
+            return None
+        if snap is not None and snap.key == (id(tr), tr.step_count):
+            return snap
+        if running and snap is not None and snap.key[0] == id(tr):
+            self.snap_wanted.set()
+            return snap
+        with lock:
+            if self.trainer is None:
+                return None
+            self.snap = Snapshot.of(self.trainer)
+            return self.snap
 
     def folder(self, out_root: Path, make, *, named: bool) -> Path:
         """Its export folder: `make(out_root, prompt)` once, then the same; ending in "-A" / "-B" when `named`

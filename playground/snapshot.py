@@ -2,6 +2,7 @@
 
 The copy is the engine's `RenderSource.from_trainer` (milliseconds under the session lock); it renders
 exactly as exports do, outside the lock, with its field prepared once for all its frames.
+`render_source(session, run)` and `render_sources(session)` are the session's (`Session.render_source`...).
 """
 
 from __future__ import annotations
@@ -41,3 +42,16 @@ class Snapshot:
                live: LiveParams | None = None, samples: int | None = None) -> Tensor:
         """[B, 3, H, W] in [0, 1] in one of RENDER_MODES; `samples` per ray defaults to the training's."""
         return self.with_samples(samples).image(cams, height, width, mode, live)
+
+
+def render_source(session, run: str = "A") -> Snapshot | None:
+    """A frozen copy of a run's field at a recent step (`Run.snapshot`), or None (no such run, or no field yet)."""
+    r = next((r for r in session.runs if r.name == run), None)
+    return r.snapshot(session.lock, running=session.state == "running") if r is not None else None
+
+
+def render_sources(session) -> list[tuple[str, Snapshot, LiveParams]]:
+    """(name, frozen copy, live parameters of its last step) of each run: one, or A and B while forked."""
+    running = session.state == "running"
+    snaps = [(r, r.snapshot(session.lock, running=running)) for r in session.runs]
+    return [(r.name, snap, r.used) for r, snap in snaps if snap is not None]

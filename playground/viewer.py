@@ -262,7 +262,7 @@ class Viewer:
         self.server.initial_camera.position = (2.6, 1.2, 1.2)
         self.server.initial_camera.look_at = (0.0, 0.0, 0.0)
         self.server.initial_camera.up = (0.0, 0.0, 1.0)
-        live = session.live
+        live = session.a.live
         self.light = scene.add_transform_controls(
             "/light", scale=0.35, disable_rotations=True,
             position=point_of(live.light_azimuth, live.light_elevation, live.light_distance))
@@ -301,11 +301,11 @@ class Viewer:
             self._sync_scene()
 
     def _sync_scene(self) -> None:
-        live, now = self.session.live, time.perf_counter()
+        live, now = self.session.a.live, time.perf_counter()
         want = point_of(live.light_azimuth, live.light_elevation, live.light_distance)
         if now - self._dragged_at > 1.0 and np.abs(np.subtract(want, self.light.position)).max() > 1e-2:
             self.light.position = want
-        cams = self.session.recent_cameras
+        cams = self.session.a.recent_cameras
         if not self.frustums.value:
             if self._frustum_handles:
                 for h in self._frustum_handles:

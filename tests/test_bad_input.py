@@ -228,12 +228,12 @@ def test_every_message_that_lists_the_oracles_solids_lists_the_same_ones(running
 
 def test_a_prior_that_fails_to_load_keeps_the_run(running):
     session, panel = running
-    trainer, before = session.trainer, session.step
+    trainer, before = session.a.trainer, session.step
     session.reset("sd:/nonexistent/model-folder")
     session.wait_idle_queue(60)
     wait_for(lambda: session.step > before + 1, what="steps after the failed reset")
     st = session.status()
-    assert session.trainer is trainer and st["state"] == "running" and st["prior"] == "oracle:cube"
+    assert session.a.trainer is trainer and st["state"] == "running" and st["prior"] == "oracle:cube"
     assert any("reset failed" in w and "not available" in w for w in st["warnings"]), st
 
 

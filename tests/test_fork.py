@@ -56,13 +56,13 @@ def test_fork_trains_a_and_b_in_turns_with_what_differs(session):
     assert session.fork(guidance_scale=30.0).guidance_scale == 30.0
     session.wait_idle_queue()
     b = session.fork_run
-    assert b is not None and b.trainer is not session.trainer and b.step >= 3
+    assert b is not None and b.trainer is not session.a.trainer and b.step >= 3
     a0, b0 = session.step, b.step
     st = wait_for(lambda: (x := session.status())["fork"]["step"] >= b0 + 3 and x, what="B's steps")
     assert st["step"] >= a0 + 2, "A trains in turns with B"
     assert st["fork"]["differs"] == {"guidance_scale": [10.0, 30.0]} and st["fork"]["name"] == "B"
     assert [r["name"] for r in st["runs"]] == ["A", "B"] and st["guidance_scale"] == 10.0  # top level: run A
-    assert b.last_metrics["guidance_scale"] == 30.0 and session.last_metrics["guidance_scale"] == 10.0
+    assert b.last_metrics["guidance_scale"] == 30.0 and session.a.last_metrics["guidance_scale"] == 10.0
     assert st["fork"]["loss"] is not None and st["fork"]["state"] == "running"
 
     session.set_params(run="B", shading="albedo")
@@ -95,16 +95,16 @@ def _fork_with_a_loss(session, loss):
     st = wait_for(lambda: (x := session.status())["fork"] and x["fork"]["loss"] is not None
                   and x["fork"]["step"] > x["step"] - 1 and x, what="B's steps")
     assert st["fork"]["differs"] == {"distillation": ["sds", loss]}
-    assert session.fork_run.last_metrics["distillation"] == loss and session.last_metrics["distillation"] == "sds"
+    assert session.fork_run.last_metrics["distillation"] == loss and session.a.last_metrics["distillation"] == "sds"
     if loss == "vsd":  # a fork of a VSD run gets its own copy of the trainable prior copy
         session.set_params(distillation="vsd")
-        wait_for(lambda: session.trainer.vsd is not None, what="A's VSD copy")
+        wait_for(lambda: session.a.trainer.vsd is not None, what="A's VSD copy")
         session.fork()
         session.wait_idle_queue()
         b = session.fork_run.trainer
-        assert b.vsd is not None and b.vsd is not session.trainer.vsd
+        assert b.vsd is not None and b.vsd is not session.a.trainer.vsd
         assert all(p.data_ptr() != q.data_ptr() for p, q in zip(b.vsd.delta.parameters(),
-                                                                session.trainer.vsd.delta.parameters()))
+                                                                session.a.trainer.vsd.delta.parameters()))
 
 
 def test_a_failing_fork_is_closed_and_run_a_goes_on(session):
@@ -151,7 +151,7 @@ def test_exports_name_their_run_and_a_reset_closes_the_fork(session, tmp_path):
 def _blocked_worker(session):
     """Hold the session's worker thread until the returned event is set (an export then queues behind it)."""
     gate = threading.Event()
-    session._pool.submit(gate.wait, 30)
+    session.worker.submit(gate.wait, 30)
     return gate
 
 
@@ -219,7 +219,7 @@ def test_live_score_is_computed_off_the_training_thread(tmp_path, monkeypatch):
         s.set_params(prompt="a thing")  # names no colour and no shape: nothing more is scored
         s.close_fork()
         s.wait_idle_queue()
-        wait_for(lambda: s.used.prompt == "a thing", what="the new prompt")
+        wait_for(lambda: s.a.used.prompt == "a thing", what="the new prompt")
         n = len(threads)
         threading.Event().wait(0.6)
         assert len(threads) <= n + 1

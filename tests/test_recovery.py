@@ -91,7 +91,7 @@ def test_session_status_counts_skipped_steps_and_rollbacks(tmp_path, tiny_config
 
     cfg = tiny_config("oracle:cube").with_settings({"sds.good_state_every": 2, "sds.rollback_after": 3})
     s = Session(cfg, LiveParams(steps=10_000), out_root=tmp_path)
-    s._priors["oracle:cube"] = FlakyPrior("cube", range(4, 7))  # steps 4-6 non-finite: 3 skipped, 1 rollback
+    s.priors.loaded["oracle:cube"] = FlakyPrior("cube", range(4, 7))  # steps 4-6 non-finite: 3 skipped, 1 rollback
     try:
         assert s.status()["skipped_steps"] == 0 and s.status()["rollbacks"] == 0
         s.start()

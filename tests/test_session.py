@@ -40,9 +40,9 @@ def test_start_params_pause_resume_reset(session):
     assert st["shading"] == "albedo" and st["shading_used"] == "albedo"
     assert st["light_mode"] == "fixed" and st["light_azimuth"] == 90.0 and st["light_color"] == [1.0, 0.5, 0.25]
     assert st["step"] >= before, "a parameter change must not restart the run"
-    opt = session.trainer.optimizer
+    opt = session.a.trainer.optimizer
     wait_for(lambda: session.step > before + 2, what="steps after the change")
-    assert session.trainer.optimizer is opt and opt.param_groups[0]["lr"] == pytest.approx(5e-3)
+    assert session.a.trainer.optimizer is opt and opt.param_groups[0]["lr"] == pytest.approx(5e-3)
 
     session.pause()
     wait_for(lambda: session.state == "paused", what="pause")
@@ -166,10 +166,10 @@ def test_render_source_renders_every_mode_while_training(session):
     snap = session.render_source()
     cams = fixed_views([30.0], [20.0])
     for mode in RENDER_MODES:
-        img = snap.render(cams, 24, 20, mode, live=session.used)
+        img = snap.render(cams, 24, 20, mode, live=session.a.used)
         assert img.shape == (1, 3, 24, 20) and torch.isfinite(img).all()
         assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
-    fewer = snap.render(cams, 16, 16, "lambertian", live=session.used, samples=8)
+    fewer = snap.render(cams, 16, 16, "lambertian", live=session.a.used, samples=8)
     assert fewer.shape == (1, 3, 16, 16) and snap.with_samples(8).field is snap.source.field
     with pytest.raises(ValueError):
         snap.render(cams, 8, 8, "xray")
@@ -267,15 +267,15 @@ def test_switching_large_priors_keeps_only_one_loaded(tmp_path):
     try:
         s.reset(prior="sd:a")
         s.wait_idle_queue(60)
-        first = weakref.ref(s.trainer.prior)
+        first = weakref.ref(s.a.trainer.prior)
         s.reset(prior="if:b")
         s.wait_idle_queue(60)
-        assert list(s._priors) == ["if:b"]
+        assert list(s.priors.loaded) == ["if:b"]
         gc.collect()
         assert first() is None, "the previous large prior is still referenced"
         s.reset(prior="oracle:cube")
         s.wait_idle_queue(60)
-        assert "if:b" not in s._priors
+        assert "if:b" not in s.priors.loaded
     finally:
         s.stop()
 
@@ -295,7 +295,7 @@ def test_out_of_memory_in_a_step_pauses_with_what_to_lower(tmp_path):
         s.start()
         st = wait_for(lambda: (x := s.status())["state"] == "paused" and x, what="the pause after OOM")
         assert "out of GPU memory" in st["message"] and "lower the resolution" in st["message"]
-        assert st["error"] is None and s.trainer is not None  # nothing lost: the run can go on
+        assert st["error"] is None and s.a.trainer is not None  # nothing lost: the run can go on
     finally:
         s.stop()
 
@@ -319,3 +319,25 @@ def test_a_loss_the_prior_cannot_run_is_refused_when_set_and_the_run_goes_on(ses
     before = session.step
     wait_for(lambda: session.status()["distillation"] == "csd" and session.step > before + 1, what="csd steps")
     assert session.state == "running"
+
+
+def test_a_seeded_session_trains_the_bits_of_a_plain_trainer_loop(tmp_path):
+    """The session thread steps the engine's trainer and nothing else: same config, live values and prior as a
+    plain `Trainer` loop in this process, the same tensors after N steps (field, optimizer, grid, generator)."""
+    from engine.checkpoint import trainer_tensors
+    from engine.trainer import Trainer
+
+    cfg, live = _tiny_config("oracle:cube", seed=7), LiveParams(prompt="a red cube", steps=6)
+    s = Session(cfg, live, out_root=tmp_path, score_every_s=0)
+    try:
+        s.start()
+        wait_for(lambda: s.state == "done", what="the seeded run's 6 steps")
+        session_state = trainer_tensors(s.a.trainer)
+    finally:
+        s.stop()
+    plain = Trainer(cfg, load_prior("oracle:cube"), "cpu", live)
+    for _ in range(live.steps):
+        plain.step(live)
+    plain_state = trainer_tensors(plain)
+    assert s.step == plain.step_count == 6 and session_state.keys() == plain_state.keys()
+    assert [k for k in plain_state if not torch.equal(session_state[k], plain_state[k])] == []
