@@ -2,10 +2,9 @@
 
 The session thread is the only writer of the trainers and of `state` ("idle" | "running" | "paused" | "done" |
 "error"). UI handlers (`start`, `pause`, `reset`, `fork`, `set_params`...) check their input, queue a command and
-return; the thread applies it between steps. `lock` is held for one step, or while a field is copied.
-Its other rooms are objects it holds: `priors` (playground/priors.py), `worker` (exports and previews,
-playground/exports.py), `scorer` (playground/score.py); playground/status.py builds its status JSON.
-"""
+return; the thread applies it between steps. `lock` is held for one step, or while a field is copied. Other rooms:
+`priors` (priors.py), `worker` (exports and previews, exports.py), `scorer` (score.py) are objects it holds;
+lifecycle.py builds, forks and fails runs; status.py builds the status JSON."""
 
 from __future__ import annotations
 
@@ -14,24 +13,19 @@ import queue
 import threading
 from pathlib import Path
 
-import torch
-
-from engine.config import Config, LiveParams, quoted
-from engine.presets import new_run
-from engine.priors import check_prior_spec, load_prior
+from engine.config import Config, LiveParams
+from engine.priors import load_prior
 from engine.priors.base import check_distillation
-from engine.trainer import Trainer
-from playground import exports, snapshot
+from playground import exports, lifecycle, snapshot
 from playground import status as status_room
 from playground.exports import EXPORTS, ExportRefused, Worker
 from playground.priors import PriorCache, PriorUnavailable
-from playground.runs import Run, differences, find_run, named_run
+from playground.runs import Run, find_run, named_run
 from playground.score import Scorer
 
 __all__ = ["EXPORTS", "STATES", "ExportRefused", "PriorUnavailable", "Session"]
 
 log = logging.getLogger(__name__)
-
 STATES = ("idle", "running", "paused", "done", "error")
 
 
@@ -43,8 +37,7 @@ class Session:
     def __init__(self, cfg: Config | None = None, live: LiveParams | None = None, *, device="cpu",
                  out_root: str | Path = "outputs", prior_loader=load_prior, preview_size: int = 64,
                  overrides: dict | None = None, prior_options=None, score_every_s: float = 5.0):
-        self.cfg, self.device, self.out_root = cfg or Config(), device, Path(out_root)
-        self.overrides = dict(overrides or {})
+        self.cfg, self.device, self.out_root, self.overrides = cfg or Config(), device, Path(out_root), dict(overrides or {})
         self.pending: dict = {}  # dotted settings the user set for the next new run (`start`, `reset`)
         self.lock = threading.Lock()  # held for one training step, or while copying a field
         # run A always; run B while a fork is open. The list is replaced whole (under the lock), never mutated
@@ -58,7 +51,7 @@ class Session:
         self.exports = self.worker.reports  # one line per finished export (the worker's list, appended there)
         self.scorer = Scorer(runs=lambda: self.runs, lock=self.lock, every_s=score_every_s) if score_every_s else None
         self._commands: queue.Queue = queue.Queue()  # (method, argument), applied by the session thread
-        self._turn = 0  # which run trains next while forked: A and B take turns
+        self.turn = 0  # which run trains next while forked: A and B take turns
         self._thread = threading.Thread(target=self._loop, name="session", daemon=True)
         self._thread.start()
 
@@ -83,7 +76,7 @@ class Session:
         """Train: from idle/done/error builds a run if needed; from paused resumes. `settings`: dotted settings
         ("live.guidance_scale", "seed", "render.resolution"...) for the next new run, over its prior's preset; the
         live ones apply at once to a run that goes on. A prior that fails to load leaves the current run as it was."""
-        self._commands.put((self._do_start, self._checked(prior, settings)))
+        self._commands.put((self._do_start, lifecycle.checked(self, prior, settings)))
 
     def pause(self) -> None:
         self._commands.put((self._do_move, ("running", "paused")))
@@ -94,14 +87,7 @@ class Session:
     def reset(self, prior: str | None = None, settings: dict | None = None) -> None:
         """A new field with the current settings and `settings` (as in `start`), or `prior`'s preset for another
         kind of prior; keeps running if it was. Closes run B."""
-        self._commands.put((self._do_reset, self._checked(prior, settings)))
-
-    def _checked(self, prior: str | None, settings: dict | None) -> tuple[str | None, dict]:
-        """(prior, settings) if a new run could be built with them, else ValueError naming the bad one."""
-        prior, settings = check_prior_spec(prior) if prior else None, dict(settings or {})
-        new_run(prior or self.prior_spec, device=self.device, current=(self.cfg, self.a.live),
-                overrides=self.overrides, changes={**self.pending, **settings})
-        return prior, settings
+        self._commands.put((self._do_reset, lifecycle.checked(self, prior, settings)))
 
     def fork(self, **changes) -> LiveParams:
         """Start run B as a copy of run A (field, optimizer, step, generator) with `changes` to A's live parameters;
@@ -121,7 +107,7 @@ class Session:
         the run's next step. "steps" (the run's length) applies to every run; "seed" to the next new run."""
         target = named_run(self.runs, run)
         if "seed" in changes:  # the seed is fixed for a run: it is kept for the next new one
-            self._commands.put((self._do_pending, self._checked(None, {"seed": changes.pop("seed")})[1]))
+            self._commands.put((self._do_pending, lifecycle.checked(self, None, {"seed": changes.pop("seed")})[1]))
         new = target.live.replace(**changes)
         if "distillation" in changes and target.trainer is not None:  # a loss this prior cannot run: refused now
             check_distillation(target.trainer.prior, new.distillation)
@@ -196,15 +182,7 @@ class Session:
             self.message = "prior options set: they apply when Start or Reset next loads sd or if"
 
     def _do_fork(self, changes: dict) -> None:
-        a, b = self.a, self.a.forked(changes)
-        with self.lock:
-            self.runs = [a, b]
-        self._encode(b, b.live)
-        self._turn = 1  # B takes the next step
-        if self.state == "done" and b.step < b.live.steps:
-            self.state = "paused"
-        diff = ", ".join(f"{k} {v[1]}" for k, v in differences(a.live, b.live).items())
-        self.message = f"forked run B from run A at step {b.step}" + (f" with {diff}" if diff else " (no changes)")
+        lifecycle.fork(self, changes)
 
     def _do_close_fork(self, _) -> None:
         if self.fork_run is not None:
@@ -227,7 +205,7 @@ class Session:
         self.prior_spec = prior or self.prior_spec
         tr = self.a.trainer
         if tr is None or self.state in ("done", "error") or tr.prior.name != self.priors.name(self.prior_spec):
-            self._new_trainer()
+            lifecycle.new_trainer(self)
         self.state, self.message = "running", "training"
 
     def _do_reset(self, arg: tuple[str | None, dict]) -> None:
@@ -235,33 +213,9 @@ class Session:
         self.pending.update(settings)
         self.prior_spec = prior or self.prior_spec
         was_running, forked = self.state == "running", self.fork_run is not None
-        self._new_trainer()
+        lifecycle.new_trainer(self)
         self.state = "running" if was_running else "idle"
         self.message = ("training" if was_running else "new field; press Start") + ("; run B closed" if forked else "")
-
-    def _new_trainer(self) -> None:
-        """A new field for run A (run B is closed), swapped in under the lock at once with everything shown of
-        the old one, so an export or a frame never sees half a switch."""
-        spec, a = self.prior_spec, self.a
-        if spec not in self.priors.loaded:
-            self.message = f"loading prior {quoted(spec)}..."
-        # loaded before the current run is dropped: a failure keeps it
-        prior = self.priors.get(spec, in_use=[r.trainer.prior for r in self.runs if r.trainer is not None])
-        run = new_run(spec, device=self.device, current=(self.cfg, a.live), overrides=self.overrides,
-                      changes=self.pending)
-        trainer = Trainer(run.cfg, prior, self.device, run.live)
-        with self.lock:
-            a.restart(trainer, run.live)
-            self.runs = [a]
-        self.worker.latest_preview, self.warnings, self.error, self._turn = None, [], None, 0
-        self.cfg, self.pending, self.settings_note = run.cfg, {}, run.note or self.settings_note
-        self.priors.keep_large(prior)
-        self._encode(a, run.live)
-
-    def _encode(self, run: Run, live: LiveParams) -> None:
-        run.warnings = list(run.trainer.embedding(live.prompt, live.negative_prompt).warnings)  # cached per prompt
-        if run is self.a:
-            self.warnings = list(run.warnings)
 
     def _train_one(self) -> None:
         """One step of one run: A, or while forked A and B in turns (a finished run sits out)."""
@@ -270,41 +224,20 @@ class Session:
             done = self.a.trainer is not None
             self.state, self.message = ("done", f"finished {self.a.step} steps") if done else ("idle", self.message)
             return
-        run = ready[self._turn % len(ready)]
-        self._turn = (self._turn + 1) % len(self.runs)
+        run = ready[self.turn % len(ready)]
+        self.turn = (self.turn + 1) % len(self.runs)
         live = run.live  # read once: the whole step uses this one LiveParams
         try:
             if (live.prompt, live.negative_prompt) != (run.used.prompt, run.used.negative_prompt):
                 self.message = "encoding the new prompt..."
-                self._encode(run, live)
+                lifecycle.encode(self, run, live)
             run.train(live, self.lock)
         except Exception as err:
-            return self._step_failed(run, err)
+            return lifecycle.step_failed(self, run, err)
         self.message = "training"
-
-    def _step_failed(self, run: Run, err: Exception) -> None:
-        """Out of memory pauses; a failing run B is closed (A goes on); a failing run A is an error."""
-        label, step = (f"run {run.name} " if len(self.runs) > 1 else ""), run.step
-        if isinstance(err, torch.OutOfMemoryError):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self.state, self.message = "paused", (
-                f"out of GPU memory at {label}step {step}: lower the resolution, batch size or samples per ray "
-                "(or use CPU offload of the prior, or close run B), then press Start")
-            log.warning(self.message)
-        elif run is not self.a:
-            log.exception("run B's step failed", exc_info=err)
-            with self.lock:
-                self.runs = [self.a]
-            self.message = f"run B closed: its step {step} failed: {type(err).__name__}: {err}"
-        else:
-            log.exception("training step failed", exc_info=err)
-            return self._fail(f"{label}step {step} failed: {type(err).__name__}: {err}")
-        self.warnings.append(self.message)
 
     def _fail(self, message: str) -> None:
         self.state, self.error, self.message = "error", message, message
-
     # -- reading, rendering and exports (any thread): functions of the session, each defined in its room --------
     status = status_room.status  # the JSON the pane and the API show
     settings = status_room.settings  # the settings the run's prior brought
