@@ -84,7 +84,7 @@ def test_a_page_opened_mid_run_shows_the_runs_settings(playground_app, browser):
     box.wait_for(timeout=60_000)
     page.wait_for_function("document.querySelector('#prompt textarea').value === 'a green cone'", timeout=30_000)
     assert page.locator("#negative_prompt textarea").input_value() == "a blurry photo"
-    assert float(page.locator("#guidance input[type=number]").input_value()) == 25.0
+    assert float(page.locator("#guidance_scale input[type=number]").input_value()) == 25.0
     assert page.locator("input[type=radio][value=textureless]").is_checked()
     page.close()
     Client(playground_app["url"], verbose=False).predict("a red cube on a table", "", 10.0, "random",

@@ -267,6 +267,5 @@ def test_example_prompts_form_well_in_the_protocol_and_one_click_starts_them(ses
         assert {r["seed"] for r in runs} == {0, 1}, f"{prompt!r} is not in the SDS protocol's results at seeds 0 and 1"
         for r in runs:
             assert r["colour_r_precision"] >= 0.9 and r["geometry_r_precision"] >= 0.8, (prompt, r["seed"])
-    prompt, message = Panel(session)._on_example(EXAMPLES[0])
-    assert prompt == EXAMPLES[0] and message == ""
+    assert Panel(session)._on_example(EXAMPLES[0]) == {"prompt": EXAMPLES[0], "message": ""}
     wait_for(lambda: session.status()["prompt"] == EXAMPLES[0] and session.state == "running", what="the example")
