@@ -271,7 +271,7 @@ class Panel:
         """Streamed outputs; a followed control moves when the session's value changed since the page last saw it."""
         s, st = self.session, self.session.status()
         runs = list(s.runs)
-        df, limits = loss_frame(runs), None
+        df = loss_frame(runs)
         limits = loss_limits(df)
         now = self._followed()
         out = {"status": status_markdown(st), "plot": gr.LinePlot(value=df, y_lim=limits) if limits else df,
@@ -369,7 +369,9 @@ class Panel:
         """The pane's events: each handler gets {name: value} of its inputs and returns {name: value}."""
         def on(event, fn, inputs: list[str], outputs: list[str], name: str) -> None:
             def call(*values):
-                return {w[k]: v for k, v in fn(dict(zip(inputs, values))).items()}
+                out = {w[k]: v for k, v in fn(dict(zip(inputs, values))).items()}
+                # Gradio reads an empty dict as a value, not as "no updates"
+                return out or ({w[outputs[0]]: gr.skip()} if outputs else None)
             event(call, [w[k] for k in inputs], [w[k] for k in outputs], api_name=f"ui_{name}", **PRIVATE)
 
         names, s = [c.name for c in CONTROLS], self.session
