@@ -1,5 +1,6 @@
 """The launched app in headless Chromium (Debian's, driven by Playwright): the pane starts a run from a typed
-prompt; the viewer's canvas shows the object and a drag orbits to a new frame; Ctrl-C frees both ports.
+prompt; the viewer's canvas shows the object and a drag orbits to a new frame; Ctrl-C frees both ports; a prior
+picked in the pane runs with its own preset but for what the user typed.
 
 Screenshots go to $PLAYGROUND_SCREENSHOTS (default: pytest's temporary folder)."""
 
@@ -83,7 +84,7 @@ def test_a_page_opened_mid_run_shows_the_runs_settings(playground_app, browser):
     box.wait_for(timeout=60_000)
     page.wait_for_function("document.querySelector('#prompt textarea').value === 'a green cone'", timeout=30_000)
     assert page.locator("#negative_prompt textarea").input_value() == "a blurry photo"
-    assert float(page.locator("#guidance input[type=number]").input_value()) == 25.0
+    assert float(page.locator("#guidance_scale input[type=number]").input_value()) == 25.0
     assert page.locator("input[type=radio][value=textureless]").is_checked()
     page.close()
     Client(playground_app["url"], verbose=False).predict("a red cube on a table", "", 10.0, "random",
@@ -241,3 +242,47 @@ def test_ctrl_c_stops_cleanly_and_frees_both_ports(playground_app, port_is_free)
     assert proc.wait(60) == 0
     assert "stopped" in playground_app["log"].read_text()
     assert port_is_free(playground_app["port"]) and port_is_free(playground_app["viewer_port"])
+
+
+@pytest.fixture(scope="module")
+def embedded_app(tmp_path_factory, launch_app):
+    """The app on the embedded prior (its preset: 2000 steps, learning rate 0.01), idle, at tiny settings."""
+    info = launch_app(tmp_path_factory.mktemp("embedded_app"), "--prior", "embedded", "--resolution", "16",
+                      "--batch-size", "1", "--samples", "16", "--prompt", "a red cube")
+    yield info
+    info["proc"].send_signal(signal.SIGINT)
+    info["proc"].wait(60)
+
+
+def test_a_prior_picked_in_the_pane_runs_with_its_own_preset_and_what_was_typed(embedded_app, browser, shots):
+    """Start sends only what the user changed: the oracle's steps (1500) and learning rate (0.03) replace the
+    embedded prior's (2000, 0.01) shown in the pane, while a guidance typed (not yet submitted) before Start is
+    kept; the pane then shows the new run's values."""
+    before = status(embedded_app)
+    assert (before["prior"], before["steps"], before["learning_rate"]) == ("embedded", 2000, 0.01)
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(embedded_app["url"], wait_until="domcontentloaded")
+    page.locator("#prompt textarea").wait_for(timeout=60_000)
+    page.wait_for_function("document.querySelector('#prompt textarea').value === 'a red cube'", timeout=30_000)
+    page.get_by_text("Optimisation").click()
+    steps = page.locator("#steps input")
+    steps.wait_for(timeout=30_000)
+    assert steps.input_value() == "2000"
+    prior = page.locator("#prior input")
+    prior.fill("oracle:sphere")
+    prior.press("Enter")
+    page.locator("#guidance_scale input[type=number]").fill("12")  # typed, not submitted: Start takes it
+    page.locator("#start").click()
+    page.wait_for_function("(t => t.includes('running') && t.includes('/ 1500') && t.includes('oracle:sphere'))"
+                           "(document.querySelector('#status')?.innerText || '')", timeout=90_000)
+    wait_until(lambda: status(embedded_app)["step"] >= 2, what="steps of the oracle's run")
+    st = status(embedded_app)
+    assert (st["prior"], st["steps"], st["learning_rate"], st["guidance_scale"]) == ("oracle:sphere", 1500, 0.03, 12.0)
+    kept = st["settings_note"].partition("kept what you set: ")[2].split(", ")
+    assert "guidance_scale" in kept and "steps" not in kept and "learning_rate" not in kept, st["settings_note"]
+    page.wait_for_function("document.querySelector('#steps input').value === '1500'", timeout=30_000)
+    assert float(page.locator("#learning_rate input").input_value()) == 0.03
+    assert float(page.locator("#guidance_scale input[type=number]").input_value()) == 12.0
+    assert "1500 steps" in page.locator("#status").inner_text()
+    page.screenshot(path=str(shots / "pane_prior_switch.png"), full_page=True)
+    page.close()

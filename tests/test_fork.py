@@ -257,6 +257,5 @@ def test_one_click_on_an_example_prompt_starts_it(session):
     """How well the examples form is the SDS protocol's to say (bench/bench_sds_prompts.py --examples)."""
     from playground.panel import EXAMPLES, Panel
 
-    prompt, message = Panel(session)._on_example(EXAMPLES[0])
-    assert prompt == EXAMPLES[0] and message == ""
+    assert Panel(session)._on_example(EXAMPLES[0]) == {"prompt": EXAMPLES[0], "message": ""}
     wait_for(lambda: session.status()["prompt"] == EXAMPLES[0] and session.state == "running", what="the example")
