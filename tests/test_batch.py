@@ -263,6 +263,7 @@ def stopped_in_time(proc: subprocess.Popen, tree: list, bound: float) -> tuple[i
     _, err = proc.communicate(timeout=bound)
     psutil.wait_procs(tree, timeout=max(0.1, bound - (time.monotonic() - t0)))
     assert time.monotonic() - t0 < bound and all(gone(p) for p in tree), (err, [p for p in tree if not gone(p)])
+    print(f"stopped, its processes gone, {time.monotonic() - t0:.1f} s after")
     return proc.returncode, err.strip().splitlines()[-1]
 
 

@@ -98,23 +98,27 @@ class _Supervisor:
         """Read the driver's messages, note new processes under it, and act on a dead Ray service."""
         import psutil
 
+        self._drain()
+        try:
+            self.tree.add(psutil.Process(self.proc.pid).children())
+        except psutil.Error:
+            pass
+        what = self.tree.dead_service()
+        if what and not after:
+            time.sleep(POLL_S)  # the driver's "shutdown" note may be on its way: then Ray went down on purpose
+            self._drain()
+        if what and not (self.dead or self.closing or self.signum or "result" in self.final):
+            self.dead = f"{what}, taking the local Ray node down"
+            if not after:
+                self._stop()
+
+    def _drain(self) -> None:
         while not self.messages.empty():
             msg = self.messages.get()
             self.closing |= bool(msg.get("shutdown"))
             self.final.update({k: v for k, v in msg.items() if k != "shutdown"})
             if msg.get("dead") and not self.dead:
                 self.dead = msg["dead"]
-                self._stop()
-        try:
-            self.tree.add(psutil.Process(self.proc.pid).children())
-        except psutil.Error:
-            pass
-        if self.dead or self.closing or self.signum or (after and ("result" in self.final or "error" in self.final)):
-            return
-        what = self.tree.dead_service()
-        if what:
-            self.dead = f"{what}, taking the local Ray node down"
-            if not after:
                 self._stop()
 
     def _kill_tree(self) -> None:
