@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # `batch` names the command that resumes it
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:

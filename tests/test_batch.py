@@ -1,16 +1,21 @@
-"""Batch runs on Ray (engine/batch.py): one local Ray with 2 CPUs for the module; a small oracle batch end to
-end (manifest, gallery in headless Chromium), re-run skips, bad lines fail alone, refusals, and a killed worker
-whose run resumes from its checkpoint bit-identical to a run that never stopped."""
+"""Batch runs on Ray (engine/batch/): one local Ray with 2 CPUs for the module; a small oracle batch end to
+end (manifest, gallery in headless Chromium), re-run skips, bad lines fail alone, refusals, a killed worker
+whose run resumes from its checkpoint bit-identical to a run that never stopped; and `python -m engine batch`
+as a subprocess whose Ray dies under it (its runtime-env agent or its raylet killed) or which gets SIGTERM:
+it stops in time, its Ray processes go, and the same command resumes it."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shlex
 import signal
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,10 +128,9 @@ def _free_port() -> int:
 
 def test_refusals_are_one_line_and_start_nothing(done_batch, local_ray, tmp_path, capsys, monkeypatch):
     def refused(*args) -> str:
-        t0 = time.monotonic()
         rc = main(["batch", "--prompt", "a blue cone", "--prior", "oracle:cone", "--quiet", *args])
         err = capsys.readouterr().err.strip()
-        assert rc == 2 and err.startswith("error: ") and "\n" not in err and time.monotonic() - t0 < 5, err
+        assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
         return err
 
     assert "holds another batch" in refused("--out", str(done_batch["out"]))
@@ -206,3 +210,96 @@ def test_a_score_on_the_way_is_the_score_of_the_shorter_run():
     assert short["done"] and scored["done"] and scored["scores"] == {"3": short["evaluation"]}
     assert 0 <= scored["scores"]["3"]["geometry_r_precision"] <= 1 and unscored["scores"] == {}
     assert scored["weights"] == unscored["weights"] and scored["evaluation"] == unscored["evaluation"]
+
+
+# -- `python -m engine batch` when Ray dies under it, or SIGTERM comes ---------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+SHORT_LONG = ["a red cube | steps=20", "a blue sphere | prior=oracle:sphere steps=80"]  # one ends, one is cut
+
+
+def cli_args(out: Path, prompts: Path) -> list[str]:
+    prompts.write_text("\n".join(SHORT_LONG) + "\n")
+    return ["batch", str(prompts), "--prior", "oracle:cube", "--grid", "render.resolution=16", "--grid",
+            "render.num_samples=24", "--checkpoint-every", "10", "--workers", "2", "--quiet", "--out", str(out)]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def gone(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE  # an orphan this container's init does not reap
+    except psutil.Error:
+        return True
+
+
+def batch_processes(proc: subprocess.Popen, want: str, timeout: float = 300) -> list:
+    """The processes under a running `engine batch` (its driver and the local Ray it started), once the short
+    run is done, the long one has a checkpoint and a process whose cmdline starts with `want` is there."""
+    import psutil
+
+    out = Path(proc.args[proc.args.index("--out") + 1])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        rows = json.loads((out / "manifest.json").read_text())["runs"] if (out / "manifest.json").exists() else []
+        if [r["status"] for r in rows] == ["done", "running"] and list(out.glob("a-blue-sphere*/checkpoint.json")) \
+                and any((p.cmdline() or [""])[0].endswith(want) for p in tree if not gone(p)):
+            return tree
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint of the long run, or no {want}, within {timeout} s")
+
+
+def stopped_in_time(proc: subprocess.Popen, tree: list, bound: float) -> tuple[int, str]:
+    import psutil
+
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=bound)
+    psutil.wait_procs(tree, timeout=max(0.1, bound - (time.monotonic() - t0)))
+    assert time.monotonic() - t0 < bound and all(gone(p) for p in tree), (err, [p for p in tree if not gone(p)])
+    print(f"stopped, its processes gone, {time.monotonic() - t0:.1f} s after")
+    return proc.returncode, err.strip().splitlines()[-1]
+
+
+def assert_resumes(args: list[str], out: Path) -> None:
+    """The manifest kept the finished run; the same command finishes the other from its checkpoint."""
+    short, long_ = json.loads((out / "manifest.json").read_text())["runs"]
+    assert short["status"] == "done" and long_["status"] == "pending" and long_["step"] >= 10, (short, long_)
+    proc = start(args)
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and json.loads(stdout)["done"] == 2, err
+    again_short, again_long = json.loads((out / "manifest.json").read_text())["runs"]
+    assert again_short == short  # not run again
+    assert again_long["status"] == "done" and again_long["step"] == 80 and again_long["resumed_from"][0] >= 10
+
+
+@pytest.mark.parametrize("victim, words", [("ray::RuntimeEnvAgent", "Ray's runtime-env agent (pid"),
+                                           ("raylet", "the local Ray node's raylet (pid")])
+def test_a_dead_ray_node_stops_the_batch_which_the_same_command_resumes(tmp_path, victim, words):
+    out, args = tmp_path / "b", cli_args(tmp_path / "b", tmp_path / "prompts.txt")
+    proc = start(args)
+    tree = batch_processes(proc, victim)
+    (target,) = [p for p in tree if (p.cmdline() or [""])[0].endswith(victim)]
+    target.kill()
+    rc, last = stopped_in_time(proc, tree, 60)  # the issue's bound
+    assert rc == 3 and last.startswith(f"stopped: {words}") and "1 of 2 runs done" in last, last
+    assert last.endswith(f"resume with: python -m engine {shlex.join(args)}"), last
+    if victim != "raylet":  # (the same resume after a killed raylet: once is enough for the suite's time)
+        assert_resumes(args, out)
+
+
+def test_sigterm_stops_the_batch_and_its_ray_within_10_s(tmp_path):
+    out, args = tmp_path / "b", cli_args(tmp_path / "b", tmp_path / "prompts.txt")
+    proc = start(args)
+    tree = batch_processes(proc, "raylet")
+    proc.send_signal(signal.SIGTERM)
+    rc, last = stopped_in_time(proc, tree, 10)  # the issue's bound
+    assert rc == 143 and last.startswith("terminated: 1 of 2 runs done, checkpoints kept in"), last
+    assert not list(out.rglob(".*.part*")), "a half-written file"
+    assert_resumes(args, out)
