@@ -64,10 +64,6 @@ class Session:
         return find_run(self.runs, "B")
 
     @property
-    def max_steps(self) -> int:
-        return self.runs[0].live.steps  # a fork has the same unless changed
-
-    @property
     def step(self) -> int:
         return self.runs[0].step
 

@@ -34,7 +34,8 @@ def status(session) -> dict:
     a = runs[0]
     tr, options = a.trainer, session.priors.options
     summaries = [r.summary(state=state, max_steps=r.live.steps, reference=None if r is a else a.used) for r in runs]
-    return {"state": state, "step": a.step, "steps": a.live.steps,
+    return {"state": state, "step": a.step, "steps": a.live.steps, "seed": session.cfg.seed,
+            "pending": dict(session.pending),  # what the user set for the next new run (Start / Reset)
             "skipped_steps": tr.skipped_steps if tr is not None else 0,  # non-finite steps skipped
             "rollbacks": tr.rollbacks if tr is not None else 0,  # restores of the last good state
             "its_per_s": round(its_per_s(session), 3), "loss": a.last_metrics.get("loss"),
