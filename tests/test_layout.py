@@ -1,5 +1,6 @@
 """Who imports whom: bench/ and tests/ never import each other (what both need is in `engine.testing`), no test
-module imports another (the shared fixtures are conftest's, reached as fixtures), and engine/ stays UI-free."""
+module imports another (the shared fixtures are conftest's, reached as fixtures), engine/ stays UI-free and the
+product never imports the lab; and the product's modules stay small."""
 
 from __future__ import annotations
 
@@ -42,3 +43,25 @@ def test_engine_imports_no_ui():
     found = offenders(sorted((ROOT / "engine").rglob("*.py")),
                       lambda n: n.split(".")[0] in ("playground", "gradio", "gradio_client", "viser", "app"))
     assert not found, found
+
+
+def test_the_product_never_imports_the_lab():
+    product = [ROOT / "app.py", *sorted((ROOT / "engine").rglob("*.py")), *sorted((ROOT / "playground").rglob("*.py"))]
+    found = offenders(product, lambda n: n.split(".")[0] == "lab")
+    assert not found, found
+
+
+def test_rooms_stay_small_enough_to_live_in():
+    """No file in engine/ or playground/ over 400 lines, no function over 60 (argparse builders aside): a module
+    that outgrows this is split by job, as engine/batch/ and playground/session.py were."""
+    too_big = []
+    for path in [*sorted((ROOT / "engine").rglob("*.py")), *sorted((ROOT / "playground").rglob("*.py"))]:
+        text = path.read_text()
+        if text.count("\n") > 400:
+            too_big.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.endswith("parser"):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60:
+                    too_big.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines")
+    assert not too_big, too_big
