@@ -82,7 +82,14 @@ def decimate(verts: np.ndarray, faces: np.ndarray, target: int) -> tuple[np.ndar
     if len(faces) <= target:
         return verts, faces
     v, f = fast_simplification.simplify(verts.astype(np.float64), faces.astype(np.int32), target_count=int(target))
-    return compact(v.astype(np.float32), f.astype(np.int64))
+    # the collapses now and then fold a pair of faces onto each other (the same three points, back to back, at
+    # times through distinct but coincident vertices): a zero-volume flap. Weld coincident vertices, then drop
+    # both copies of such faces, and faces left degenerate: the surface stays closed
+    v, weld = np.unique(v.astype(np.float32), axis=0, return_inverse=True)
+    f = weld.reshape(-1)[f]
+    _, inverse, counts = np.unique(np.sort(f, axis=1), axis=0, return_inverse=True, return_counts=True)
+    keep = (counts[inverse.reshape(-1)] == 1) & (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])
+    return compact(v, f[keep].astype(np.int64))
 
 
 # -- 4. UV atlas ------------------------------------------------------------------------------------------
