@@ -278,19 +278,23 @@ def _bilinear(image, uv):
     return top * (1 - fy) + bottom * fy
 
 
-def mesh_vs_field(source, mesh, size: int = 128, views: int = 8) -> dict:
-    """Silhouette IoU and PSNR (dB) of the mesh's render against the field's albedo render from `views` cameras.
-    The field's silhouette is opacity >= 0.5; PSNR counts the pixels both cover where the field is opaque
-    (opacity >= 0.99), so edge pixels blended with the background do not count."""
-    import math
-
+def field_views(source, size: int = 128, views: int = 8) -> dict:
+    """The field's albedo render from `check_views(views)`: {"cams", "rgb" [B, S, S, 3], "opacity" [B, S, S]}."""
     cams = check_views(views)
     out = source.render(cams, size, size, shading="albedo")
-    rgb = out.rgb.permute(0, 2, 3, 1).cpu().numpy()
-    opacity = out.opacity[:, 0].cpu().numpy()
-    image, covered = rasterize(mesh, cams, size)
-    field = opacity >= 0.5
+    return {"cams": cams, "rgb": out.rgb.permute(0, 2, 3, 1).cpu().numpy(), "opacity": out.opacity[:, 0].cpu().numpy()}
+
+
+def mesh_vs_field(source, mesh, size: int = 128, views: int = 8, reference: dict | None = None) -> dict:
+    """Silhouette IoU and PSNR (dB) of the mesh's render against the field's albedo render from `views` cameras
+    (or against `reference`, from field_views). The field's silhouette is opacity >= 0.5; PSNR counts the pixels
+    both cover where the field is opaque (opacity >= 0.99), so edge pixels blended with the background do not."""
+    import math
+
+    ref = reference or field_views(source, size, views)
+    image, covered = rasterize(mesh, ref["cams"], ref["rgb"].shape[1])
+    field = ref["opacity"] >= 0.5
     iou = float((field & covered).sum() / max(1, (field | covered).sum()))
-    inner = covered & (opacity >= 0.99)
-    mse = float(((image[inner] - rgb[inner]) ** 2).mean()) if inner.any() else 1.0
+    inner = covered & (ref["opacity"] >= 0.99)
+    mse = float(((image[inner] - ref["rgb"][inner]) ** 2).mean()) if inner.any() else 1.0
     return {"iou": iou, "psnr": 10 * math.log10(1.0 / max(mse, 1e-10)), "pixels": int(inner.sum())}

@@ -32,7 +32,7 @@ TEXTURED_SUFFIXES = (".glb", ".obj")
 FACE_RANGE = (100, 2_000_000)  # a face budget outside it is refused
 TEXTURE_RANGE = (64, 4096)  # texture side in texels
 MIN_PART = 0.01  # `clean` drops parts with fewer faces than this fraction of the largest part's
-CHARTS = 64  # the UV atlas cuts the surface into at least this many charts (see uv_atlas)
+CHART_FACES = 300  # the UV atlas's charts hold about this many faces' worth of area at most (see uv_atlas)
 PADDING = 4  # texels between charts in the atlas (at 1024^2; scaled with the texture side)
 
 
@@ -101,9 +101,9 @@ def uv_atlas(verts: np.ndarray, faces: np.ndarray, texture: int) -> tuple[np.nda
     atlas = xatlas.Atlas()
     atlas.add_mesh(np.ascontiguousarray(verts, dtype=np.float32), np.ascontiguousarray(faces, dtype=np.uint32))
     charts = xatlas.ChartOptions()
-    # xatlas grows charts over a smooth surface for a long time (9 s for a 20k-face sphere, one core); charts
-    # capped at 1/CHARTS of the area take a tenth of that, for a few more seams
-    charts.max_chart_area = _area(verts, faces) / CHARTS
+    # xatlas grows charts over a smooth surface for a long time (9 s for a 20k-face sphere, 45 s at 100k); charts
+    # capped at about CHART_FACES faces' worth of area take a tenth to a quarter of that, for more seams
+    charts.max_chart_area = _area(verts, faces) * CHART_FACES / len(faces)
     pack = xatlas.PackOptions()
     pack.resolution = int(texture)  # with texels_per_unit left at 0, xatlas picks it to fill about this square
     pack.padding = max(2, round(PADDING * texture / 1024))
@@ -291,8 +291,7 @@ def export_textured_mesh(source, path: str | Path, *, faces: int = 20_000, textu
     v, f = clean(v, f, largest_only=largest_only)
     lap("clean")
     v, f = decimate(v, f, faces)
-    if _signed_volume(v, f) < 0:  # skimage's winding depends on the gradient convention: make normals face out
-        f = f[:, ::-1].copy()
+    f = outward(v, f)
     lap("decimate")
     v, f, uv = uv_atlas(v, f, texture)
     lap("uv_atlas")
@@ -309,6 +308,11 @@ def export_textured_mesh(source, path: str | Path, *, faces: int = 20_000, textu
 def _area(verts: np.ndarray, faces: np.ndarray) -> float:
     a, b, c = (verts[faces[:, i]].astype(np.float64) for i in range(3))
     return float(np.linalg.norm(np.cross(b - a, c - a), axis=-1).sum() / 2.0)
+
+
+def outward(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """`faces` wound so the normals face out (skimage's winding depends on its gradient convention)."""
+    return faces[:, ::-1].copy() if _signed_volume(verts, faces) < 0 else faces
 
 
 def _signed_volume(verts: np.ndarray, faces: np.ndarray) -> float:
