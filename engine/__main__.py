@@ -170,32 +170,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from engine.priors import PRIOR_HELP
-
-    p = argparse.ArgumentParser(prog="python -m engine", description="DreamFusion engine, headless.")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="optimise a field for a prompt")
-    r.add_argument("--prompt", default="a red cube", help="text prompt")
-    r.add_argument("--negative-prompt", default="", help="negative prompt")
-    r.add_argument("--prior", default=None, help=f"prior: {PRIOR_HELP}")
-    r.add_argument("--steps", type=int, default=None, help="total training steps (default: the config's)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the run")
-    r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 makes a seeded run bit-for-bit repeatable here)")
-    r.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
-    r.add_argument("--backbone", choices=("grid", "hash"), default=None, help="field backbone")
-    r.add_argument("--resolution", type=int, default=None, help="training render size (default: the prior's)")
-    r.add_argument("--out", default=None, help="run folder (default: OUT_ROOT/<date>-<prompt>)")
-    r.add_argument("--out-root", default="outputs", help="root of default run folders")
-    r.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
-    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
-    from engine.priors.base import add_prior_option_flags
-
-    add_prior_option_flags(r)
-    r.set_defaults(fn=cmd_run)
-
+def _add_export_parser(sub) -> None:
     from engine.export import MODES
 
     e = sub.add_parser("export", help="write videos, a mesh or a snapshot of a saved run")
@@ -225,6 +200,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--decimate", type=int, default=None, metavar="FACES", help="cap a vertex-colour mesh's faces")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.set_defaults(fn=cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.priors import PRIOR_HELP
+
+    p = argparse.ArgumentParser(prog="python -m engine", description="DreamFusion engine, headless.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="optimise a field for a prompt")
+    r.add_argument("--prompt", default="a red cube", help="text prompt")
+    r.add_argument("--negative-prompt", default="", help="negative prompt")
+    r.add_argument("--prior", default=None, help=f"prior: {PRIOR_HELP}")
+    r.add_argument("--steps", type=int, default=None, help="total training steps (default: the config's)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the run")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 makes a seeded run bit-for-bit repeatable here)")
+    r.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    r.add_argument("--backbone", choices=("grid", "hash"), default=None, help="field backbone")
+    r.add_argument("--resolution", type=int, default=None, help="training render size (default: the prior's)")
+    r.add_argument("--out", default=None, help="run folder (default: OUT_ROOT/<date>-<prompt>)")
+    r.add_argument("--out-root", default="outputs", help="root of default run folders")
+    r.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    from engine.priors.base import add_prior_option_flags
+
+    add_prior_option_flags(r)
+    r.set_defaults(fn=cmd_run)
+
+    _add_export_parser(sub)
 
     v = sub.add_parser("eval", help="score a saved run: toy R-Precision and silhouette agreement, as JSON")
     v.add_argument("--run", required=True, metavar="DIR", help="run folder with checkpoint.safetensors/.json")
