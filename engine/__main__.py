@@ -108,12 +108,13 @@ def _export_target(run_dir: Path, out_dir: Path | None, name: str) -> Path:
 
 def cmd_export(args) -> int:
     from engine.config import LiveParams
-    from engine.export import RenderSource, export_mesh, snapshot, write_orbit_video
+    from engine.export import RenderSource, snapshot, write_orbit_video
 
     run_dir = Path(args.run)
     out_dir = Path(args.out_dir) if args.out_dir else None
     if not (args.video or args.gif or args.mesh or args.snapshot):
         raise ValueError("nothing to export: pass --video, --gif, --mesh and/or --snapshot")
+    mesh_writer, mesh_kw = _mesh_export(args.mesh, args) if args.mesh else (None, {})
     source = RenderSource.from_checkpoint(run_dir, _device(args.device))
     written = {}
     video_kw = dict(frames=args.views, size=args.size, elevation=args.elevation, mode=args.mode,
@@ -126,14 +127,38 @@ def cmd_export(args) -> int:
             written[f"{key}_s"] = round(time.perf_counter() - t0, 2)
     if args.mesh:
         t0 = time.perf_counter()
-        written["mesh"] = str(export_mesh(source, _export_target(run_dir, out_dir, args.mesh),
-                                          resolution=args.mesh_resolution, threshold=args.threshold,
-                                          decimate=args.decimate))
+        result = mesh_writer(source, _export_target(run_dir, out_dir, args.mesh), **mesh_kw)
+        if isinstance(result, dict):  # a textured mesh's stats: its files (the mesh first) and face count
+            written.update(mesh_files=[str(p) for p in result["files"]], mesh_faces=result["faces"])
+            result = result["files"][0]
+        written["mesh"] = str(result)
         written["mesh_s"] = round(time.perf_counter() - t0, 2)
     if args.snapshot:
         written["snapshot"] = str(snapshot(source, None, out_dir or run_dir, mode=args.mode, size=args.size)["png"])
     print(json.dumps({"run": str(run_dir), "step": source.step, **written}))
     return 0
+
+
+def _mesh_export(name: str, args):
+    """The mesh writer and its options, checked before anything is loaded or written: a textured .glb/.obj
+    (the default for those suffixes) or a vertex-colour mesh (.ply, or --vertex-colors)."""
+    from engine.config import LiveParams
+    from engine.export import TEXTURED_SUFFIXES, export_mesh, export_textured_mesh
+    from engine.texture import check_budget
+
+    if Path(name).suffix.lower() in TEXTURED_SUFFIXES and not args.vertex_colors:
+        if args.decimate is not None:
+            raise ValueError("--decimate is for vertex-colour meshes; a textured mesh takes --faces")
+        faces, texture = check_budget(20_000 if args.faces is None else args.faces,
+                                      1024 if args.texture is None else args.texture)
+        return export_textured_mesh, dict(
+            faces=faces, texture=texture, resolution=256 if args.mesh_resolution is None else args.mesh_resolution,
+            threshold=args.threshold, lit=LiveParams() if args.lit else None, largest_only=args.largest_only)
+    if args.faces is not None or args.texture is not None or args.lit or args.largest_only:
+        raise ValueError("--faces, --texture, --lit and --largest-only are for a textured .glb or .obj; "
+                         "a vertex-colour mesh takes --decimate")
+    return export_mesh, dict(resolution=128 if args.mesh_resolution is None else args.mesh_resolution,
+                             threshold=args.threshold, decimate=args.decimate)
 
 
 def cmd_eval(args) -> int:
@@ -143,6 +168,38 @@ def cmd_eval(args) -> int:
                           classifier=args.classifier)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _add_export_parser(sub) -> None:
+    from engine.export import MODES
+
+    e = sub.add_parser("export", help="write videos, a mesh or a snapshot of a saved run")
+    e.add_argument("--run", required=True, metavar="DIR", help="run folder with checkpoint.safetensors/.json")
+    e.add_argument("--video", default=None, metavar="NAME.mp4", help="orbit video (mp4)")
+    e.add_argument("--gif", default=None, metavar="NAME.gif", help="orbit video (GIF)")
+    e.add_argument("--mesh", default=None, metavar="NAME.glb",
+                   help="mesh: .glb or .obj + .mtl + .png (UV-textured), .ply (vertex colours)")
+    e.add_argument("--snapshot", action="store_true", help="also a PNG of the front three-quarter view")
+    e.add_argument("--out-dir", default=None, help="folder for relative names (default: the run folder)")
+    e.add_argument("--views", type=int, default=120, help="frames of a full turn")
+    e.add_argument("--size", type=int, default=256, help="frame side in pixels")
+    e.add_argument("--elevation", type=float, default=15.0, help="orbit elevation in degrees")
+    e.add_argument("--fps", type=int, default=30, help="frames per second")
+    e.add_argument("--mode", choices=MODES, default="lambertian", help="render mode")
+    e.add_argument("--side-by-side", action="store_true", help="shaded | normals | depth in each frame")
+    e.add_argument("--mesh-resolution", type=int, default=None,
+                   help="marching-cubes lattice size (default: 256 textured, 128 vertex colours)")
+    e.add_argument("--threshold", type=float, default=None, help="density level (default: from the renders)")
+    e.add_argument("--faces", type=int, default=None, help="face budget of a textured mesh (default 20000)")
+    e.add_argument("--texture", type=int, default=None, metavar="SIDE",
+                   help="texture side in texels, 64..4096 (default 1024)")
+    e.add_argument("--lit", action="store_true",
+                   help="also NAME_lit.png: the texture shaded under the default fixed light, for unlit viewers")
+    e.add_argument("--largest-only", action="store_true", help="keep only the mesh's largest connected part")
+    e.add_argument("--vertex-colors", action="store_true", help="a .glb/.obj with vertex colours, untextured")
+    e.add_argument("--decimate", type=int, default=None, metavar="FACES", help="cap a vertex-colour mesh's faces")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.set_defaults(fn=cmd_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,26 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prior_option_flags(r)
     r.set_defaults(fn=cmd_run)
 
-    from engine.export import MODES
-
-    e = sub.add_parser("export", help="write videos, a mesh or a snapshot of a saved run")
-    e.add_argument("--run", required=True, metavar="DIR", help="run folder with checkpoint.safetensors/.json")
-    e.add_argument("--video", default=None, metavar="NAME.mp4", help="orbit video (mp4)")
-    e.add_argument("--gif", default=None, metavar="NAME.gif", help="orbit video (GIF)")
-    e.add_argument("--mesh", default=None, metavar="NAME.glb", help="mesh: .glb, .obj or .ply")
-    e.add_argument("--snapshot", action="store_true", help="also a PNG of the front three-quarter view")
-    e.add_argument("--out-dir", default=None, help="folder for relative names (default: the run folder)")
-    e.add_argument("--views", type=int, default=120, help="frames of a full turn")
-    e.add_argument("--size", type=int, default=256, help="frame side in pixels")
-    e.add_argument("--elevation", type=float, default=15.0, help="orbit elevation in degrees")
-    e.add_argument("--fps", type=int, default=30, help="frames per second")
-    e.add_argument("--mode", choices=MODES, default="lambertian", help="render mode")
-    e.add_argument("--side-by-side", action="store_true", help="shaded | normals | depth in each frame")
-    e.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes lattice size")
-    e.add_argument("--threshold", type=float, default=None, help="density level (default: from the renders)")
-    e.add_argument("--decimate", type=int, default=None, metavar="FACES", help="cap the mesh's face count")
-    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    e.set_defaults(fn=cmd_export)
+    _add_export_parser(sub)
 
     v = sub.add_parser("eval", help="score a saved run: toy R-Precision and silhouette agreement, as JSON")
     v.add_argument("--run", required=True, metavar="DIR", help="run folder with checkpoint.safetensors/.json")

@@ -1,5 +1,9 @@
 """Exports of a run: snapshots (PNG + checkpoint), orbit videos (mp4, GIF), meshes (glb, obj, ply).
 
+Meshes come two ways: `export_textured_mesh` (engine.texture: decimated, UV-mapped, albedo baked into a
+texture; .glb for viewers and engines, .obj + .mtl + .png for DCC tools) and `export_mesh` (marching cubes
+with albedo vertex colours, .glb, .obj or .ply, for point and mesh tools such as MeshLab).
+
 Slow exports never hold the session lock while they work: `RenderSource.from_trainer` copies the
 field, background and occupancy grid (a few milliseconds, under the lock), and everything afterwards
 reads the copy while training goes on. Every file is written to a temp name beside its target and
@@ -21,8 +25,10 @@ from engine.cameras import Cameras, fixed_views, orbit
 from engine.checkpoint import atomic_write, save_checkpoint
 from engine.config import LiveParams
 from engine.source import MODES, RenderSource, mode_images
+from engine.texture import TEXTURED_SUFFIXES, export_textured_mesh
 
-__all__ = ["MODES", "RenderSource", "snapshot", "write_orbit_video", "export_mesh", "run_folder", "safe_path", "tile"]
+__all__ = ["MODES", "RenderSource", "snapshot", "write_orbit_video", "export_mesh", "export_textured_mesh",
+           "TEXTURED_SUFFIXES", "run_folder", "safe_path", "tile"]
 VIDEO_SUFFIXES = (".mp4", ".gif")
 MESH_SUFFIXES = (".glb", ".obj", ".ply")
 ORBIT_DISTANCE, ORBIT_FOCAL = 2.5, 1.0  # the preview cameras' framing: the bounding sphere fills ~80 %
@@ -143,7 +149,8 @@ def _write_gif(tmp: str, stream, fps: float) -> None:
 # -- meshes --------------------------------------------------------------------------------------------
 def export_mesh(source: RenderSource, path: str | Path, resolution: int = 128, threshold: float | None = None,
                 decimate: int | None = None) -> Path:
-    """Marching-cubes mesh of the field with albedo vertex colours, as .glb, .obj or .ply (by suffix).
+    """Marching-cubes mesh of the field with albedo vertex colours, as .glb, .obj or .ply (by suffix); for a
+    UV-textured mesh see `export_textured_mesh`.
 
     `threshold` None picks the density level where renders show the surface (engine.mesh.auto_threshold);
     `decimate` caps the face count. Raises ValueError, and writes nothing, when no density passes it.

@@ -156,10 +156,9 @@ def vertex_albedo(field, verts: np.ndarray, device="cpu", chunk: int = 1 << 18) 
     return (rgba * 255 + 0.5).to(torch.uint8).numpy()
 
 
-def build_mesh(source, resolution: int = 128, threshold: float | None = None, decimate: int | None = None):
-    """A trimesh.Trimesh of the field's surface with vertex colours. ValueError when nothing is solid."""
-    import trimesh
-
+def surface(source, resolution: int = 128, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Marching cubes on the field's density: vertices [V, 3], faces [F, 3] and the density level used.
+    ValueError when the resolution is out of range or nothing is solid."""
     if not 16 <= int(resolution) <= 1024:
         raise ValueError(f"mesh resolution must be in [16, 1024]; got {resolution}")
     level = auto_threshold(source) if threshold is None else float(threshold)
@@ -172,6 +171,14 @@ def build_mesh(source, resolution: int = 128, threshold: float | None = None, de
     verts, faces = marching_cubes(volume, level, spacing, -source.field.cfg.radius)
     if len(faces) == 0:
         raise ValueError(empty_message(level, peak))
+    return verts, faces, level
+
+
+def build_mesh(source, resolution: int = 128, threshold: float | None = None, decimate: int | None = None):
+    """A trimesh.Trimesh of the field's surface with vertex colours. ValueError when nothing is solid."""
+    import trimesh
+
+    verts, faces, level = surface(source, resolution, threshold)
     colors = vertex_albedo(source.field, verts, source.device)
     if decimate:
         verts, faces, colors = cluster_decimate(verts, faces, colors, int(decimate))

@@ -22,6 +22,7 @@ import shutil
 import string
 import time
 
+import numpy as np
 import torch
 
 
@@ -177,3 +178,123 @@ def partial_cache(sd_dir: str, cache: str, repo: str = "org/half-sd") -> str:
     os.remove(os.path.join(snap, "unet", "diffusion_pytorch_model.safetensors"))
     open(os.path.join(snap, os.pardir, os.pardir, "blobs", "f" * 40 + ".incomplete"), "wb").close()
     return snap
+
+
+# -- meshes against the field: a painted solid, a plain CPU rasteriser, IoU and PSNR ---------------------------
+def painted_source(solid: str = "sphere", samples: int = 64, sigma_max: float = 200.0, eps: float = 0.01):
+    """A RenderSource of an analytic solid (engine.priors.analytic) whose albedo varies smoothly over space,
+    on a white background: a texture that maps the wrong texel to a point shows, where a constant colour would not."""
+    from engine.config import BackgroundConfig, Config
+    from engine.field import Background, FieldQuery, FieldSamples
+    from engine.priors.analytic import AnalyticField
+    from engine.source import RenderSource
+
+    class PaintedField(AnalyticField):
+        def prepare(self, occupancy=None) -> FieldQuery:
+            plain = super().prepare(occupancy)
+
+            def samples(x):
+                s = plain.samples(x)
+                return FieldSamples(s.density, paint(x), s.normal)
+
+            return FieldQuery(samples, plain.density)
+
+    cfg = Config(background=BackgroundConfig(kind="solid", color=(1.0, 1.0, 1.0))).with_settings(
+        {"render.occupancy": False, "render.num_samples": samples})
+    return RenderSource(PaintedField(solid, (0.5, 0.5, 0.5), sigma_max, eps), Background(cfg.background), None, cfg, step=0)
+
+
+def paint(x: torch.Tensor) -> torch.Tensor:
+    """Albedo [N, 3] in [0.1, 0.9]: three slanted waves of about 1.5 periods across the unit ball."""
+    w = torch.tensor([[5.0, 1.5, 0.0], [0.0, 5.0, 2.0], [2.5, 0.0, 5.0]], dtype=x.dtype, device=x.device)
+    return 0.5 + 0.4 * torch.sin(x @ w.T + torch.tensor([0.0, 1.0, 2.0], dtype=x.dtype, device=x.device))
+
+
+def check_views(n: int = 8, distance: float = 2.5, focal: float = 1.0):
+    """n cameras around the object, alternately 25 degrees above and below the equator."""
+    from engine.cameras import fixed_views
+
+    return fixed_views([360.0 * i / n for i in range(n)], [25.0 if i % 2 == 0 else -25.0 for i in range(n)],
+                       distance, focal)
+
+
+def rasterize(mesh, cams, size: int, background=(1.0, 1.0, 1.0)):
+    """A trimesh mesh seen by each camera (z-buffer at pixel centres, perspective-correct interpolation): its
+    texture (TextureVisuals: UVs, bilinear lookup, v up) or its vertex colours. Returns images [B, S, S, 3]
+    float32 in [0, 1] and coverage [B, S, S] bool."""
+    from engine.texture import cover
+
+    verts = np.asarray(mesh.vertices, np.float64)
+    faces = np.asarray(mesh.faces, np.int64)
+    uv = getattr(mesh.visual, "uv", None)
+    if uv is not None:
+        attr, image = np.asarray(uv, np.float64), _texture_image(mesh)
+    else:
+        attr, image = np.asarray(mesh.visual.vertex_colors, np.float64)[:, :3] / 255.0, None
+    out = np.tile(np.asarray(background, np.float32), (len(cams), size, size, 1))
+    mask = np.zeros((len(cams), size, size), bool)
+    for b in range(len(cams)):
+        c2w = cams.c2w[b].double().cpu().numpy()
+        p = (verts - c2w[:3, 3]) @ c2w[:3, :3]  # camera space: x right, y up, looking down -z
+        z = -p[:, 2]
+        f = float(cams.focal[b]) * size
+        screen = np.stack([size / 2 + f * p[:, 0] / z, size / 2 - f * p[:, 1] / z], -1)
+        best = np.full(size * size, np.inf)
+        value = np.zeros((size * size, attr.shape[1]))
+        for fi, x, y, bary in cover(screen[faces], size, size):
+            w = bary / z[faces[fi]]  # perspective correction: interpolate attr / z and 1 / z linearly on screen
+            depth = 1.0 / w.sum(-1)
+            w = w * depth[:, None]
+            pix = y * size + x
+            order = np.lexsort((depth, pix))  # nearest first within each pixel
+            first = order[np.r_[True, pix[order][1:] != pix[order][:-1]]]
+            near = depth[first] < best[pix[first]]
+            sel = first[near]
+            best[pix[sel]] = depth[sel]
+            value[pix[sel]] = np.einsum("nk,nkd->nd", w[sel], attr[faces[fi[sel]]])
+        hit = np.isfinite(best)
+        colour = value if image is None else _bilinear(image, value)
+        out[b].reshape(-1, 3)[hit] = colour[hit]
+        mask[b] = hit.reshape(size, size)
+    return out, mask
+
+
+def _texture_image(mesh):
+    material = mesh.visual.material
+    img = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
+    return np.asarray(img.convert("RGB"), np.float32) / 255.0
+
+
+def _bilinear(image, uv):
+    """image [S, S, 3] at UVs [N, 2] (v up, texel centres at (i + 0.5) / S), edges clamped."""
+    h, w = image.shape[:2]
+    x = np.clip(uv[:, 0] * w - 0.5, 0, w - 1)
+    y = np.clip((1.0 - uv[:, 1]) * h - 0.5, 0, h - 1)
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def field_views(source, size: int = 128, views: int = 8) -> dict:
+    """The field's albedo render from `check_views(views)`: {"cams", "rgb" [B, S, S, 3], "opacity" [B, S, S]}."""
+    cams = check_views(views)
+    out = source.render(cams, size, size, shading="albedo")
+    return {"cams": cams, "rgb": out.rgb.permute(0, 2, 3, 1).cpu().numpy(), "opacity": out.opacity[:, 0].cpu().numpy()}
+
+
+def mesh_vs_field(source, mesh, size: int = 128, views: int = 8, reference: dict | None = None) -> dict:
+    """Silhouette IoU and PSNR (dB) of the mesh's render against the field's albedo render from `views` cameras
+    (or against `reference`, from field_views). The field's silhouette is opacity >= 0.5; PSNR counts the pixels
+    both cover where the field is opaque (opacity >= 0.99), so edge pixels blended with the background do not."""
+    import math
+
+    ref = reference or field_views(source, size, views)
+    image, covered = rasterize(mesh, ref["cams"], ref["rgb"].shape[1])
+    field = ref["opacity"] >= 0.5
+    iou = float((field & covered).sum() / max(1, (field | covered).sum()))
+    inner = covered & (ref["opacity"] >= 0.99)
+    mse = float(((image[inner] - ref["rgb"][inner]) ** 2).mean()) if inner.any() else 1.0
+    return {"iou": iou, "psnr": 10 * math.log10(1.0 / max(mse, 1e-10)), "pixels": int(inner.sum())}
