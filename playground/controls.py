@@ -54,7 +54,8 @@ CONTROLS = (
     Control("learning_rate", "number", "Learning rate", "optimisation", (1e-6, 1.0, None), follow=True),
     Control("seed", "number", "Seed of the next run (Start from idle, or Reset)", "optimisation", (0, None, 1),
             follow=True),
-    Control("steps", "number", "Steps", "optimisation", (1, 10**7, 1), follow=True),
+    Control("steps", "number", "Steps", "main", (1, 10**7, 1), follow=True,
+            info="the run's length; raising it extends a finished run"),
 )
 BY_NAME = {c.name: c for c in CONTROLS}
 FOLLOWED = tuple(c.name for c in CONTROLS if c.follow)

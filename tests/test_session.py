@@ -174,7 +174,7 @@ def test_render_source_renders_every_mode_while_training(session):
     with pytest.raises(ValueError):
         snap.render(cams, 8, 8, "xray")
     wait_for(lambda: session.render_source().step > snap.step, what="a fresher copy")
-    assert wait_for(lambda: session.preview(), what="a preview")[1].shape == (64, 256, 3)
+    assert wait_for(lambda: session.preview(), what="a preview")[1].shape == (256, 256, 3)  # 2 × 2 views of 128 px
 
 
 def test_exports_run_on_the_worker_and_report(session, tmp_path):
