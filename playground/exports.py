@@ -49,7 +49,8 @@ def export(session, kind: str, run: str = "A", **kwargs) -> concurrent.futures.F
 
 
 def preview(session) -> tuple[int, object] | None:
-    """(token, [2S, 2S, 3] uint8) of the four fixed preview views in a 2 × 2 grid (B right of A while forked), or None. The token changes
+    """(token, [2S, 2S, 3] uint8) of the four fixed preview views in a 2 × 2 grid (B right of A while forked), or
+    None. The token changes
     when the image does; a new image is rendered on the worker thread."""
     return session.worker.preview(render_sources(session))
 

@@ -22,8 +22,17 @@ from engine.priors import PriorOptions
 from engine.world import SHAPES
 from playground import controls, texts
 from playground.controls import CONTROLS, FOLLOWED, LIVE, keyword_api, to_session
-from playground.plots import LOSS_Y, SCORE_COLORS, SCORE_Y, SERIES_COLORS, loss_frame, loss_limits, placeholder, present
-from playground.plots import score_frame
+from playground.plots import (
+    LOSS_Y,
+    SCORE_COLORS,
+    SCORE_Y,
+    SERIES_COLORS,
+    loss_frame,
+    loss_limits,
+    placeholder,
+    present,
+    score_frame,
+)
 from playground.plots import smoothed as smoothed  # noqa: F401  (tests use it from here)
 from playground.session import EXPORTS, Session
 from playground.texts import fork_markdown, score_text, status_markdown  # noqa: F401  (tests use them from here)
@@ -55,6 +64,11 @@ def prior_choices(current: str) -> list[str]:
 def vocabulary_markdown(session: Session) -> str:
     """The embedded prior's words, and run A's prompt words it does not know."""
     return texts.vocabulary_markdown(session.status(), session.vocabulary())
+
+
+def plot(frame, colors: dict, y_lim) -> gr.LinePlot:
+    """A plot's new value; its legend lists only the series it draws (not run B's before a fork)."""
+    return gr.LinePlot(value=frame, y_lim=y_lim, colors_in_legend=present(frame, colors) or None)
 
 
 @contextlib.contextmanager
@@ -237,20 +251,15 @@ class Panel:
         return {**controls.shown(s, controls.BY_NAME), **self._followed(), "synced": synced,
                 "fork_guidance": b.guidance_scale, "fork_loss": b.distillation}
 
-    @staticmethod
-    def _plot(frame, colors: dict, y_lim) -> gr.LinePlot:
-        """A plot's new value; its legend lists only the series it draws."""
-        return gr.LinePlot(value=frame, y_lim=y_lim, colors_in_legend=present(frame, colors) or None)
-
     def _tick(self, values: dict) -> dict:
         """Streamed outputs; a followed control moves when the session's value changed since the page last saw it."""
         s, st = self.session, self.session.status()
         runs, seen = list(s.runs), values["synced"] or {}
         now = {**self._followed(), **self._marks()}
         df = loss_frame(runs)
-        out = {"status": status_markdown(st), "plot": self._plot(df, SERIES_COLORS, loss_limits(df)),
+        out = {"status": status_markdown(st), "plot": plot(df, SERIES_COLORS, loss_limits(df)),
                "vocab": texts.vocabulary_markdown(st, s.vocabulary()), "synced": now,
-               "score_plot": self._plot(score_frame(runs), SCORE_COLORS, [0, 1]), "fork_info": fork_markdown(st),
+               "score_plot": plot(score_frame(runs), SCORE_COLORS, [0, 1]), "fork_info": fork_markdown(st),
                "export_note": self._export_note()}
         out |= {k: v for k, v in self._followed().items() if seen.get(k) != v}
         if seen.get("prior_failures") != now["prior_failures"]:
@@ -275,7 +284,7 @@ class Panel:
         """Exports being made, and the last one that failed or wrote nothing."""
         self._pending = [(what, f) for what, f in self._pending if not f.done()]
         lines = [f"{what}: working…" for what, _ in self._pending]
-        last = self.session.exports[-1:] 
+        last = self.session.exports[-1:]
         return "\n\n".join(lines + [f"⚠ {r}" for r in last if " failed: " in r or "nothing was written" in r])
 
     def _ui_export(self, kind: str, which: str | None) -> dict:

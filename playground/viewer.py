@@ -55,12 +55,13 @@ def rest_side(*, last_side: int, last_cost: float, budget_s: float, canvas: int,
 
 
 def label_box(height: int, width: int, text: str) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) in pixels of the label `label` draws on a frame of this size: its bottom-left corner,
-    clear of viser's notices (top left) and of the control panel (docked at the right, beside the canvas)."""
+    """(x0, y0, x1, y1) in pixels of the label `label` draws on a frame of this size: bottom centre, clear of
+    viser's notices (top left), its axes gizmo (bottom left) and its control panel (docked right, beside the
+    canvas)."""
     font = ImageFont.load_default(size=label_size(height))
     x0, y0, x1, y1 = ImageDraw.Draw(Image.new("RGB", (8, 8))).textbbox((0, 0), text, font=font)
-    pad = label_size(height) // 2
-    return pad, height - pad - (y1 - y0) - 6, pad + (x1 - x0) + 8, height - pad
+    w, h, pad = x1 - x0 + 8, y1 - y0 + 6, label_size(height) // 2
+    return (width - w) // 2, height - pad - h, (width - w) // 2 + w, height - pad
 
 
 def label_size(height: int) -> int:
@@ -69,7 +70,7 @@ def label_size(height: int) -> int:
 
 
 def label(frame: np.ndarray, text: str) -> np.ndarray:
-    """The frame with `text` in a dark box at its bottom-left corner (names the run of each half)."""
+    """The frame with `text` in a dark box at its bottom centre (names the run of each half)."""
     img = Image.fromarray(frame)
     x0, y0, x1, y1 = label_box(frame.shape[0], frame.shape[1], text)
     draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=label_size(frame.shape[0]))
