@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import html
-import importlib.util
 import logging
 from pathlib import Path
 
 import gradio as gr
 
 from engine.priors import PriorOptions
-from engine.world import SHAPES
 from playground import controls, texts
-from playground.controls import CONTROLS, FOLLOWED, LIVE, keyword_api, to_session
+from playground.controls import CONTROLS, FOLLOWED, LIVE, keyword_api, prior_choices, to_session
 from playground.plots import (
     LOSS_Y,
     SCORE_COLORS,
@@ -38,7 +36,6 @@ from playground.session import EXPORTS, Session
 from playground.texts import fork_markdown, score_text, status_markdown  # noqa: F401  (tests use them from here)
 
 log = logging.getLogger(__name__)
-PRIORS = ["embedded", *(f"oracle:{s}" for s in SHAPES), "gaussian"]
 # prompts that form well with the embedded prior at its defaults: colour and geometry R-Precision >= 0.88 on
 # both seeds of the SDS protocol (BENCHMARKS.md)
 EXAMPLES = ("a blue sphere", "a green cone", "a yellow cylinder", "a purple torus", "a pink snowman", "a blue cube")
@@ -51,19 +48,6 @@ def refuse(where: str, err: Exception) -> gr.Error:
     """A refused value: one line in the server's log (no traceback) and the message for the client."""
     log.warning("refused %s: %s", where, err)
     return gr.Error(str(err), print_exception=False)
-
-
-def prior_choices(current: str) -> list[str]:
-    """Priors to offer: the analytic ones always, SD / IF when diffusers is installed."""
-    out = list(PRIORS)
-    if importlib.util.find_spec("diffusers") is not None:
-        out += ["sd", "if"]
-    return out if current in out else [current, *out]
-
-
-def vocabulary_markdown(session: Session) -> str:
-    """The embedded prior's words, and run A's prompt words it does not know."""
-    return texts.vocabulary_markdown(session.status(), session.vocabulary())
 
 
 def plot(frame, colors: dict, y_lim) -> gr.LinePlot:
