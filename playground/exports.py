@@ -32,7 +32,7 @@ from playground.snapshot import render_sources
 log = logging.getLogger(__name__)
 
 EXPORTS = ("checkpoint", "snapshot", "video", "mesh")
-# a 512² 60-frame orbit renders once for both files: ~20-50 s on one shared CPU core, about a second on a GPU
+# a 512² 60-frame orbit renders once for both files (~65 s on one core of a busy shared 2-core CPU)
 EXPORT_DEFAULTS = {"video": {"frames": 60, "size": 512, "fps": 30}, "mesh": {"resolution": 96}}
 SNAPSHOT_SIDE = 512  # a snapshot's long side while no viewer has shown the field (else the viewer's frame size)
 REPORTS_MAX = 50  # report lines a long session keeps
