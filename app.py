@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="views per training step")
     p.add_argument("--samples", type=int, default=None, help="samples per ray")
     p.add_argument("--viewer-resolution", type=int, default=None, help="largest long side of viewer frames at "
-                   "rest (default 512 on a CPU, 1024 on a GPU; each frame matches the browser's canvas up to it, "
+                   "rest (default 4096: each frame matches the browser's canvas in device pixels, up to it, "
                    "as far as its render time allows)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: training and each viewer "
                    "render then run side by side; more threads fight over a small, shared CPU)")
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     import gradio as gr  # noqa: F401  (heavy; imported after the cheap checks)
 
+    from playground.page import LAUNCH
     from playground.panel import Panel
     from playground.viewer import Viewer
 
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     try:
         demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
-                    share=args.share, auth=auth, show_error=True)
+                    share=args.share, auth=auth, show_error=True, allowed_paths=[os.path.abspath(args.out)], **LAUNCH)
     except OSError as err:
         viewer.stop()
         session.stop()

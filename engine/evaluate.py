@@ -88,6 +88,12 @@ def translucent_share(opacity: Tensor, lo: float = 0.05, hi: float = 0.9) -> flo
     return round((fg < hi).float().mean().item(), 3) if fg.numel() else 0.0
 
 
+def foreground_share(opacity: Tensor, level: float = 0.5) -> float:
+    """Share of the pixels the result covers (opacity > level): about 0 for an empty field, where nothing formed
+    (a world solid covers 0.1-0.3 of the evaluation's views)."""
+    return round((opacity > level).float().mean().item(), 4)
+
+
 def votes(logits: Tensor, names: list[str] | tuple[str, ...]) -> dict[str, int]:
     """How many rows of logits [N, len(names)] pick each name (names never picked left out)."""
     return {names[i]: int(k) for i, k in enumerate(logits.argmax(1).bincount(minlength=len(names))) if k > 0}
@@ -105,7 +111,8 @@ def evaluate(render_fn: RenderFn, prompt: str, n_views: int = 16, seed: int = 0,
     plain, _ = render_fn(cams, light, "textureless")
     color_logits, _ = clf(rgb.float().cpu())
     _, shape_logits = clf(plain.float().cpu())
-    out = {"prompt": prompt, "n_views": n_views, "seed": seed, "translucent_share": translucent_share(opacity)}
+    out = {"prompt": prompt, "n_views": n_views, "seed": seed, "translucent_share": translucent_share(opacity),
+           "foreground_share": foreground_share(opacity)}
     if color is not None:
         out["colour_r_precision"] = (color_logits.argmax(1) == COLOR_NAMES.index(color)).float().mean().item()
     if shape is not None:

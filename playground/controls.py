@@ -7,12 +7,14 @@ table, so a new live parameter is one row here.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 from dataclasses import dataclass
 
 import gradio as gr
 
 from engine.config import DISTILLATIONS, LIGHT_MODES, SHADING_MODES, LiveParams, quoted
+from engine.world import SHAPES
 
 LIGHT_LABELS = {"random": "random as in training", "camera": "follows the camera", "fixed": "fixed position"}
 LIVE = tuple(f.name for f in dataclasses.fields(LiveParams))  # the API's order of live parameters
@@ -54,7 +56,8 @@ CONTROLS = (
     Control("learning_rate", "number", "Learning rate", "optimisation", (1e-6, 1.0, None), follow=True),
     Control("seed", "number", "Seed of the next run (Start from idle, or Reset)", "optimisation", (0, None, 1),
             follow=True),
-    Control("steps", "number", "Steps", "optimisation", (1, 10**7, 1), follow=True),
+    Control("steps", "number", "Steps", "main", (1, 10**7, 1), follow=True,
+            info="the run's length; raising it extends a finished run"),
 )
 BY_NAME = {c.name: c for c in CONTROLS}
 FOLLOWED = tuple(c.name for c in CONTROLS if c.follow)
@@ -65,6 +68,17 @@ if set(LIVE) != set(BY_NAME) - {"seed"}:  # a new live parameter without a row w
 # when let go, choices at once
 EVENTS = {"text": ("submit", "blur"), "number": ("submit", "blur"), "slider": ("release",), "radio": ("input",),
           "color": ("input",)}
+
+
+PRIORS = ["embedded", *(f"oracle:{s}" for s in SHAPES), "gaussian"]
+
+
+def prior_choices(current: str) -> list[str]:
+    """Priors to offer: the analytic ones always, SD / IF when diffusers is installed."""
+    out = list(PRIORS)
+    if importlib.util.find_spec("diffusers") is not None:
+        out += ["sd", "if"]
+    return out if current in out else [current, *out]
 
 
 def widget(c: Control, value, **overrides) -> gr.components.Component:

@@ -40,6 +40,7 @@ def new_trainer(session) -> None:
         a.restart(trainer, run.live)
         session.runs = [a]
     session.worker.latest_preview, session.warnings, session.error, session.turn = None, [], None, 0
+    session.prior_failed = None
     session.cfg, session.pending, session.settings_note = run.cfg, {}, run.note or session.settings_note
     session.priors.keep_large(prior)
     encode(session, a, run.live)

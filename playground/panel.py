@@ -12,24 +12,35 @@ from __future__ import annotations
 
 import contextlib
 import html
-import importlib.util
 import logging
+from pathlib import Path
 
 import gradio as gr
 
 from engine.priors import PriorOptions
-from engine.world import SHAPES
-from playground import controls
-from playground.controls import CONTROLS, FOLLOWED, LIVE, keyword_api, to_session
-from playground.plots import SCORE_COLORS, SERIES_COLORS, loss_frame, loss_limits, placeholder, score_frame
+from playground import controls, texts
+from playground.controls import CONTROLS, FOLLOWED, LIVE, keyword_api, prior_choices, to_session
+from playground.plots import (
+    LOSS_Y,
+    SCORE_COLORS,
+    SCORE_Y,
+    SERIES_COLORS,
+    loss_frame,
+    loss_limits,
+    placeholder,
+    present,
+    score_frame,
+)
 from playground.plots import smoothed as smoothed  # noqa: F401  (tests use it from here)
 from playground.session import EXPORTS, Session
+from playground.texts import fork_markdown, score_text, status_markdown  # noqa: F401  (tests use them from here)
 
 log = logging.getLogger(__name__)
-PRIORS = ["embedded", *(f"oracle:{s}" for s in SHAPES), "gaussian"]
 # prompts that form well with the embedded prior at its defaults: colour and geometry R-Precision >= 0.88 on
 # both seeds of the SDS protocol (BENCHMARKS.md)
 EXAMPLES = ("a blue sphere", "a green cone", "a yellow cylinder", "a purple torus", "a pink snowman", "a blue cube")
+EXPORT_LABELS = {"checkpoint": "Checkpoint", "snapshot": "Snapshot (PNG + checkpoint)",
+                 "video": "Orbit video (mp4 + GIF)", "mesh": "Mesh (glb)"}
 PRIVATE = {"api_visibility": "private", "show_progress": "hidden"}  # the pane's own events: not in the API
 
 
@@ -39,60 +50,9 @@ def refuse(where: str, err: Exception) -> gr.Error:
     return gr.Error(str(err), print_exception=False)
 
 
-def prior_choices(current: str) -> list[str]:
-    """Priors to offer: the analytic ones always, SD / IF when diffusers is installed."""
-    out = list(PRIORS)
-    if importlib.util.find_spec("diffusers") is not None:
-        out += ["sd", "if"]
-    return out if current in out else [current, *out]
-
-
-def score_text(score: dict | None) -> str:
-    if not score:
-        return "score –"
-    names = (("color_r_precision", "colour"), ("geometry_r_precision", "geometry"))
-    parts = [f"{word} {score[k]:.2f}" for k, word in names if score.get(k) is not None]
-    return f"score {' · '.join(parts)} (step {score['step']})"
-
-
-def fork_markdown(st: dict) -> str:
-    """Run A against run B: step, loss, score, and what differs (empty while no fork is open)."""
-    b = st.get("fork")
-    if not b:
-        return ""
-    lines = ["| run | step | loss | live score |", "|---|---|---|---|"]
-    for r in st["runs"]:
-        loss = "–" if r["loss"] is None else f"{r['loss']:.4g}"
-        lines.append(f"| **{r['name']}** | {r['step']} | {loss} | {score_text(r['score']).removeprefix('score ')} |")
-    diff = "; ".join(f"{k}: A {html.escape(str(v[0]))} → B {html.escape(str(v[1]))}" for k, v in b["differs"].items())
-    return "\n".join(lines) + f"\n\nB differs in: {diff or 'nothing (yet)'}"
-
-
-def status_markdown(st: dict) -> str:
-    icon = {"running": "▶", "paused": "⏸", "done": "✓", "error": "⚠", "idle": "○"}.get(st["state"], "")
-    loss = "–" if st["loss"] is None else f"{st['loss']:.4g}"
-    lines = [f"**{icon} {st['state']}** · step **{st['step']}** / {st['steps']} · **{st['its_per_s']:.2f}** it/s · "
-             f"loss {loss} · {score_text(st.get('score'))} · prior `{st['prior']}`", ""]
-    if st.get("skipped_steps") or st.get("rollbacks"):
-        lines[0] += f" · skipped {st.get('skipped_steps', 0)} non-finite steps, {st.get('rollbacks', 0)} rollbacks"
-    if st["error"]:
-        lines.append(f"**Error:** {html.escape(st['error'], quote=False)}")
-    elif st["message"]:
-        lines.append(html.escape(st["message"], quote=False))
-    if st.get("settings_note"):
-        lines += ["", html.escape(st["settings_note"], quote=False)]
-    return "\n".join(lines)
-
-
-def vocabulary_markdown(session: Session) -> str:
-    """The embedded prior's words, and the prompt words it does not know."""
-    st, vocab = session.status(), session.vocabulary()
-    parts = []
-    if st["warnings"]:
-        parts.append("**⚠ " + html.escape("; ".join(st["warnings"]), quote=False) + "**")
-    if vocab:
-        parts.append("Words this prior knows: " + ", ".join(f"`{w}`" for w in vocab))
-    return "\n\n".join(parts)
+def plot(frame, colors: dict, y_lim) -> gr.LinePlot:
+    """A plot's new value; its legend lists only the series it draws (not run B's before a fork)."""
+    return gr.LinePlot(value=frame, y_lim=y_lim, colors_in_legend=present(frame, colors) or None)
 
 
 @contextlib.contextmanager
@@ -115,6 +75,7 @@ class Panel:
 
     def __init__(self, session: Session, viewer_url: str | None = None, timer_s: float = 1.0):
         self.session, self.viewer_url, self.timer_s = session, viewer_url, timer_s
+        self._pending: list = []  # (what, Future) of exports asked for in the pane, until each is done
 
     # -- API functions (gradio builds the endpoints' inputs from the signatures, see `_register_api`) ----------
     def api_start(self, prior: str | None = None) -> dict:
@@ -258,39 +219,70 @@ class Panel:
         the light; a prior switch brings its guidance, learning rate and steps)."""
         return {**controls.shown(self.session), "prior": self.session.prior_spec}
 
+    def _marks(self) -> dict:
+        """What the page last saw besides the followed values: a prior switch failing (the dropdown goes back to
+        the prior in use), a fork opening or closing (the export choice of runs), the exported files."""
+        s = self.session
+        return {"prior_failures": s.prior_failures, "forked": s.fork_run is not None, "files": len(s.worker.made)}
+
     def _controls(self, _values: dict) -> dict:
         """What a page shows when it (re)loads: the session's current settings, not those the app started with,
         so a page opened or reloaded mid-run shows the prompt, guidance, shading and light the run is using.
         Run B's controls show B's values (A's while no fork is open)."""
         s = self.session
         b = s.fork_run.live if s.fork_run is not None else s.a.live
-        return {**controls.shown(s, controls.BY_NAME), **self._followed(), "synced": self._followed(),
+        synced = {**self._followed(), **self._marks(), "forked": None, "files": -1}  # the first tick fills them
+        return {**controls.shown(s, controls.BY_NAME), **self._followed(), "synced": synced,
                 "fork_guidance": b.guidance_scale, "fork_loss": b.distillation}
 
     def _tick(self, values: dict) -> dict:
         """Streamed outputs; a followed control moves when the session's value changed since the page last saw it."""
         s, st = self.session, self.session.status()
-        runs = list(s.runs)
+        runs, seen = list(s.runs), values["synced"] or {}
+        now = {**self._followed(), **self._marks()}
         df = loss_frame(runs)
-        limits = loss_limits(df)
-        now = self._followed()
-        out = {"status": status_markdown(st), "plot": gr.LinePlot(value=df, y_lim=limits) if limits else df,
-               "vocab": vocabulary_markdown(s), "synced": now, "exports": "\n".join(f"- {e}" for e in s.exports[-5:]),
-               "score_plot": score_frame(runs), "fork_info": fork_markdown(st)}
-        out |= {k: v for k, v in now.items() if (values["synced"] or {}).get(k) != v}
+        out = {"status": status_markdown(st), "plot": plot(df, SERIES_COLORS, loss_limits(df)),
+               "vocab": texts.vocabulary_markdown(st, s.vocabulary()), "synced": now,
+               "score_plot": plot(score_frame(runs), SCORE_COLORS, [0, 1]), "fork_info": fork_markdown(st),
+               "export_note": self._export_note()}
+        out |= {k: v for k, v in self._followed().items() if seen.get(k) != v}
+        if seen.get("prior_failures") != now["prior_failures"]:
+            out["prior"] = now["prior"]  # a failed switch: the dropdown shows the prior in use again
+        if seen.get("forked") != now["forked"]:
+            out["export_runs"] = gr.Radio(visible=now["forked"], value="A and B")
+        if seen.get("files") != now["files"]:
+            out |= self._downloads()
         pv = s.preview()
         if pv is not None and pv[0] != values["shown"]:
             out |= {"preview": pv[1], "shown": pv[0]}
         return out
 
-    def _ui_export(self, kind: str) -> dict:
-        """Export every run (A, and B while forked): each folder's name says which run it holds."""
+    def _downloads(self) -> dict:
+        """The session's exported files, newest first, each with what it is."""
+        files = [f for f in self.session.worker.files() if Path(f["path"]).is_file()]
+        listing = "\n".join(f"{i}. `{Path(f['path']).name}`: {html.escape(f['what'], quote=False)}"
+                             for i, f in enumerate(files, 1))
+        return {"downloads": [f["path"] for f in files] or None, "downloads_info": listing}
+
+    def _export_note(self) -> str:
+        """Exports being made, and the last one that failed or wrote nothing."""
+        self._pending = [(what, f) for what, f in self._pending if not f.done()]
+        lines = [f"{what}: working…" for what, _ in self._pending]
+        last = self.session.exports[-1:]
+        return "\n\n".join(lines + [f"⚠ {r}" for r in last if " failed: " in r or "nothing was written" in r])
+
+    def _ui_export(self, kind: str, which: str | None) -> dict:
+        """Export run A, or while forked the runs picked (each folder's name says which run it holds)."""
+        names = [r.name for r in self.session.runs]
+        if len(names) > 1 and which in names:
+            names = [which]
         try:
-            for run in list(self.session.runs):
-                self.session.export(kind, run=run.name)
-            return {"exports": f"{kind}: working…"}
+            for name in names:
+                what = kind if len(self.session.runs) == 1 else f"{kind} of run {name}"
+                self._pending.append((what, self.session.export(kind, run=name)))
         except ValueError as err:
-            return {"exports": f"⚠ {err}"}
+            return {"export_note": f"⚠ {err}"}
+        return {"export_note": self._export_note()}
 
     # -- layout --------------------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
@@ -302,7 +294,7 @@ class Panel:
                     w = self._control_column()
                 with gr.Column(scale=3, min_width=400):
                     w |= self._progress_column()
-            w |= {"synced": gr.State(self._followed()), "shown": gr.State(-1)}
+            w |= {"synced": gr.State({**self._followed(), **self._marks()}), "shown": gr.State(-1)}
             self._wire(demo, w)
             self._register_api()
         return demo
@@ -315,8 +307,8 @@ class Panel:
     def _control_column(self) -> dict:
         s, w = self.session, self._group("prompt")
         gr.Markdown("Examples that form well with the embedded prior (a click starts a fresh run):")
-        with gr.Row(elem_id="examples"):
-            w |= {f"example:{p}": gr.Button(p, size="sm", min_width=80) for p in EXAMPLES}
+        with gr.Row(elem_id="examples"):  # chips at their own width (page.CSS), wrapping as words do
+            w |= {f"example:{p}": gr.Button(p, size="sm", min_width=0, scale=0) for p in EXAMPLES}
         w |= self._group("negative")
         w["vocab"] = gr.Markdown(elem_id="vocabulary")
         w["prior"] = gr.Dropdown(prior_choices(s.prior_spec), value=s.prior_spec, label="Prior", elem_id="prior",
@@ -342,10 +334,20 @@ class Panel:
             w |= self._group("light")
         with gr.Accordion("Optimisation", open=False):
             w |= self._group("optimisation")
-        with gr.Accordion("Export", open=False):
-            with gr.Row():
-                w |= {f"export:{k}": gr.Button(k.capitalize(), size="sm") for k in EXPORTS}
-            w["exports"] = gr.Markdown()
+        with gr.Accordion("Export", open=True, elem_id="export"):
+            w |= self._export_box()
+        return w
+
+    def _export_box(self) -> dict:
+        w = {"export_runs": gr.Radio(["A and B", "A", "B"], value="A and B", label="Runs to export (while forked)",
+                                     info="each run's files go to a folder ending in -A or -B", visible=False,
+                                     elem_id="export_runs")}
+        with gr.Row():
+            w |= {f"export:{k}": gr.Button(label, size="sm", elem_id=f"export_{k}") for k, label in EXPORT_LABELS.items()}
+        w["export_note"] = gr.Markdown(elem_id="export_note")
+        w["downloads"] = gr.Files(label="Downloads: this session's exports, newest first", interactive=False,
+                                  elem_id="downloads")
+        w["downloads_info"] = gr.Markdown(elem_id="downloads_info")
         return w
 
     def _progress_column(self) -> dict:
@@ -354,15 +356,15 @@ class Panel:
             url = html.escape(self.viewer_url)
             gr.HTML(f'<iframe src="{url}" title="3D viewer" style="width:100%;height:420px;border:0;border-radius:8px">'
                     f'</iframe><a href="{url}" target="_blank">Open the 3D viewer on its own</a>', elem_id="viewer")
-        w["preview"] = gr.Image(label="Fixed views: front, side, back, overhead (run B below run A while forked)",
-                                interactive=False, elem_id="preview", height=180)
         with gr.Row():
-            w["plot"] = gr.LinePlot(placeholder("loss", SERIES_COLORS), x="step", y="loss", color="series",
-                                    color_map=SERIES_COLORS, title="Loss (EMA over the raw)", height=220,
-                                    elem_id="loss_plot")
-            w["score_plot"] = gr.LinePlot(placeholder("R-Precision", SCORE_COLORS), x="step", y="R-Precision",
-                                          color="series", color_map=SCORE_COLORS, title="Live score (toy R-Precision)",
-                                          y_lim=[0, 1], height=220, elem_id="score_plot")
+            w["plot"] = gr.LinePlot(placeholder(LOSS_Y, SERIES_COLORS), x="step", y=LOSS_Y, color="series",
+                                    color_map=SERIES_COLORS, title="Loss, log scale (EMA over the raw)", height=240,
+                                    y_title="loss (log₁₀: 1 = 10, 3 = 1000)", elem_id="loss_plot")
+            w["score_plot"] = gr.LinePlot(placeholder(SCORE_Y, SCORE_COLORS), x="step", y=SCORE_Y, color="series",
+                                          color_map=SCORE_COLORS, y_lim=[0, 1], height=240, elem_id="score_plot",
+                                          title="Live score: R-Precision, and silhouette IoU (keeps rising)")
+        w["preview"] = gr.Image(label="Fixed views: front, side / back, overhead (run B right of run A while forked)",
+                                interactive=False, elem_id="preview", height=320, buttons=[])
         return w
 
     def _wire(self, demo: gr.Blocks, w: dict) -> None:
@@ -389,7 +391,9 @@ class Panel:
             on(w[f"example:{text}"].click, lambda v, t=text: self._on_example(t), [], ["prompt", "message"],
                f"example_{text.replace(' ', '_')}")
         for kind in EXPORTS:
-            on(w[f"export:{kind}"].click, lambda v, k=kind: self._ui_export(k), [], ["exports"], f"export_{kind}")
+            on(w[f"export:{kind}"].click, lambda v, k=kind: self._ui_export(k, v["export_runs"]), ["export_runs"],
+               ["export_note"], f"export_{kind}")
         on(demo.load, self._controls, [], [*names, "prior", "synced", "fork_guidance", "fork_loss"], "load")
-        streamed = ["status", "plot", "preview", "vocab", "synced", "shown", "exports", "score_plot", "fork_info"]
+        streamed = ["status", "plot", "preview", "vocab", "synced", "shown", "export_note", "score_plot", "fork_info",
+                    "export_runs", "downloads", "downloads_info"]
         on(gr.Timer(self.timer_s).tick, self._tick, ["synced", "shown"], [*streamed, *FOLLOWED, "prior"], "tick")

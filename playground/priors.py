@@ -42,7 +42,9 @@ class PriorCache:
         try:
             prior = self.loader(spec, device=self.device, **kwargs)
         except (FileNotFoundError, ImportError, OSError, ValueError, RuntimeError) as err:
-            raise PriorUnavailable(f"prior {quoted(spec)} is not available ({quoted(str(err), 300)[1:-1]}). "
+            # the loader's own words are the fix (a command, a folder to point to): they are shown whole; the
+            # user's value in them is quoted short by the loader, and the spec here
+            raise PriorUnavailable(f"prior {quoted(spec)} is not available: {str(err).rstrip('.')}. "
                                    "Pick another prior (e.g. oracle:cube) and press Reset.") from None
         self.loaded[spec] = prior
         return prior

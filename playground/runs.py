@@ -19,6 +19,7 @@ from pathlib import Path
 from engine.checkpoint import checkpoint_state, load_into
 from engine.config import LiveParams, quoted
 from engine.trainer import StepResult, Trainer
+from playground.plots import smoothed_loss
 from playground.snapshot import Snapshot
 
 RUN_NAMES = ("A", "B")
@@ -174,7 +175,7 @@ class Run:
         tr = self.trainer
         done = tr is not None and tr.step_count >= max_steps
         return {"name": self.name, "state": "done" if done and state in ("running", "paused") else state,
-                "step": self.step, "loss": self.last_metrics.get("loss"),
+                "step": self.step, "loss": self.last_metrics.get("loss"), "loss_smoothed": smoothed_loss(self.history),
                 "its_per_s": round(self.its_per_s(state == "running"), 3), "score": self.score,
                 "skipped_steps": tr.skipped_steps if tr is not None else 0,
                 "shading_used": self.last_metrics.get("shading"), "live": live_dict(self.used),

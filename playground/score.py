@@ -3,8 +3,10 @@
 It runs on its own thread, never the training thread: under the session lock it takes a frozen copy of a
 run's field (`RenderSource.from_trainer`, milliseconds), then renders and classifies that copy with the
 lock released. Only prompts the procedural world's vocabulary names (`parse_prompt`: a colour, a shape)
-are scored; a run's field is scored again only once it has changed. The cost is kept small: a few views
-at 32 px (the classifier's own size); `costs` holds the seconds each score took.
+are scored; a run's field is scored again only once it has changed. Beside the R-Precision (a share of
+views: 1.00 once the object has formed) it keeps the silhouette IoU with the prompted solid, a continuous
+quantity that still tells two formed runs apart. The cost is kept small: a few views at 32 px (the
+classifier's own size); `costs` holds the seconds each score took.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class Scorer:
                               classifier=classifier)
         self.costs.append(time.perf_counter() - t0)
         score = {"step": source.step, "color_r_precision": result.get("colour_r_precision"),
-                 "geometry_r_precision": result.get("geometry_r_precision")}
+                 "geometry_r_precision": result.get("geometry_r_precision"),
+                 "shape_score": result.get("shape_score")}  # silhouette IoU: still moves once R-P reads 1.00
         self._scored[run.name] = (id(trainer), source.step)
         return score if run.add_score(trainer, score) else None

@@ -35,7 +35,7 @@ class Session:
     (`pending`). `score_every_s`: seconds between live scores of each run (0: no live score)."""
 
     def __init__(self, cfg: Config | None = None, live: LiveParams | None = None, *, device="cpu",
-                 out_root: str | Path = "outputs", prior_loader=load_prior, preview_size: int = 64,
+                 out_root: str | Path = "outputs", prior_loader=load_prior, preview_size: int = 128,
                  overrides: dict | None = None, prior_options=None, score_every_s: float = 5.0):
         self.cfg, self.device, self.out_root, self.overrides = cfg or Config(), device, Path(out_root), dict(overrides or {})
         self.pending: dict = {}  # dotted settings the user set for the next new run (`start`, `reset`)
@@ -46,6 +46,8 @@ class Session:
         self.state, self.message, self.error = "idle", "press Start to train", None
         self.warnings: list[str] = []  # run A's unknown prompt words, and what failed
         self.settings_note = ""  # what a prior switch applied and what it kept
+        self.prior_failed: dict | None = None  # {"prior", "message"} of the last switch that failed, until a new run
+        self.prior_failures = 0  # how many switches failed (the pane puts its dropdown back on each)
         self.priors = PriorCache(prior_loader, device=device, options=prior_options)
         self.worker = Worker(lock=self.lock, runs=lambda: self.runs, out_root=self.out_root, preview_size=preview_size)
         self.exports = self.worker.reports  # one line per finished export (the worker's list, appended there)
@@ -122,6 +124,10 @@ class Session:
             self.scorer.stop(timeout)
         self.worker.shutdown()
 
+    def set_view(self, cameras, height: int, width: int) -> None:
+        """The viewer's last view at rest (engine Cameras of one view, its frame's H and W): what a snapshot shows."""
+        self.worker.view = (cameras, height, width)
+
     def wait_idle_queue(self, timeout: float = 10.0) -> None:
         """Block until every queued command has been applied (for tests and scripts)."""
         done = threading.Event()
@@ -143,7 +149,9 @@ class Session:
                 command(arg)
             except PriorUnavailable as err:  # the current run, if any, is untouched: it goes on
                 log.warning("session %s: %s", name, err)
-                self.prior_spec, self.message = spec, f"{name} failed: {err}"
+                self.prior_failed = {"prior": self.prior_spec, "message": f"{name} failed: {err}"}
+                self.prior_failures += 1
+                self.prior_spec, self.message = spec, self.prior_failed["message"]
                 self.warnings.append(self.message)  # kept in /status: the next step overwrites `message`
                 if self.a.trainer is None:
                     self._fail(self.message)
@@ -241,6 +249,6 @@ class Session:
     its_per_s = status_room.its_per_s  # run A's steps per second
     render_source = snapshot.render_source  # (run="A"): a frozen copy of a run's field, to render without the lock
     render_sources = snapshot.render_sources  # [(name, frozen copy, live of its last step)] of each run
-    preview = exports.preview  # (token, [H, 4W, 3] uint8) of the preview views, or None
+    preview = exports.preview  # (token, [2S, 2S x runs, 3] uint8) of the preview views, or None
     export = exports.export  # (kind, run="A", **kwargs) -> Future of {name: path}, or ExportRefused
     save_if_dirty = exports.save_if_dirty  # after `stop`: checkpoint the runs with unsaved steps

@@ -12,6 +12,7 @@ import dataclasses
 
 from engine.config import Config
 from engine.trainer import Trainer
+from playground.plots import smoothed_loss
 from playground.runs import live_dict
 
 
@@ -39,9 +40,12 @@ def status(session) -> dict:
             "skipped_steps": tr.skipped_steps if tr is not None else 0,  # non-finite steps skipped
             "rollbacks": tr.rollbacks if tr is not None else 0,  # restores of the last good state
             "its_per_s": round(its_per_s(session), 3), "loss": a.last_metrics.get("loss"),
+            "loss_smoothed": smoothed_loss(a.history),  # the EMA the loss curve draws: the raw loss jumps 100x
             "score": a.score, "message": session.message, "error": session.error, "prior": session.prior_spec,
+            "prior_failed": session.prior_failed,  # {"prior", "message"} of a switch that failed, else None
             "warnings": list(session.warnings), "shading_used": a.last_metrics.get("shading"), **live_dict(a.used),
             "next": live_dict(a.live), "exports": session.exports[-5:],
+            "files": session.worker.files(),  # every file this session exported: {"what", "path"}
             "run_dir": str(a.run_dir) if a.run_dir else None, "settings": run_settings(session.cfg, tr),
             "settings_note": session.settings_note,
             "prior_options": dataclasses.asdict(options) if options is not None else None,

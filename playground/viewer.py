@@ -54,15 +54,29 @@ def rest_side(*, last_side: int, last_cost: float, budget_s: float, canvas: int,
     return max(floor, min(limit, int(side) // 16 * 16))
 
 
+def label_box(height: int, width: int, text: str) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) in pixels of the label `label` draws on a frame of this size: bottom centre, clear of
+    viser's notices (top left), its axes gizmo (bottom left) and its control panel (docked right, beside the
+    canvas)."""
+    font = ImageFont.load_default(size=label_size(height))
+    x0, y0, x1, y1 = ImageDraw.Draw(Image.new("RGB", (8, 8))).textbbox((0, 0), text, font=font)
+    w, h, pad = x1 - x0 + 8, y1 - y0 + 6, label_size(height) // 2
+    return (width - w) // 2, height - pad - h, (width - w) // 2 + w, height - pad
+
+
+def label_size(height: int) -> int:
+    """The label's font size: about 4 % of the frame's height (18 px on a 450-px canvas), at least 12."""
+    return max(12, height // 24)
+
+
 def label(frame: np.ndarray, text: str) -> np.ndarray:
-    """The frame with `text` in a dark box at its top-left corner (names the run of each half)."""
+    """The frame with `text` in a dark box at its bottom centre (names the run of each half)."""
     img = Image.fromarray(frame)
-    size = max(10, frame.shape[0] // 16)
-    font = ImageFont.load_default(size=size)
-    draw = ImageDraw.Draw(img)
-    x0, y0, x1, y1 = draw.textbbox((size // 2, size // 3), text, font=font)
-    draw.rectangle((x0 - 4, y0 - 3, x1 + 4, y1 + 3), fill=(20, 20, 20))
-    draw.text((size // 2, size // 3), text, fill=(255, 255, 255), font=font)
+    x0, y0, x1, y1 = label_box(frame.shape[0], frame.shape[1], text)
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=label_size(frame.shape[0]))
+    draw.rectangle((x0, y0, x1, y1), fill=(20, 20, 20))
+    tx0, ty0, _, _ = draw.textbbox((0, 0), text, font=font)
+    draw.text((x0 + 4 - tx0, y0 + 3 - ty0), text, fill=(255, 255, 255), font=font)
     return np.asarray(img)
 
 
@@ -215,8 +229,8 @@ class ClientRenderer:
             focal = (0.5 / math.tan(cam.fov / 2)) * H / w  # engine focal is in units of the image width
             with torch.no_grad():
                 img = snap.render(camera_from_c2w(c2w, focal), H, w, MODE_LABELS[mode], live=live, samples=samples)
-            frame = to_uint8(img)[0]
-            halves.append(label(frame, name) if len(sources) > 1 else frame)
+            frame = to_uint8(img)[0]  # labelled at rest only: on a small moving frame a label is a blur
+            halves.append(label(frame, name) if len(sources) > 1 and job == "rest" else frame)
         frame = halves[0] if len(halves) == 1 else np.concatenate(halves, axis=1)
         self._send(frame)
         cost = time.perf_counter() - t0
@@ -224,11 +238,21 @@ class ClientRenderer:
         self.log.append((time.perf_counter(), side, cost))
         if job == "rest":
             self.full_at, self.full_cost, self.full_side = time.perf_counter(), cost, side
+            self._publish_view(c2w, cam)
         else:
             self._wake.set()  # keep going while the camera moves; the rest frame follows
         steps = " · ".join(f"{name + ' ' if len(sources) > 1 else ''}step {snap.step}" for name, snap, _ in sources)
         size = f"{frame.shape[1]}×{frame.shape[0]}"
         self.info.content = f"**{self.session.state}** · {steps} · {size} {mode} in {1e3 * cost:.0f} ms"
+
+    def _publish_view(self, c2w: torch.Tensor, cam) -> None:
+        """This view at the canvas's size in device pixels (not the frame's, which the CPU budget may keep
+        smaller): what a snapshot shows."""
+        h, w = int(cam.image_height or 0), int(cam.image_width or 0)
+        if h >= 16 and w >= 16:
+            scale = min(1.0, 2048 / max(h, w))  # the engine's largest image
+            h, w = max(16, round(h * scale)), max(16, round(w * scale))
+            self.session.set_view(camera_from_c2w(c2w, (0.5 / math.tan(cam.fov / 2)) * h / w), h, w)
 
     def _send(self, frame: np.ndarray) -> None:
         self.client.scene.set_background_image(frame, format="jpeg", jpeg_quality=self.viewer.jpeg_quality)
@@ -242,12 +266,12 @@ class Viewer:
                  full_samples: int = 32, still_s: float = 0.2, refresh_s: float = 1.0, refresh_factor: float = 4.0,
                  jpeg_quality: int = 85, show_training_cameras: bool = False):
         """low_res: long side of frames while the camera moves; full_res: the largest long side at rest (default
-        512 on a CPU, 1024 on a GPU): frames at rest match the browser's canvas up to it, as far as their
-        render time stays within rest_budget_s (default 0.35 s on a CPU, 0.15 s on a GPU); *_samples: samples
+        4096: frames at rest match the browser's canvas in device pixels, as far as their render time stays within
+        rest_budget_s (default 0.35 s on a CPU, 0.15 s on a GPU); *_samples: samples
         per ray of each (32 samples step about one cell of the 32^3 grid); a frame at rest is refreshed as the
         field changes, at most every max(refresh_s, refresh_factor x its render time)."""
         gpu = str(session.device).startswith("cuda")
-        full_res = full_res or (1024 if gpu else 512)
+        full_res = full_res or 4096
         self.rest_budget_s = rest_budget_s or (0.15 if gpu else 0.35)
         self.session, self.low_res, self.full_res, self.still_s = session, low_res, full_res, still_s
         self.low_samples, self.full_samples = low_samples, full_samples
@@ -257,6 +281,7 @@ class Viewer:
         self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
         self.clients: dict[int, ClientRenderer] = {}
         self._retired: list[ClientRenderer] = []  # stopped on disconnect; joined on stop()
+        self.server.gui.main_panel.dock_right()  # beside the canvas, not over the frame and its labels
         scene = self.server.scene
         scene.set_up_direction("+z")
         self.server.initial_camera.position = (2.6, 1.2, 1.2)

@@ -63,8 +63,10 @@ def test_batch_runs_every_line_and_writes_manifest(done_batch):
             assert 0 <= r["geometry_r_precision"] <= 1 and 0 <= r["colour_r_precision"] <= 1
             assert 0 <= r["scores"]["10"]["geometry_r_precision"] <= 1  # scored on the way too (score_at)
             folder = out / r["run_id"]
-            assert {"checkpoint.safetensors", "checkpoint.json", "orbit.gif", "snapshot.png"} <= \
-                {p.name for p in folder.iterdir()}
+            assert {"checkpoint.safetensors", "checkpoint.json", "orbit.gif", "snapshot.png", "metrics.json",
+                    "preview.png"} <= {p.name for p in folder.iterdir()}  # as the README says a run folder holds
+            metrics = json.loads((folder / "metrics.json").read_text())
+            assert metrics["step"] == 20 and "foreground_share" in metrics["evaluation"]
             assert r["files"]["gif"] == f"{r['run_id']}/orbit.gif"
         elif r["prompt"] == "a green cone":  # a bad value fails its run alone, before it starts
             assert r["status"] == "failed" and "guidance_scale must be a number" in r["message"]
@@ -89,12 +91,17 @@ def test_gallery_sorts_cards_in_headless_chromium(done_batch, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto((done_batch["out"] / "index.html").as_uri())
+            assert page.locator("h1").inner_text() == "b"  # the batch folder's name
             assert page.locator(".card").count() == 8
             assert sorted(page.locator("section.group h2").all_inner_texts()) == ["a blue sphere", "a green cone",
                                                                                    "a red cube"]
             assert page.locator(".card.failed").count() == 4
             page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
-            assert page.locator(".card img").count() == 4  # the done runs' GIFs load offline
+            assert page.locator(".card img").count() == 8  # the done runs' GIFs and previews load offline
+            sizes = page.evaluate("[...document.querySelectorAll('.card img')].map(i => [i.clientWidth, i.naturalWidth])")
+            assert all(shown <= natural for shown, natural in sizes), f"a picture is stretched: {sizes}"
+            flagged = [r for r in done_batch["rows"] if r.get("foreground_share", 1) < 0.002]
+            assert page.locator(".card.flagged .flag").count() >= len(flagged)
             for key in ("shape_margin", "geometry_r_precision"):
                 page.select_option("#sort", key)
                 values = page.evaluate(f"""[...document.querySelectorAll('section.group')].map(g =>
@@ -103,10 +110,11 @@ def test_gallery_sorts_cards_in_headless_chromium(done_batch, tmp_path):
                     assert group == sorted(group, reverse=True), (key, values)
                 best = [max(g) for g in values]
                 assert best == sorted(best, reverse=True)
-            page.screenshot(path=str(tmp_path / "gallery.png"), full_page=True)
+            shots = Path(os.environ.get("PLAYGROUND_SCREENSHOTS") or tmp_path)
+            page.screenshot(path=str(shots / "gallery.png"), full_page=True)
         finally:
             browser.close()
-    assert (tmp_path / "gallery.png").stat().st_size > 0
+    assert (shots / "gallery.png").stat().st_size > 0
 
 
 def test_rerun_skips_done_runs(done_batch):

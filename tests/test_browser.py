@@ -92,7 +92,12 @@ def test_a_page_opened_mid_run_shows_the_runs_settings(playground_app, browser):
 
 
 def canvas_image(page) -> np.ndarray:
-    return np.asarray(Image.open(__import__("io").BytesIO(page.screenshot())).convert("RGB")).astype(np.float32)
+    """The viewer's canvas as the page shows it (its control panel is docked beside it, not over it)."""
+    box = page.evaluate("""(() => { const c = [...document.querySelectorAll('canvas')].sort((a, b) =>
+        b.clientWidth * b.clientHeight - a.clientWidth * a.clientHeight)[0].getBoundingClientRect();
+        return {x: c.left, y: c.top, width: c.width, height: c.height}; })()""")
+    shot = page.screenshot(clip=box)
+    return np.asarray(Image.open(__import__("io").BytesIO(shot)).convert("RGB")).astype(np.float32)
 
 
 def centre_vs_border(img: np.ndarray) -> float:
@@ -120,10 +125,10 @@ def test_viewer_shows_the_object_and_orbits(playground_app, browser, shots):
     assert centre_vs_border(first) > 30, "the canvas should show the object, not a uniform background"
     assert first.std() > 5
 
-    page.mouse.move(320, 300)
+    page.mouse.move(120, 300)  # on the canvas: the panel is docked at the right
     page.mouse.down()
     for i in range(1, 11):
-        page.mouse.move(320 + 15 * i, 300 + 3 * i)
+        page.mouse.move(120 + 15 * i, 300 + 3 * i)
         time.sleep(0.03)
     page.mouse.up()
     time.sleep(0.5)
@@ -139,10 +144,10 @@ def test_viewer_shows_the_object_and_orbits(playground_app, browser, shots):
 
 
 def drag(page, steps: int = 10) -> None:
-    page.mouse.move(320, 300)
+    page.mouse.move(120, 300)  # on the canvas: the panel is docked at the right
     page.mouse.down()
     for i in range(1, steps + 1):
-        page.mouse.move(320 + 15 * i, 300 + 3 * i)
+        page.mouse.move(120 + 15 * i, 300 + 3 * i)
         time.sleep(0.03)
     page.mouse.up()
 

@@ -230,7 +230,9 @@ def test_live_score_is_computed_off_the_training_thread(tmp_path, monkeypatch):
 def test_loss_curve_is_smoothed_over_the_faint_raw_one(session):
     import pandas as pd
 
-    from playground.panel import SERIES_COLORS, loss_frame, loss_limits, smoothed
+    import numpy as np
+
+    from playground.panel import LOSS_Y, SERIES_COLORS, loss_frame, loss_limits, smoothed
 
     assert smoothed([]) == []
     assert smoothed([4.0]) == [4.0], "debiased: the first point is not pulled towards 0"
@@ -248,8 +250,13 @@ def test_loss_curve_is_smoothed_over_the_faint_raw_one(session):
     spike = pd.DataFrame([(i, 60.0 if i < 3 else 1.0 + 0.5 * (i % 2), "A raw") for i in range(100)],
                          columns=["step", "loss", "series"])
     both = pd.concat([spike, spike.assign(loss=smoothed(list(spike["loss"])), series="A")])
+    both[LOSS_Y] = np.log10(both["loss"])
     lo, hi = loss_limits(both)
-    assert lo == 0.0 and 1.5 < hi < 10.0, "the first steps' spike does not set the scale"
+    assert -1 <= lo < 0 < hi <= 1, "log scale: the first steps' spike (60, 10^1.8) does not set the scale"
+    vsd = both.assign(loss=both["loss"] * 1000, series=both["series"].str.replace("A", "B"))
+    vsd[LOSS_Y] = np.log10(vsd["loss"])
+    lo, hi = loss_limits(pd.concat([both, vsd]))
+    assert lo < 0.2 and hi > 3.2, "a run 1000x larger (VSD beside SDS) does not flatten the other"
     assert loss_limits(loss_frame([])) is None
 
 

@@ -174,7 +174,7 @@ def test_render_source_renders_every_mode_while_training(session):
     with pytest.raises(ValueError):
         snap.render(cams, 8, 8, "xray")
     wait_for(lambda: session.render_source().step > snap.step, what="a fresher copy")
-    assert wait_for(lambda: session.preview(), what="a preview")[1].shape == (64, 256, 3)
+    assert wait_for(lambda: session.preview(), what="a preview")[1].shape == (256, 256, 3)  # 2 × 2 views of 128 px
 
 
 def test_exports_run_on_the_worker_and_report(session, tmp_path):
@@ -204,7 +204,7 @@ def test_vocabulary_and_unknown_words_are_shown(tmp_path):
         prior.encode_prompt, prior.vocabulary = flagging, ["a", "red", "cube"]
         return prior
 
-    from playground.panel import vocabulary_markdown
+    from playground.texts import vocabulary_markdown
 
     s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp_path, prior_loader=loader)
     try:
@@ -212,7 +212,7 @@ def test_vocabulary_and_unknown_words_are_shown(tmp_path):
         wait_for(lambda: s.step >= 1)
         s.set_params(prompt="a red shiny cube")
         wait_for(lambda: s.status()["warnings"], what="the unknown word to be flagged")
-        text = vocabulary_markdown(s)
+        text = vocabulary_markdown(s.status(), s.vocabulary())
         assert "'shiny'" in text and "`cube`" in text
     finally:
         s.stop()

@@ -5,6 +5,7 @@ calls: every file stays whole) and when its `Watchdog` finds the Ray it runs on 
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -20,6 +21,9 @@ from engine.batch.spec import EXPORTS, RunOutputs, RunSpec, run_config
 from engine.batch.worker import Worker
 from engine.checkpoint import atomic_write, write_checkpoint
 
+# a finished run's metrics.json (as `python -m engine run` writes one), from its manifest row
+METRICS = ("run_id", "prompt", "seed", "prior", "settings", "step", "steps", "wall_s", "its_per_s", "skipped_steps",
+           "scores", "node")
 WAIT_S = 1.0  # longest a `ray.wait` blocks: how soon a signal or a dead Ray is acted on
 GET_S = 120.0  # longest a `ray.get` of a ready reply may take before Ray counts as unresponsive
 
@@ -106,6 +110,8 @@ class _Driver:
                 atomic_write(folder / EXPORTS[kind], lambda p, d=data: Path(p).write_bytes(d))
             row.update(reply["evaluation"], files={k: f"{spec.run_id}/{EXPORTS[k]}" for k in reply["files"]},
                        eval_s=reply["eval_s"], export_s=reply["export_s"], skipped_steps=reply["skipped_steps"])
+            metrics = {k: row.get(k) for k in METRICS if k in row} | {"evaluation": reply["evaluation"]}
+            atomic_write(folder / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2)))
             errors = "; ".join(f"{k}: {v}" for k, v in reply["export_errors"].items())
             self._end(spec, "done", f"export failed: {errors}" if errors else "")
         self._progress()

@@ -71,7 +71,7 @@ def write_manifest(out: Path, key: str, rows: list[dict]) -> None:
     table.writeheader()
     table.writerows({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in r.items()} for r in rows)
     atomic_write(out / "manifest.csv", lambda p: Path(p).write_text(text.getvalue()))
-    write_gallery(out, rows, title=f"Batch {out.name}")
+    write_gallery(out, rows, title=out.resolve().name)
 
 
 def settle(out: Path) -> dict[str, int]:

@@ -16,7 +16,8 @@ from engine.presets import preset_run
 
 EXPORTS = {"gif": "orbit.gif", "mp4": "orbit.mp4", "mesh": "mesh.glb", "snapshot": "snapshot.png",
            "preview": "preview.png"}
-SCORE_KEYS = ("colour_r_precision", "geometry_r_precision", "shape_score", "shape_margin", "translucent_share")
+SCORE_KEYS = ("colour_r_precision", "geometry_r_precision", "shape_score", "shape_margin", "translucent_share",
+              "foreground_share")
 
 
 @dataclass(frozen=True)

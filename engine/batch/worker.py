@@ -110,8 +110,9 @@ def _export(trainer, live: LiveParams, outputs: RunOutputs) -> tuple[dict[str, b
     from engine.export import RenderSource, export_mesh, save_png, snapshot, tile, write_orbit_video
 
     source, files, errors = RenderSource.from_trainer(trainer), {}, {}
+    kinds = dict.fromkeys((*outputs.exports, "preview"))  # every run folder holds a preview.png, as `engine run`'s
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in outputs.exports:
+        for kind in kinds:
             path = Path(tmp) / EXPORTS[kind]
             try:
                 if kind in ("gif", "mp4"):
@@ -120,8 +121,8 @@ def _export(trainer, live: LiveParams, outputs: RunOutputs) -> tuple[dict[str, b
                     export_mesh(source, path, resolution=outputs.mesh_resolution)
                 elif kind == "snapshot":
                     os.replace(snapshot(source, live, tmp, size=outputs.size)["png"], path)
-                else:  # preview: the preview cameras, shaded over textureless
-                    rows = [trainer.render_views(preview_cameras(trainer.device), 64, 64, s).rgb
+                else:  # preview: the preview cameras at 128 px, shaded over textureless (what the gallery shows)
+                    rows = [trainer.render_views(preview_cameras(trainer.device), 128, 128, s).rgb
                             for s in ("lambertian", "textureless")]
                     save_png(tile(torch.cat(rows)), path)
                 files[kind] = path.read_bytes()
