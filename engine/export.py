@@ -118,11 +118,12 @@ def write_orbit_video(source: RenderSource, path: str | Path, *, frames: int = 1
     size = _check_size(size)
     stream = orbit_frames(source, frames=frames, size=size, elevation=float(elevation), mode=mode,
                           side_by_side=side_by_side, live=live)
-    writer = _write_mp4 if suffix == ".mp4" else _write_gif
+    writer = write_mp4 if suffix == ".mp4" else write_gif
     return atomic_write(path, lambda tmp: writer(tmp, stream, fps))
 
 
-def _write_mp4(tmp: str, stream, fps: float) -> None:
+def write_mp4(tmp: str, stream, fps: float) -> None:
+    """Frames ([H, W, 3] uint8) as an H.264 mp4 at `fps` to the path `tmp` (the caller renames it in place)."""
     import imageio.v2 as imageio
 
     # yuv420p (what every player decodes) needs even sides: pad odd ones by one pixel instead of letting
@@ -139,7 +140,8 @@ def _write_mp4(tmp: str, stream, fps: float) -> None:
         w.close()
 
 
-def _write_gif(tmp: str, stream, fps: float) -> None:
+def write_gif(tmp: str, stream, fps: float) -> None:
+    """Frames ([H, W, 3] uint8) as a looping GIF at `fps` to the path `tmp`."""
     # FASTOCTREE quantises a 256^2 frame in about a millisecond; imageio's default (NeuQuant-like) is 100x slower
     images = [Image.fromarray(f).quantize(colors=256, method=Image.Quantize.FASTOCTREE) for f in stream]
     images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,

@@ -103,8 +103,8 @@ def orbit_videos(source: RenderSource, live, run_dir: Path, *, frames: int, size
                                              side_by_side=False, live=live))
     mp4, gif = (run_dir / f"orbit-{source.step}{suffix}" for suffix in (".mp4", ".gif"))
     # the engine's writers, fed the frames rendered once (write_orbit_video would render them again per file)
-    atomic_write(mp4, lambda tmp: engine_export._write_mp4(tmp, iter(images), fps))
-    atomic_write(gif, lambda tmp: engine_export._write_gif(tmp, iter(images), fps))
+    atomic_write(mp4, lambda tmp: engine_export.write_mp4(tmp, iter(images), fps))
+    atomic_write(gif, lambda tmp: engine_export.write_gif(tmp, iter(images), fps))
     what = f"{frames} frames, {size}×{size}"
     return {"video": mp4, "gif": gif}, [(f"orbit video, {what} mp4", mp4), (f"orbit video, {what} GIF", gif)]
 

@@ -228,9 +228,8 @@ def test_live_score_is_computed_off_the_training_thread(tmp_path, monkeypatch):
 
 
 def test_loss_curve_is_smoothed_over_the_faint_raw_one(session):
-    import pandas as pd
-
     import numpy as np
+    import pandas as pd
 
     from playground.panel import LOSS_Y, SERIES_COLORS, loss_frame, loss_limits, smoothed
 
