@@ -112,10 +112,16 @@ def cmd_export(args) -> int:
 
     run_dir = Path(args.run)
     out_dir = Path(args.out_dir) if args.out_dir else None
-    if not (args.video or args.gif or args.mesh or args.snapshot):
-        raise ValueError("nothing to export: pass --video, --gif, --mesh and/or --snapshot")
+    if not (args.video or args.gif or args.mesh or args.snapshot or args.splats):
+        raise ValueError("nothing to export: pass --video, --gif, --mesh, --splats and/or --snapshot")
     source = RenderSource.from_checkpoint(run_dir, _device(args.device))
     written = {}
+    if args.splats:
+        from engine.splats.ply import write_ply
+
+        if not source.field.rasterized:
+            raise ValueError("--splats needs a run of the gaussians backbone")
+        written["splats"] = str(write_ply(_export_target(run_dir, out_dir, args.splats), source.field))
     video_kw = dict(frames=args.views, size=args.size, elevation=args.elevation, mode=args.mode,
                     side_by_side=args.side_by_side, fps=args.fps, live=LiveParams())
     for key in ("video", "gif"):
@@ -146,6 +152,7 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.config import BACKBONES
     from engine.priors import PRIOR_HELP
 
     p = argparse.ArgumentParser(prog="python -m engine", description="DreamFusion engine, headless.")
@@ -159,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 makes a seeded run bit-for-bit repeatable here)")
     r.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
-    r.add_argument("--backbone", choices=("grid", "hash"), default=None, help="field backbone")
+    r.add_argument("--backbone", choices=BACKBONES, default=None,
+                   help="field: grid or hash (NeRFs), or gaussians (splats)")
     r.add_argument("--resolution", type=int, default=None, help="training render size (default: the prior's)")
     r.add_argument("--out", default=None, help="run folder (default: OUT_ROOT/<date>-<prompt>)")
     r.add_argument("--out-root", default="outputs", help="root of default run folders")
@@ -178,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", default=None, metavar="NAME.mp4", help="orbit video (mp4)")
     e.add_argument("--gif", default=None, metavar="NAME.gif", help="orbit video (GIF)")
     e.add_argument("--mesh", default=None, metavar="NAME.glb", help="mesh: .glb, .obj or .ply")
+    e.add_argument("--splats", default=None, metavar="NAME.ply", help="the Gaussians as a 3DGS .ply (splat runs)")
     e.add_argument("--snapshot", action="store_true", help="also a PNG of the front three-quarter view")
     e.add_argument("--out-dir", default=None, help="folder for relative names (default: the run folder)")
     e.add_argument("--views", type=int, default=120, help="frames of a full turn")
