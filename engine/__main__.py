@@ -85,7 +85,11 @@ def cmd_build_kernels(args) -> int:
     ok = accel.build_kernels()
     print("nerfacc's CUDA kernels are built and load: training on CUDA uses them" if ok else
           f"nerfacc's kernels did not load: {accel.kernels_status()['detail']}")
-    return 0 if ok else 1
+    print("building gsplat's CUDA kernels (a few minutes the first time)...", flush=True)
+    splats_ok = accel.build_gsplat()
+    print("gsplat's CUDA kernels are built and load: splat fields on CUDA use them" if splats_ok else
+          f"gsplat's kernels did not load: {accel.gsplat_status()['detail']}")
+    return 0 if ok and splats_ok else 1
 
 
 def cmd_doctor(args) -> int:
@@ -151,6 +155,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _add_export_parser(sub) -> None:
+    from engine.export import MODES
+
+    e = sub.add_parser("export", help="write videos, a mesh or a snapshot of a saved run")
+    e.add_argument("--run", required=True, metavar="DIR", help="run folder with checkpoint.safetensors/.json")
+    e.add_argument("--video", default=None, metavar="NAME.mp4", help="orbit video (mp4)")
+    e.add_argument("--gif", default=None, metavar="NAME.gif", help="orbit video (GIF)")
+    e.add_argument("--mesh", default=None, metavar="NAME.glb", help="mesh: .glb, .obj or .ply")
+    e.add_argument("--splats", default=None, metavar="NAME.ply", help="the Gaussians as a 3DGS .ply (splat runs)")
+    e.add_argument("--snapshot", action="store_true", help="also a PNG of the front three-quarter view")
+    e.add_argument("--out-dir", default=None, help="folder for relative names (default: the run folder)")
+    e.add_argument("--views", type=int, default=120, help="frames of a full turn")
+    e.add_argument("--size", type=int, default=256, help="frame side in pixels")
+    e.add_argument("--elevation", type=float, default=15.0, help="orbit elevation in degrees")
+    e.add_argument("--fps", type=int, default=30, help="frames per second")
+    e.add_argument("--mode", choices=MODES, default="lambertian", help="render mode")
+    e.add_argument("--side-by-side", action="store_true", help="shaded | normals | depth in each frame")
+    e.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes lattice size")
+    e.add_argument("--threshold", type=float, default=None, help="density level (default: from the renders)")
+    e.add_argument("--decimate", type=int, default=None, metavar="FACES", help="cap the mesh's face count")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.set_defaults(fn=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine.config import BACKBONES
     from engine.priors import PRIOR_HELP
@@ -179,27 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prior_option_flags(r)
     r.set_defaults(fn=cmd_run)
 
-    from engine.export import MODES
-
-    e = sub.add_parser("export", help="write videos, a mesh or a snapshot of a saved run")
-    e.add_argument("--run", required=True, metavar="DIR", help="run folder with checkpoint.safetensors/.json")
-    e.add_argument("--video", default=None, metavar="NAME.mp4", help="orbit video (mp4)")
-    e.add_argument("--gif", default=None, metavar="NAME.gif", help="orbit video (GIF)")
-    e.add_argument("--mesh", default=None, metavar="NAME.glb", help="mesh: .glb, .obj or .ply")
-    e.add_argument("--splats", default=None, metavar="NAME.ply", help="the Gaussians as a 3DGS .ply (splat runs)")
-    e.add_argument("--snapshot", action="store_true", help="also a PNG of the front three-quarter view")
-    e.add_argument("--out-dir", default=None, help="folder for relative names (default: the run folder)")
-    e.add_argument("--views", type=int, default=120, help="frames of a full turn")
-    e.add_argument("--size", type=int, default=256, help="frame side in pixels")
-    e.add_argument("--elevation", type=float, default=15.0, help="orbit elevation in degrees")
-    e.add_argument("--fps", type=int, default=30, help="frames per second")
-    e.add_argument("--mode", choices=MODES, default="lambertian", help="render mode")
-    e.add_argument("--side-by-side", action="store_true", help="shaded | normals | depth in each frame")
-    e.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes lattice size")
-    e.add_argument("--threshold", type=float, default=None, help="density level (default: from the renders)")
-    e.add_argument("--decimate", type=int, default=None, metavar="FACES", help="cap the mesh's face count")
-    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    e.set_defaults(fn=cmd_export)
+    _add_export_parser(sub)
 
     v = sub.add_parser("eval", help="score a saved run: toy R-Precision and silhouette agreement, as JSON")
     v.add_argument("--run", required=True, metavar="DIR", help="run folder with checkpoint.safetensors/.json")
@@ -214,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print JSON instead of text")
     d.set_defaults(fn=cmd_doctor)
 
-    k = sub.add_parser("build-kernels", help="compile nerfacc's CUDA kernels now (minutes; needs nvcc), once")
+    k = sub.add_parser("build-kernels", help="compile nerfacc's and gsplat's CUDA kernels now (minutes; needs nvcc), once")
     k.set_defaults(fn=cmd_build_kernels)
 
     from engine.batch import add_parser as add_batch_parser

@@ -138,7 +138,8 @@ class SplatConfig:
     densify_from: int = 50  # first step that clones, splits and prunes (the shape must settle first)
     densify_until: int = 2000  # last one: afterwards the set is fixed and only refined
     densify_every: int = 50  # steps between densifications; gradients are averaged over them
-    grad_threshold: float = 0.01  # mean view-space positional gradient (NDC units) above which a Gaussian grows
+    grad_threshold: float = 0.05  # mean view-space positional gradient (NDC units) above which a Gaussian grows:
+    # SDS sums its gradient over pixels, so this is larger than gsplat's 2e-4 for a mean photometric loss
     split_scale: float = 0.05  # larger than this (largest axis, in units of field.radius): split; else clone
     prune_opacity: float = 0.01  # Gaussians fainter than this are removed
     prune_scale: float = 0.3  # ... and those whose largest axis exceeds this (units of field.radius)
