@@ -1,8 +1,6 @@
-"""Gaussian splats: the field, its rasterizer, densification and .ply files."""
+"""Gaussian splats: the field (`field`), its rasterizer (`rasterize`), densification (`densify`), .ply files (`ply`)."""
 
 from engine.splats.field import SplatField, blob, splats_from_field
 from engine.splats.ply import load_ply, read_ply, write_ply
-from engine.splats.rasterize import project, rasterize, render_splats
 
-__all__ = ["SplatField", "blob", "load_ply", "project", "rasterize", "read_ply", "render_splats", "splats_from_field",
-           "write_ply"]
+__all__ = ["SplatField", "blob", "load_ply", "read_ply", "splats_from_field", "write_ply"]
