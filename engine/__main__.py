@@ -120,6 +120,8 @@ def cmd_export(args) -> int:
         raise ValueError("nothing to export: pass --video, --gif, --mesh, --splats and/or --snapshot")
     source = RenderSource.from_checkpoint(run_dir, _device(args.device))
     written = {}
+    if args.mesh and source.field.rasterized:
+        raise ValueError("meshes from splats are not there yet: export the Gaussians with --splats NAME.ply")
     if args.splats:
         from engine.splats.ply import write_ply
 

@@ -2,6 +2,7 @@
 against ours (CUDA), shading, densification with Adam's state, .ply files, checkpoints, the CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,6 +268,8 @@ def test_cli_runs_and_exports_splats(tmp_path):
     assert main(["export", "--run", str(run), "--splats", "splats.ply", "--gif", "orbit.gif", "--views", "4",
                  "--size", "32", "--device", "cpu"]) == 0
     assert len(load_ply(run / "splats.ply")) == SplatConfig().init_count and (run / "orbit.gif").stat().st_size > 0
+    assert main(["export", "--run", str(run), "--mesh", "mesh.glb", "--device", "cpu"]) == 2  # not yet: said so
+    assert not (run / "mesh.glb").exists()
 
 
 def test_batch_settings_accept_the_gaussians_backbone():
@@ -329,3 +332,41 @@ def test_splats_reconstruct_the_oracle_solid(solid):
     assert len(trainer.field) > cfg.splats.init_count
     red = trainer.render_views(fixed_views([30.0], [20.0]), 32, 32, "albedo").albedo[0, :, 16, 16]
     assert red[0] > 0.6 and red[1] < 0.3 and red[2] < 0.3, red  # the prompt's colour too
+
+
+def test_rollback_restores_a_smaller_splat_field_and_its_adam_state():
+    from engine.priors.analytic import OraclePrior
+    from engine.trainer import Trainer
+
+    class FlakyPrior(OraclePrior):  # NaN gradients on steps 6..8
+        def sds_grad(self, images, emb, ctx, **kw):
+            grad, info = super().sds_grad(images, emb, ctx, **kw)
+            return (grad * float("nan") if 6 <= ctx.step <= 8 else grad), info
+
+    cfg = splat_config().with_settings({"sds.good_state_every": 100, "sds.rollback_after": 3})
+    trainer, live = Trainer(cfg, FlakyPrior("sphere")), LiveParams(prompt="a red sphere")
+    trainer.step(live)  # the first good step is copied: 64 Gaussians
+    for _ in range(5):
+        trainer.step(live)
+    grown = len(trainer.field)
+    for _ in range(3):
+        m = trainer.step(live).metrics
+    assert grown > 64 and m["rollbacks"] == 1 and len(trainer.field) == 64
+    field_params = [g["params"][0] for g in trainer.optimizer.param_groups[:-1]]
+    assert all(trainer.optimizer.state[p]["exp_avg"].shape == p.shape for p in field_params)
+    m = trainer.step(live).metrics  # and training goes on from there
+    assert not m["skipped"] and m["gaussians"] >= 64
+
+
+def test_importing_gsplat_on_cpu_builds_nothing():
+    """gsplat's `_backend` compiles on import when nvcc is found: our status check and its pure-torch parts
+    must not import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine import accel; s = accel.gsplat_status(); "
+            "import gsplat.rendering, gsplat.cuda._torch_impl; "
+            "print(s['installed'], 'gsplat.cuda._backend' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr

@@ -189,15 +189,16 @@ def rasterize(proj: Projection, opacities: Tensor, features: Tensor, width: int,
     return out[..., :nf], out[..., nf:], int(tile_id.numel())
 
 
-def _gsplat_rasterize(field, features: Tensor, viewmats: Tensor, Ks: Tensor, width: int, height: int,
-                      tile: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    """gsplat's CUDA kernels (loaded by `engine.accel.load_gsplat`), with the same thresholds as ours."""
+def _gsplat_rasterize(field, features: Tensor, viewmats: Tensor, Ks: Tensor, width: int, height: int
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """gsplat's CUDA kernels (loaded by `engine.accel.load_gsplat`; its own 16-pixel tiles), with our thresholds."""
     from gsplat.rendering import rasterization
 
     img, alpha, meta = rasterization(field.means, field.quats, field.scales, field.opacities, features, viewmats, Ks,
-                                     width, height, eps2d=EPS2D, near_plane=NEAR_PLANE, packed=False, tile_size=tile)
-    radii = meta["radii"]
-    return img, alpha, meta["means2d"], (radii > 0).all(-1) if radii.dim() == 3 else radii > 0, int(radii.numel())
+                                     width, height, eps2d=EPS2D, near_plane=NEAR_PLANE, packed=False)
+    radii = meta["radii"]  # [C, N, 2] in gsplat 1.5
+    visible = (radii > 0).all(-1) if radii.dim() == 3 else radii > 0
+    return img, alpha, meta["means2d"], visible, int(meta["flatten_ids"].numel()) if "flatten_ids" in meta else 0
 
 
 def render_splats(field, background, cams, height: int, width: int, *, shading: str, light, accelerated: bool = False):
@@ -220,12 +221,11 @@ def render_splats(field, background, cams, height: int, width: int, *, shading: 
                 light_color=light.color[:, None], ambient=light.ambient[:, None, None])
     dist = (field.means[None] - origins[:, None]).norm(dim=-1, keepdim=True)
     features = torch.cat([rgb, albedo, normals, dist], -1)  # [C, N, 10]
-    tile = field.splats.tile
     if accelerated:
-        img, alpha, means2d, visible, pairs = _gsplat_rasterize(field, features, viewmats, Ks, width, height, tile)
+        img, alpha, means2d, visible, pairs = _gsplat_rasterize(field, features, viewmats, Ks, width, height)
     else:
         proj = project(field.means, field.covariances(), viewmats, Ks, width, height)
-        img, alpha, pairs = rasterize(proj, field.opacities, features, width, height, tile)
+        img, alpha, pairs = rasterize(proj, field.opacities, features, width, height, field.splats.tile)
         means2d, visible = proj.means2d, (proj.radii > 0).all(-1)
     if torch.is_grad_enabled() and means2d.requires_grad:
         means2d.retain_grad()
