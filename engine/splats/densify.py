@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from engine.splats.field import SplatField
 
 SPLIT_SHRINK = 1.6  # children's scales are the parent's / 1.6 (3DGS's)
+PARAMS = ("means", "log_scales", "quats", "opacity_logits", "albedo_logits")  # a SplatField's per-Gaussian tensors
 
 
 def densify_due(cfg: SplatConfig, step: int) -> bool:
@@ -57,8 +58,6 @@ def accumulate(field: SplatField, out: RenderOutput) -> None:
 def resize(field: SplatField, optimizer: torch.optim.Optimizer, keep: Tensor, extra: dict[str, Tensor]) -> None:
     """Keep the Gaussians at indices `keep` [K] and append `extra` ({parameter name: [E, ...]}, every name or
     none); Adam's moments are gathered the same way, zero for the new rows. Statistics restart at zero."""
-    from engine.splats.field import PARAMS
-
     for name in PARAMS:
         p = getattr(field, name)
         new = p.data.index_select(0, keep)
@@ -88,8 +87,6 @@ def _children(field: SplatField, idx: Tensor, generator: torch.Generator) -> dic
 @torch.no_grad()
 def densify_and_prune(field: SplatField, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict:
     """One densification (module docstring); returns counts of cloned, split and pruned Gaussians."""
-    from engine.splats.field import PARAMS
-
     cfg, radius, n = field.splats, field.cfg.radius, len(field)
     mean_grad = field.grad_sum / field.grad_count.clamp(min=1)
     grow = (mean_grad > cfg.grad_threshold).nonzero().squeeze(1)

@@ -28,12 +28,12 @@ from torch import Tensor, nn
 from engine.config import FieldConfig, SplatConfig
 from engine.field import Field, FieldQuery, FieldSamples
 from engine.ops import dot, normalize
+from engine.splats.densify import PARAMS, accumulate, densify_and_prune, densify_due
 from engine.splats.rasterize import covariances, quat_to_rotmat
 
 if TYPE_CHECKING:
     from engine.render import OccupancyGrid, RenderOutput
 
-PARAMS = ("means", "log_scales", "quats", "opacity_logits", "albedo_logits")
 # learning rates as multiples of the live rate (default 1e-2): DreamGaussian's position 1e-3, scaling 5e-3,
 # rotation 5e-3, opacity 5e-2 against its colour 1e-2
 LR_SCALE = {"means": 0.1, "log_scales": 0.5, "quats": 0.5, "opacity_logits": 5.0, "albedo_logits": 1.0}
@@ -109,8 +109,6 @@ class SplatField(Field):
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer, out: RenderOutput,
                    generator: torch.Generator) -> dict:
-        from engine.splats.densify import accumulate, densify_and_prune, densify_due
-
         accumulate(self, out)
         metrics = {}
         if densify_due(self.splats, step):
