@@ -85,7 +85,11 @@ def cmd_build_kernels(args) -> int:
     ok = accel.build_kernels()
     print("nerfacc's CUDA kernels are built and load: training on CUDA uses them" if ok else
           f"nerfacc's kernels did not load: {accel.kernels_status()['detail']}")
-    return 0 if ok else 1
+    print("building gsplat's CUDA kernels (a few minutes the first time)...", flush=True)
+    splats_ok = accel.build_gsplat()
+    print("gsplat's CUDA kernels are built and load: splat fields on CUDA use them" if splats_ok else
+          f"gsplat's kernels did not load: {accel.gsplat_status()['detail']}")
+    return 0 if ok and splats_ok else 1
 
 
 def cmd_doctor(args) -> int:
@@ -112,11 +116,19 @@ def cmd_export(args) -> int:
 
     run_dir = Path(args.run)
     out_dir = Path(args.out_dir) if args.out_dir else None
-    if not (args.video or args.gif or args.mesh or args.snapshot):
-        raise ValueError("nothing to export: pass --video, --gif, --mesh and/or --snapshot")
+    if not (args.video or args.gif or args.mesh or args.snapshot or args.splats):
+        raise ValueError("nothing to export: pass --video, --gif, --mesh, --splats and/or --snapshot")
     mesh_writer, mesh_kw = _mesh_export(args.mesh, args) if args.mesh else (None, {})
     source = RenderSource.from_checkpoint(run_dir, _device(args.device))
     written = {}
+    if args.mesh and source.field.rasterized:
+        raise ValueError("meshes from splats are not there yet: export the Gaussians with --splats NAME.ply")
+    if args.splats:
+        from engine.splats.ply import write_ply
+
+        if not source.field.rasterized:
+            raise ValueError("--splats needs a run of the gaussians backbone")
+        written["splats"] = str(write_ply(_export_target(run_dir, out_dir, args.splats), source.field))
     video_kw = dict(frames=args.views, size=args.size, elevation=args.elevation, mode=args.mode,
                     side_by_side=args.side_by_side, fps=args.fps, live=LiveParams())
     for key in ("video", "gif"):
@@ -179,6 +191,7 @@ def _add_export_parser(sub) -> None:
     e.add_argument("--gif", default=None, metavar="NAME.gif", help="orbit video (GIF)")
     e.add_argument("--mesh", default=None, metavar="NAME.glb",
                    help="mesh: .glb or .obj + .mtl + .png (UV-textured), .ply (vertex colours)")
+    e.add_argument("--splats", default=None, metavar="NAME.ply", help="the Gaussians as a 3DGS .ply (splat runs)")
     e.add_argument("--snapshot", action="store_true", help="also a PNG of the front three-quarter view")
     e.add_argument("--out-dir", default=None, help="folder for relative names (default: the run folder)")
     e.add_argument("--views", type=int, default=120, help="frames of a full turn")
@@ -203,6 +216,7 @@ def _add_export_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.config import BACKBONES
     from engine.priors import PRIOR_HELP
 
     p = argparse.ArgumentParser(prog="python -m engine", description="DreamFusion engine, headless.")
@@ -216,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 makes a seeded run bit-for-bit repeatable here)")
     r.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
-    r.add_argument("--backbone", choices=("grid", "hash"), default=None, help="field backbone")
+    r.add_argument("--backbone", choices=BACKBONES, default=None,
+                   help="field: grid or hash (NeRFs), or gaussians (splats)")
     r.add_argument("--resolution", type=int, default=None, help="training render size (default: the prior's)")
     r.add_argument("--out", default=None, help="run folder (default: OUT_ROOT/<date>-<prompt>)")
     r.add_argument("--out-root", default="outputs", help="root of default run folders")
@@ -243,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print JSON instead of text")
     d.set_defaults(fn=cmd_doctor)
 
-    k = sub.add_parser("build-kernels", help="compile nerfacc's CUDA kernels now (minutes; needs nvcc), once")
+    k = sub.add_parser("build-kernels", help="compile nerfacc's and gsplat's CUDA kernels now (minutes; needs nvcc), once")
     k.set_defaults(fn=cmd_build_kernels)
 
     from engine.batch import add_parser as add_batch_parser

@@ -98,7 +98,7 @@ def _choice(name: str, value, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {quoted(value)}")
 
 
-BACKBONES = ("grid", "hash")
+BACKBONES = ("grid", "hash", "gaussians")
 BACKGROUNDS = ("mlp", "solid")
 
 
@@ -106,7 +106,9 @@ BACKGROUNDS = ("mlp", "solid")
 class FieldConfig:
     """The neural field: density and albedo inside the bounding sphere."""
 
-    backbone: str = "grid"  # "grid": an MLP generates a dense grid (fast on CPU); "hash": Instant-NGP hash grid (GPU)
+    # "grid": an MLP generates a dense grid (fast on CPU); "hash": Instant-NGP hash grid (GPU); "gaussians": 3D
+    # Gaussian splats, rasterized instead of ray-marched (engine.splats; their settings are the `splats` section)
+    backbone: str = "grid"
     radius: float = 1.0  # bounding sphere; the field is zero outside it. Cameras are placed in its units
     grid_resolution: int = 32  # lattice of the generated grid: 32^3 resolves the prior's 32-64 px renders
     fourier_bands: int = 6  # octaves of the generator MLP's input: finer than 6 aliases on a 32^3 lattice
@@ -122,6 +124,32 @@ class FieldConfig:
 
     def __post_init__(self):
         _choice("field.backbone", self.backbone, BACKBONES)
+
+
+@dataclass(frozen=True)
+class SplatConfig:
+    """The Gaussian-splat field (`field.backbone = "gaussians"`): its start and its densification schedule
+    (`engine.splats.densify`; gsplat's default strategy and DreamGaussian's, in steps sized for short CPU runs)."""
+
+    init_count: int = 1024  # Gaussians at step 0, centres drawn uniformly in a ball (the NeRF's centre blob)
+    init_radius: float = 0.5  # radius of that ball (the NeRF's blob_radius)
+    init_opacity: float = 0.1  # starting opacity (3DGS's): transparent enough to let SDS move them
+    max_count: int = 8192  # densification never grows the field beyond this many Gaussians
+    densify_from: int = 50  # first step that clones, splits and prunes (the shape must settle first)
+    densify_until: int = 2000  # last one: afterwards the set is fixed and only refined
+    densify_every: int = 50  # steps between densifications; gradients are averaged over them
+    grad_threshold: float = 0.05  # mean view-space positional gradient (NDC units) above which a Gaussian grows:
+    # SDS sums its gradient over pixels, so this is larger than gsplat's 2e-4 for a mean photometric loss
+    split_scale: float = 0.05  # larger than this (largest axis, in units of field.radius): split; else clone
+    prune_opacity: float = 0.01  # Gaussians fainter than this are removed
+    prune_scale: float = 0.3  # ... and those whose largest axis exceeds this (units of field.radius)
+    tile: int = 8  # pixels per side of a rasterizer tile: 8 evaluates ~3x fewer pairs than 16 at 32-64 px
+
+    def __post_init__(self):
+        for name in ("init_count", "max_count", "densify_every", "tile"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"splats.{name} must be a positive integer; got {quoted(value)}")
 
 
 @dataclass(frozen=True)
@@ -205,6 +233,7 @@ class Config:
     """Everything fixed for a run."""
 
     field: FieldConfig = _field(default_factory=FieldConfig)
+    splats: SplatConfig = _field(default_factory=SplatConfig)
     background: BackgroundConfig = _field(default_factory=BackgroundConfig)
     render: RenderConfig = _field(default_factory=RenderConfig)
     camera: CameraConfig = _field(default_factory=CameraConfig)
@@ -219,6 +248,8 @@ class Config:
         from engine.priors import check_prior_spec
 
         check_prior_spec(self.prior)
+        if self.splats.init_count > self.splats.max_count:
+            raise ValueError(f"splats.init_count ({self.splats.init_count}) exceeds splats.max_count ({self.splats.max_count})")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2^63); got {quoted(self.seed)}")
         return self
@@ -245,8 +276,8 @@ class Config:
         return cls(**kw)
 
 
-SECTIONS = {"field": FieldConfig, "background": BackgroundConfig, "render": RenderConfig, "camera": CameraConfig,
-            "shading": ShadingConfig, "sds": SDSConfig, "reg": RegularizerConfig}
+SECTIONS = {"field": FieldConfig, "splats": SplatConfig, "background": BackgroundConfig, "render": RenderConfig,
+            "camera": CameraConfig, "shading": ShadingConfig, "sds": SDSConfig, "reg": RegularizerConfig}
 # top-level keys of older checkpoints: "optim" was removed, "steps" moved to LiveParams (engine.checkpoint reads it)
 RETIRED_TOP = {"optim", "steps"}
 # config keys of checkpoints from before these levers were removed (they were off in every shipped preset)

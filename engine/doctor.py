@@ -1,7 +1,7 @@
 """`python -m engine doctor [--json]`: what this machine can run, in a second or two.
 
-Device, CUDA and its free memory, package versions (from package metadata: diffusers, transformers and nerfacc
-are not imported), nerfacc's kernels (`engine.accel.kernels_status`, which builds nothing), which priors load
+Device, CUDA and its free memory, package versions (from package metadata: diffusers, transformers, nerfacc and
+gsplat are not imported), nerfacc's and gsplat's kernels (`engine.accel`, which builds nothing), which priors load
 offline (the embedded one; SD / IF pipelines found complete in the Hugging Face cache), fp16, and the memory
 each prior needs at the default settings against what is free. Nothing is downloaded.
 """
@@ -31,7 +31,7 @@ NEEDS_GB = {
 def versions() -> dict:
     """Installed versions of the packages the engine relies on (None when absent), without importing them."""
     out = {}
-    for name in ("torch", "nerfacc", "diffusers", "transformers", "huggingface_hub", "accelerate", "sentencepiece",
+    for name in ("torch", "nerfacc", "gsplat", "diffusers", "transformers", "huggingface_hub", "accelerate", "sentencepiece",
                  "protobuf"):
         try:
             out[name] = metadata.version(name)
@@ -91,7 +91,7 @@ def cached_pipelines() -> list[dict]:
 
 def diagnose() -> dict:
     """Everything `doctor` reports, as a JSON-ready dict."""
-    from engine.accel import kernels_status
+    from engine.accel import gsplat_status, kernels_status
     from engine.priors.hub import HUB
 
     dev = device_facts()
@@ -105,6 +105,7 @@ def diagnose() -> dict:
                         "needs_gb": need, "needs_gb_cpu_offload": offload, "free_gb": dev["free_gb"],
                         "fits": need <= dev["free_gb"], "fits_cpu_offload": offload <= dev["free_gb"]}
     return {**dev, "fp16": dtype == "float16", "versions": versions(), "nerfacc_kernels": kernels_status(),
+            "gsplat_kernels": gsplat_status(),
             "priors": priors, "incomplete_in_cache": [c for c in cache if not c["complete"]],
             "hf_offline": os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")}
 
@@ -116,6 +117,7 @@ def report(facts: dict) -> str:
              + (f", CUDA {facts['cuda']}" if facts["cuda"] else ""),
              "versions: " + ", ".join(f"{k} {v[k] or 'missing'}" for k in v),
              f"nerfacc kernels: {facts['nerfacc_kernels']['detail']}",
+             f"gsplat kernels: {facts['gsplat_kernels']['detail']}",
              f"fp16: {'yes (CUDA)' if facts['fp16'] else 'no (fp32 on the CPU)'}", "priors:"]
     for kind, p in facts["priors"].items():
         if kind == "embedded":

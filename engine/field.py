@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.config import BackgroundConfig, FieldConfig
+from engine.config import BackgroundConfig, FieldConfig, SplatConfig
 from engine.ops import grid_sample_3d, norm, normalize
 
 if TYPE_CHECKING:
@@ -63,9 +63,21 @@ def mlp(n_in: int, hidden: int, n_out: int, layers: int = 2) -> nn.Sequential:
 
 
 class Field(nn.Module):
-    """Common parts: density activation with the initial centre blob, and the dense query helper."""
+    """Common parts: density activation with the initial centre blob, and the dense query helper; and the
+    interface the trainer meets every field through (`rasterized`, `param_groups`, `after_step`; the splat
+    field, `engine.splats.field.SplatField`, meets it too)."""
 
     cfg: FieldConfig
+    rasterized = False  # True: drawn by the splat rasterizer, not ray-marched (and no occupancy grid)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimizer's groups for this field; the trainer sets each group's lr to the live rate * lr_scale."""
+        return [{"params": list(self.parameters()), "lr": lr, "lr_scale": 1.0, "name": "field"}]
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer, out, generator: torch.Generator) -> dict:
+        """Called after each optimizer step with its render `out` (the splat field densifies here, resizing
+        the optimizer's state). Returns metrics for the step."""
+        return {}
 
     def activate_density(self, raw: Tensor, x: Tensor) -> Tensor:
         """softplus(raw + blob): softplus keeps the gradient alive where density is low (exp explodes)."""
@@ -229,12 +241,17 @@ class HashField(Field):
         return FieldQuery(samples, density)
 
 
-def make_field(cfg: FieldConfig, device="cpu") -> Field:
+def make_field(cfg: FieldConfig, device="cpu", splats: SplatConfig | None = None) -> Field:
+    """The field of `cfg.backbone`; "gaussians" starts as `splats` says (the blob of engine.splats.field)."""
+    if cfg.backbone == "gaussians":
+        from engine.splats.field import blob
+
+        return blob(cfg, splats or SplatConfig(), device)
     if cfg.backbone == "grid":
         return GridField(cfg).to(device)
     if cfg.backbone == "hash":
         return HashField(cfg, use_tcnn=torch.device(device).type == "cuda").to(device)
-    raise ValueError(f"unknown field backbone {cfg.backbone!r}; choose 'grid' or 'hash'")
+    raise ValueError(f"unknown field backbone {cfg.backbone!r}; choose 'grid', 'hash' or 'gaussians'")
 
 
 # the background MLP: a backdrop needs little capacity (32 wide), and few octaves of the ray direction (3) keep

@@ -35,7 +35,9 @@ class RenderOutput:
     normal: Tensor  # [B, 3, H, W] accumulated world normals
     albedo: Tensor  # [B, 3, H, W] accumulated albedo
     orientation: Tensor  # [B, H, W] sum_i w_i max(0, n_i . d)^2 (Ref-NeRF's orientation penalty)
-    samples: int = 0  # field evaluations made
+    samples: int = 0  # field evaluations made (splats: tile-Gaussian pairs)
+    means2d: Tensor | None = None  # [B, N, 2] splats only: projected centres; their .grad drives densification
+    visible: Tensor | None = None  # [B, N] bool, splats only: the Gaussians each view drew
 
 
 @dataclass
@@ -284,6 +286,10 @@ def render(field: Field, background: Background, cams: Cameras, height: int, wid
     `occupancy` enables empty-space skipping; `packed` (with it, on CUDA, kernels loaded) picks nerfacc's
     CUDA sampler. `query` reuses a field already prepared against this occupancy (a frozen copy's).
     """
+    if field.rasterized:  # Gaussian splats: drawn by their rasterizer; `packed` picks gsplat's kernels there
+        from engine.splats.rasterize import render_splats
+
+        return render_splats(field, background, cams, height, width, shading=shading, light=light, accelerated=packed)
     B = len(cams)
     o, d = cams.rays(height, width)
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)

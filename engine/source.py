@@ -66,8 +66,9 @@ class RenderSource:
         meta, tensors = read_checkpoint(run_dir)
         cfg = Config.from_dict(meta["config"])
         with torch.random.fork_rng(devices=[]):  # fresh modules are overwritten; keep the global RNG as it was
-            fld, background = make_field(cfg.field, device), Background(cfg.background).to(device)
-            occ = OccupancyGrid(cfg.field.radius, cfg.render.occupancy_resolution, device) if cfg.render.occupancy else None
+            fld, background = make_field(cfg.field, device, splats=cfg.splats), Background(cfg.background).to(device)
+            occ = (OccupancyGrid(cfg.field.radius, cfg.render.occupancy_resolution, device)
+                   if cfg.render.occupancy and not fld.rasterized else None)
         fld.load_state_dict(section(tensors, "field."))
         background.load_state_dict(section(tensors, "background."))
         if occ is not None and section(tensors, "occupancy."):

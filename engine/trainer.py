@@ -58,16 +58,19 @@ class Trainer:
         self.cfg, self.prior, self.device = cfg.validated(), prior, torch.device(device)
         live = live or LiveParams()
         torch.manual_seed(cfg.seed)  # network initialisation
-        self.field = make_field(cfg.field, self.device)
+        self.field = make_field(cfg.field, self.device, splats=cfg.splats)
         self.background = Background(cfg.background).to(self.device)
         self.optimizer = torch.optim.Adam(
-            [{"params": list(self.field.parameters()), "lr": live.learning_rate, "name": "field"},
+            [*self.field.param_groups(live.learning_rate),
              {"params": list(self.background.parameters()), "lr": live.learning_rate, "name": "background"}],
             betas=ADAM_BETAS, eps=ADAM_EPS)
         self.occupancy = (OccupancyGrid(cfg.field.radius, cfg.render.occupancy_resolution, self.device)
-                          if cfg.render.occupancy else None)
-        # nerfacc's CUDA sampler only with kernels already built (never built here: `engine.accel`)
-        self.packed = self.device.type == "cuda" and self.occupancy is not None and accel.load_kernels()
+                          if cfg.render.occupancy and not self.field.rasterized else None)
+        # CUDA kernels only when already built (never built here: `engine.accel`): gsplat's rasterizer for
+        # splats, nerfacc's sampler for the NeRFs
+        cuda = self.device.type == "cuda"
+        self.packed = cuda and (accel.load_gsplat() if self.field.rasterized
+                                else self.occupancy is not None and accel.load_kernels())
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
         self.skipped_steps = 0
@@ -103,7 +106,7 @@ class Trainer:
         cfg, g, res = self.cfg, self.generator, self.resolution
         t0 = time.perf_counter()
         for group in self.optimizer.param_groups:
-            group["lr"] = live.learning_rate
+            group["lr"] = live.learning_rate * group.get("lr_scale", 1.0)
         emb = self.embedding(live.prompt, live.negative_prompt)
         # 1. sample the views, the light and the shading of this step
         cams = cam.sample_cameras(cfg.camera, cfg.camera.batch_size, g, self.device)
@@ -135,8 +138,10 @@ class Trainer:
         if finite:
             total.backward()
             finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self._params())
+        field_metrics = {}
         if finite:
             self.optimizer.step()
+            field_metrics = self.field.after_step(self.step_count, self.optimizer, out, g)  # splats densify here
             self._keep_good_state()
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -151,7 +156,8 @@ class Trainer:
                    "distillation": live.distillation,
                    "shading": shading, "views": view_labels(ctx.view_weights), "skipped": not finite,
                    "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks, "samples": out.samples,
-                   "ms_render": 1e3 * (t1 - t0), "ms_prior": 1e3 * (t2 - t1), "ms_backward": 1e3 * (t3 - t2)}
+                   "ms_render": 1e3 * (t1 - t0), "ms_prior": 1e3 * (t2 - t1), "ms_backward": 1e3 * (t3 - t2),
+                   **field_metrics}
         self.step_count += 1
         return StepResult(metrics, cams, out.rgb.detach())
 

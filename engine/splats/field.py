@@ -1,0 +1,191 @@
+"""A field of 3D Gaussians (`field.backbone = "gaussians"`): the splat counterpart of engine.field's NeRFs.
+
+Each Gaussian has a centre, a log-scale per axis, a rotation quaternion (w, x, y, z), an opacity logit and an
+albedo logit (sigmoid to [0, 1]; no view-dependent colour, as the NeRF's albedo has none). It meets the
+interface the trainer and `RenderSource` use with every field (`engine.field.Field`):
+
+- `rasterized = True`: `engine.render.render` hands it to the rasterizer (`engine.splats.rasterize`) instead
+  of marching rays, and no occupancy grid is made for it;
+- `param_groups(lr)`: one optimizer group per attribute, each with its own multiple of the live rate;
+- `after_step(...)`: accumulates the view-space positional gradient and, on the schedule of
+  `engine.splats.densify`, clones, splits and prunes Gaussians (resizing the optimizer's moments with them);
+- `prepare()` / `query_density(x)`: the summed opacity field sum_i o_i exp(-d_i(x)^2 / 2) (d_i: Mahalanobis
+  distance), the quantity DreamGaussian extracts meshes from (meshes from splats are for later).
+
+The set of Gaussians changes size, so parameters are resized in place (`p.data = ...`, the optimizer keeps
+the same parameter objects), and loading a state dict of another size resizes them first: checkpoints and
+the trainer's rollback copies hold whatever count the run had reached.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from engine.config import FieldConfig, SplatConfig
+from engine.field import Field, FieldQuery, FieldSamples
+from engine.ops import dot, normalize
+from engine.splats.densify import PARAMS, accumulate, densify_and_prune, densify_due
+from engine.splats.rasterize import covariances, quat_to_rotmat
+
+if TYPE_CHECKING:
+    from engine.render import OccupancyGrid, RenderOutput
+
+# learning rates as multiples of the live rate (default 1e-2): DreamGaussian's position 1e-3, scaling 5e-3,
+# rotation 5e-3, opacity 5e-2 against its colour 1e-2
+LR_SCALE = {"means": 0.1, "log_scales": 0.5, "quats": 0.5, "opacity_logits": 5.0, "albedo_logits": 1.0}
+QUERY_CHUNK = 1 << 22  # (point, Gaussian) pairs per block of a density query
+
+
+def logit(p: Tensor) -> Tensor:
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return (p / (1 - p)).log()
+
+
+class SplatField(Field):
+    """N Gaussians; N starts at `splats.init_count` and is bounded by `splats.max_count`."""
+
+    rasterized = True
+
+    def __init__(self, cfg: FieldConfig, splats: SplatConfig, count: int | None = None):
+        super().__init__()
+        self.cfg, self.splats = cfg, splats
+        n = splats.init_count if count is None else count
+        self.means = nn.Parameter(torch.zeros(n, 3))  # [N, 3] world units
+        self.log_scales = nn.Parameter(torch.full((n, 3), math.log(0.05)))  # [N, 3]
+        self.quats = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1))  # [N, 4] (w, x, y, z)
+        self.opacity_logits = nn.Parameter(torch.full((n,), float(logit(torch.tensor(splats.init_opacity)))))  # [N]
+        self.albedo_logits = nn.Parameter(torch.zeros(n, 3))  # [N, 3] sigmoid -> albedo
+        # densification's statistics since the last densification: sum and count of the gradient norm
+        self.register_buffer("grad_sum", torch.zeros(n))  # [N]
+        self.register_buffer("grad_count", torch.zeros(n))  # [N]
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+    # -- values ---------------------------------------------------------------------------------------
+    @property
+    def scales(self) -> Tensor:  # [N, 3]
+        return self.log_scales.exp()
+
+    @property
+    def opacities(self) -> Tensor:  # [N]
+        return torch.sigmoid(self.opacity_logits)
+
+    @property
+    def albedo(self) -> Tensor:  # [N, 3]
+        return torch.sigmoid(self.albedo_logits)
+
+    def normals(self, origins: Tensor) -> Tensor:
+        """Each Gaussian's shortest axis, turned toward each camera at origins [C, 3]: [C, N, 3]."""
+        axes = quat_to_rotmat(self.quats)  # columns are the axes
+        shortest = self.log_scales.argmin(-1)
+        n = axes.gather(2, shortest.view(-1, 1, 1).expand(-1, 3, 1)).squeeze(-1)  # [N, 3]
+        facing = dot(n[None], origins[:, None, :] - self.means[None])  # [C, N]
+        return n[None] * torch.where(facing < 0, -1.0, 1.0)[..., None]
+
+    def set_gaussians(self, *, means: Tensor, scales: Tensor, opacities: Tensor, albedo: Tensor,
+                      quats: Tensor | None = None) -> SplatField:
+        """Replace every Gaussian (any count); returns self. Statistics restart at zero."""
+        n = means.shape[0]
+        with torch.no_grad():
+            self.means.data = means.detach().float().to(self.means.device).contiguous()
+            self.log_scales.data = scales.detach().float().log().to(self.means.device).contiguous()
+            q = quats if quats is not None else torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1)
+            self.quats.data = q.detach().float().to(self.means.device).contiguous()
+            self.opacity_logits.data = logit(opacities.detach().float()).to(self.means.device).contiguous()
+            self.albedo_logits.data = logit(albedo.detach().float()).to(self.means.device).contiguous()
+            self.grad_sum.data = torch.zeros(n, device=self.means.device)
+            self.grad_count.data = torch.zeros(n, device=self.means.device)
+        return self
+
+    # -- the interface every field meets ------------------------------------------------------------
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": [getattr(self, name)], "lr": lr * LR_SCALE[name], "lr_scale": LR_SCALE[name],
+                 "name": f"field.{name}"} for name in PARAMS]
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer, out: RenderOutput,
+                   generator: torch.Generator) -> dict:
+        accumulate(self, out)
+        metrics = {}
+        if densify_due(self.splats, step):
+            metrics = densify_and_prune(self, optimizer, generator)
+        return {"gaussians": len(self), **metrics}
+
+    def prepare(self, occupancy: OccupancyGrid | None = None) -> FieldQuery:
+        means, opac, albedo = self.means, self.opacities, self.albedo
+        rot, inv_s = quat_to_rotmat(self.quats), (-self.log_scales).exp()
+        block = max(1, QUERY_CHUNK // max(len(self), 1))
+
+        def weights(x: Tensor) -> tuple[Tensor, Tensor]:  # o_i exp(-d_i^2 / 2) [M, N] and (x - mu) in Gaussian frames
+            local = torch.einsum("nji,mnj->mni", rot, x[:, None, :] - means[None]) * inv_s  # [M, N, 3]
+            return opac * torch.exp(-0.5 * (local * local).sum(-1)), local
+
+        def density(x: Tensor) -> Tensor:
+            return torch.cat([weights(part)[0].sum(-1) for part in x.split(block)])
+
+        def samples(x: Tensor) -> FieldSamples:
+            dens, alb, nrm = [], [], []
+            for part in x.split(block):
+                w, local = weights(part)
+                # grad of sum_i w_i: -sum_i w_i Sigma_i^-1 (x - mu_i); the normal is minus its direction
+                grad = -torch.einsum("mn,nij,mnj->mi", w, rot, local * inv_s)
+                dens.append(w.sum(-1))
+                alb.append((w @ albedo) / w.sum(-1, keepdim=True).clamp(min=1e-8))
+                nrm.append(-normalize(grad))
+            return FieldSamples(torch.cat(dens), torch.cat(alb), torch.cat(nrm))
+
+        return FieldQuery(samples, density)
+
+    def covariances(self) -> Tensor:  # [N, 3, 3]
+        return covariances(self.quats, self.scales)
+
+    # -- variable size ---------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Resize every parameter and buffer to the incoming shape before the copy: a checkpoint (or the
+        trainer's rollback copy) holds whatever count it was taken at."""
+        for name, t in list(self._parameters.items()) + list(self._buffers.items()):
+            key = prefix + name
+            if t is not None and key in state_dict and state_dict[key].shape != t.shape:
+                t.data = t.data.new_empty(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def blob(cfg: FieldConfig, splats: SplatConfig, device="cpu") -> SplatField:
+    """The start of a run, as the NeRF starts: `init_count` Gaussians uniform in a ball of `init_radius`,
+    isotropic, half as wide as their mean spacing, grey, with opacity `init_opacity` (global RNG: the trainer
+    seeds it for network initialisation)."""
+    n, r = splats.init_count, splats.init_radius
+    direction = normalize(torch.randn(n, 3))
+    means = direction * r * torch.rand(n, 1) ** (1 / 3)
+    spacing = r * (4 / 3 * math.pi / n) ** (1 / 3)
+    field = SplatField(cfg, splats, n).to(device)
+    return field.set_gaussians(means=means, scales=torch.full((n, 3), 0.5 * spacing),
+                               opacities=torch.full((n,), splats.init_opacity), albedo=torch.full((n, 3), 0.5))
+
+
+@torch.no_grad()
+def splats_from_field(source: Field, cfg: FieldConfig, splats: SplatConfig, count: int,
+                      generator: torch.Generator, resolution: int = 64) -> SplatField:
+    """Gaussians drawn from a trained NeRF (GaussianDreamer's start from a 3D shape): lattice points picked with
+    probability proportional to their alpha over a cell, jittered within it, coloured by the field's albedo,
+    with that alpha as opacity and a third of a cell as scale. For "fork as splats"."""
+    r = source.cfg.radius
+    lin = torch.linspace(-r, r, resolution)
+    x = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).view(-1, 3)
+    x = x[x.norm(dim=-1) <= r]
+    device = next((t.device for t in (*source.parameters(), *source.buffers())), torch.device("cpu"))
+    query, cell = source.prepare(), 2 * r / (resolution - 1)
+    sigma = torch.cat([query.density(part.to(device)).float().cpu() for part in x.split(1 << 16)])
+    alpha = 1 - torch.exp(-sigma.clamp(min=0) * cell)
+    if float(alpha.sum()) <= 0:
+        raise ValueError("the field is empty: there is nothing to draw Gaussians from")
+    pick = torch.multinomial(alpha, count, replacement=int((alpha > 0).sum()) < count, generator=generator)
+    points = x[pick] + (torch.rand(count, 3, generator=generator) - 0.5) * cell
+    albedo = torch.cat([query.samples(part.to(device)).albedo.float().cpu() for part in points.split(1 << 16)])
+    out = SplatField(cfg, splats, count).to(device)
+    return out.set_gaussians(means=points, scales=torch.full((count, 3), cell / 3), albedo=albedo.clamp(0.01, 0.99),
+                             opacities=alpha[pick].clamp(0.05, 0.95))
