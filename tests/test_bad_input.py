@@ -203,7 +203,7 @@ def test_every_message_that_lists_the_oracles_solids_lists_the_same_ones(running
 
     from engine import world
     from engine.priors import PRIOR_HELP, check_prior_spec
-    from playground.panel import PRIORS
+    from playground.controls import PRIORS
 
     def named(text: str) -> set[str]:
         return {w for w in re.findall(r"[a-z]+", text) if w in world.SHAPES}
