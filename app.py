@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     try:
         demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
-                    share=args.share, auth=auth, show_error=True)
+                    share=args.share, auth=auth, show_error=True, allowed_paths=[args.out])  # meshes shown in 3D
     except OSError as err:
         viewer.stop()
         session.stop()

@@ -24,6 +24,7 @@ from engine.cameras import preview_cameras
 from engine.checkpoint import checkpoint_state, save_checkpoint, write_checkpoint
 from engine.config import quoted
 from engine.source import RenderSource
+from engine.texture import check_budget
 from engine.trainer import Trainer
 from playground.runs import Run, named_run
 from playground.snapshot import render_sources
@@ -31,7 +32,9 @@ from playground.snapshot import render_sources
 log = logging.getLogger(__name__)
 
 EXPORTS = ("checkpoint", "snapshot", "video", "mesh")
-EXPORT_DEFAULTS = {"video": {"frames": 60, "size": 128}, "mesh": {"resolution": 96}}  # sized for a CPU
+TEXTURED = "textured"  # a UV-textured .glb (faces=, texture=): its own kind, with its own pane button (meshpane.py)
+EXPORT_DEFAULTS = {"video": {"frames": 60, "size": 128}, "mesh": {"resolution": 96},  # sized for a CPU
+                   TEXTURED: {"faces": 20_000, "texture": 1024, "resolution": 128}}
 REPORTS_MAX = 50  # report lines a long session keeps
 
 
@@ -81,13 +84,16 @@ class Worker:
     # -- exports -------------------------------------------------------------------------------------
     def export(self, kind: str, run: Run, **kwargs) -> concurrent.futures.Future:
         """Submit an export of `run`'s current field; the future gives {name: path} or raises ExportRefused."""
-        if kind not in EXPORTS:
-            raise ValueError(f"export must be one of {', '.join(EXPORTS)}; got {quoted(kind)}")
+        if kind not in (*EXPORTS, TEXTURED):
+            raise ValueError(f"export must be one of {', '.join((*EXPORTS, TEXTURED))}; got {quoted(kind)}")
+        kwargs = {**EXPORT_DEFAULTS.get(kind, {}), **kwargs}
+        if kind == TEXTURED:
+            check_budget(kwargs["faces"], kwargs["texture"])  # refused now, in one line, not on the worker
         trainer = run.trainer  # the field asked for: the export is of this trainer or of nothing
         if trainer is None:
             raise ValueError("nothing to export yet: start a run first")
         label = kind if len(self.runs()) == 1 else f"{kind} of run {run.name}"
-        future = self._pool.submit(self._export, run, trainer, kind, {**EXPORT_DEFAULTS.get(kind, {}), **kwargs})
+        future = self._pool.submit(self._export, run, trainer, kind, kwargs)
 
         def report(f: concurrent.futures.Future) -> None:
             self.reports.append(f"{label} failed: {f.exception()}" if f.exception() else
@@ -120,6 +126,8 @@ class Worker:
             return {k: str(v) for k, v in paths.items()}
         if kind == "video":
             return {"video": str(engine_export.write_orbit_video(source, run_dir / "orbit.mp4", live=live, **kwargs))}
+        if kind == TEXTURED:
+            return {"mesh": str(engine_export.export_textured_mesh(source, run_dir / "mesh_textured.glb", **kwargs)["files"][0])}
         return {"mesh": str(engine_export.export_mesh(source, run_dir / "mesh.glb", **kwargs))}
 
     def save_dirty(self) -> list[Path]:

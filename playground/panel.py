@@ -21,6 +21,7 @@ from engine.priors import PriorOptions
 from engine.world import SHAPES
 from playground import controls
 from playground.controls import CONTROLS, FOLLOWED, LIVE, keyword_api, to_session
+from playground.meshpane import MeshPane
 from playground.plots import SCORE_COLORS, SERIES_COLORS, loss_frame, loss_limits, placeholder, score_frame
 from playground.plots import smoothed as smoothed  # noqa: F401  (tests use it from here)
 from playground.session import EXPORTS, Session
@@ -346,6 +347,7 @@ class Panel:
             with gr.Row():
                 w |= {f"export:{k}": gr.Button(k.capitalize(), size="sm") for k in EXPORTS}
             w["exports"] = gr.Markdown()
+            w |= MeshPane(self.session, PRIVATE).build()  # the textured mesh: budget, button, 3D view
         return w
 
     def _progress_column(self) -> dict:
