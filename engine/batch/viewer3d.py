@@ -43,7 +43,8 @@ def viewer_tag(row: dict) -> str:
     if glb is None:
         return ""
     return (f'<model-viewer data-run="{escape(row["run_id"])}" data-glb="{escape(glb)}" alt="{escape(row["prompt"])}" '
-            'camera-controls interaction-prompt="none" shadow-intensity="0.6" exposure="1.1"></model-viewer>')
+            'camera-controls interaction-prompt="none" shadow-intensity="0.6" exposure="1.1">'
+            '<div slot="progress-bar"></div></model-viewer>')  # no loading bar left over the picture
 
 
 def head(rows: list[dict]) -> str:
