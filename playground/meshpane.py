@@ -40,27 +40,21 @@ class MeshPane:
         w["model"] = gr.Model3D(label="Textured mesh (drag to orbit)", height=320, elem_id="textured_model",
                                 interactive=False)
         w["button"].click(self.export, [w["faces"], w["texture"]], [w["model"], w["note"]],
-                          api_name="ui_textured_mesh", **self.private)
+                          api_name="ui_textured_mesh", **{**self.private, "show_progress": "full"})
         return {f"mesh:{k}": v for k, v in w.items()}
 
-    def export(self, faces, texture):
-        """Submit the export (a refused budget or an idle session is a warning), then wait for its file."""
+    def export(self, faces, texture) -> tuple:
+        """Submit the export and wait for its file (Model3D's own progress shows meanwhile); a refused budget, an
+        idle session or a failed export is a warning. (A plain function: gradio 6's Model3D skips a value that a
+        generator yields after a first update, so its canvas never appears.)"""
         try:
             future = self.session.export(TEXTURED, run="A", faces=_whole(faces), texture=_whole(texture))
-        except ValueError as err:
-            log.warning("refused textured mesh: %s", err)
-            gr.Warning(str(err))
-            yield gr.skip(), f"⚠ {err}"
-            return
-        yield gr.skip(), "textured mesh: working…"
-        try:
             path = future.result(timeout=WAIT_S)["mesh"]
-        except Exception as err:  # ExportRefused (a reset won the race), ValueError (no surface to mesh)...
-            log.warning("textured mesh failed: %s", err)
+        except Exception as err:  # ValueError (a bad budget, nothing to mesh), ExportRefused (a reset won the race)
+            log.warning("textured mesh refused or failed: %s", err)
             gr.Warning(str(err))
-            yield gr.skip(), f"⚠ {err}"
-            return
-        yield path, f"textured mesh: `{path}`"
+            return gr.skip(), f"⚠ {err}"
+        return path, f"textured mesh: `{path}`"
 
 
 def _whole(value):
