@@ -25,6 +25,7 @@ from engine.cameras import preview_cameras
 from engine.checkpoint import META, WEIGHTS, atomic_write, checkpoint_state, save_checkpoint, write_checkpoint
 from engine.config import quoted
 from engine.source import RenderSource
+from engine.texture import check_budget
 from engine.trainer import Trainer
 from playground.runs import Run, named_run
 from playground.snapshot import render_sources
@@ -32,8 +33,10 @@ from playground.snapshot import render_sources
 log = logging.getLogger(__name__)
 
 EXPORTS = ("checkpoint", "snapshot", "video", "mesh")
+TEXTURED = "textured"  # a UV-textured .glb (faces=, texture=): its own kind, with its own pane button (meshpane.py)
 # a 512² 60-frame orbit renders once for both files (~65 s on one core of a busy shared 2-core CPU)
-EXPORT_DEFAULTS = {"video": {"frames": 60, "size": 512, "fps": 30}, "mesh": {"resolution": 96}}
+EXPORT_DEFAULTS = {"video": {"frames": 60, "size": 512, "fps": 30}, "mesh": {"resolution": 96},
+                   TEXTURED: {"faces": 20_000, "texture": 1024, "resolution": 128}}
 SNAPSHOT_SIDE = 512  # a snapshot's long side while no viewer has shown the field (else the viewer's frame size)
 REPORTS_MAX = 50  # report lines a long session keeps
 
@@ -68,6 +71,8 @@ def make(kind: str, source: RenderSource, live, run_dir: Path, *, view, state, *
     `size` asks for a square one) with the checkpoint of its step; a video is one orbit, rendered once and
     written as mp4 and GIF."""
     step, run_dir = source.step, Path(run_dir)
+    if kind in ("mesh", TEXTURED) and source.field.rasterized:
+        raise ValueError("meshes from splats are not there yet: export a checkpoint, a snapshot or a video")
     result, files = {}, []
     if state is not None:  # checkpoint, snapshot: the weights and settings of this step
         write_checkpoint(run_dir, *state)
@@ -91,6 +96,10 @@ def make(kind: str, source: RenderSource, live, run_dir: Path, *, view, state, *
     elif kind == "mesh":
         mesh = engine_export.export_mesh(source, run_dir / f"mesh-{step}.glb", **kwargs)
         result, files = {"mesh": mesh}, [("mesh, glb with vertex colours", mesh)]
+    elif kind == TEXTURED:
+        made = engine_export.export_textured_mesh(source, run_dir / f"mesh_textured-{step}.glb", **kwargs)
+        mesh = Path(made["files"][0])
+        result, files = {"mesh": mesh}, [(f"textured mesh, glb ({made['faces']} faces, {made['texture']}² texture)", mesh)]
     return result, files
 
 
@@ -135,14 +144,16 @@ class Worker:
     # -- exports -------------------------------------------------------------------------------------
     def export(self, kind: str, run: Run, **kwargs) -> concurrent.futures.Future:
         """Submit an export of `run`'s current field; the future gives {name: path} or raises ExportRefused."""
-        if kind not in EXPORTS:
-            raise ValueError(f"export must be one of {', '.join(EXPORTS)}; got {quoted(kind)}")
+        if kind not in (*EXPORTS, TEXTURED):
+            raise ValueError(f"export must be one of {', '.join((*EXPORTS, TEXTURED))}; got {quoted(kind)}")
+        kwargs = {**EXPORT_DEFAULTS.get(kind, {}), **kwargs}
+        if kind == TEXTURED:
+            check_budget(kwargs["faces"], kwargs["texture"])  # refused now, in one line, not on the worker
         trainer = run.trainer  # the field asked for: the export is of this trainer or of nothing
         if trainer is None:
             raise ValueError("nothing to export yet: start a run first")
         label = kind if len(self.runs()) == 1 else f"{kind} of run {run.name}"
-        future = self._pool.submit(self._export, run, trainer, kind, {**EXPORT_DEFAULTS.get(kind, {}), **kwargs},
-                                   label)
+        future = self._pool.submit(self._export, run, trainer, kind, kwargs, label)
 
         def report(f: concurrent.futures.Future) -> None:
             self.reports.append(f"{label} failed: {f.exception()}" if f.exception() else

@@ -20,6 +20,7 @@ import gradio as gr
 from engine.priors import PriorOptions
 from playground import controls, texts
 from playground.controls import CONTROLS, FOLLOWED, LIVE, keyword_api, prior_choices, to_session
+from playground.meshpane import MeshPane
 from playground.plots import (
     LOSS_Y,
     SCORE_COLORS,
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 # both seeds of the SDS protocol (BENCHMARKS.md)
 EXAMPLES = ("a blue sphere", "a green cone", "a yellow cylinder", "a purple torus", "a pink snowman", "a blue cube")
 EXPORT_LABELS = {"checkpoint": "Checkpoint", "snapshot": "Snapshot (PNG + checkpoint)",
-                 "video": "Orbit video (mp4 + GIF)", "mesh": "Mesh (glb)"}
+                 "video": "Orbit video (mp4 + GIF)", "mesh": "Mesh (glb, vertex colours)"}
 PRIVATE = {"api_visibility": "private", "show_progress": "hidden"}  # the pane's own events: not in the API
 
 
@@ -348,6 +349,7 @@ class Panel:
         w["downloads"] = gr.Files(label="Downloads: this session's exports, newest first", interactive=False,
                                   elem_id="downloads")
         w["downloads_info"] = gr.Markdown(elem_id="downloads_info")
+        w |= MeshPane(self.session, PRIVATE).build()  # the textured mesh: budget, button, 3D view
         return w
 
     def _progress_column(self) -> dict:

@@ -1,9 +1,10 @@
 """The gallery of a batch: DIR/index.html, one static page that works offline (no CDN, no server).
 
 One card per run (its orbit GIF or snapshot, and its preview of four views, each at its own pixel size: never
-stretched; prompt, seed, settings, scores, links to its mesh and video), grouped by prompt; a select sorts the
-cards inside each group, and the groups by their best card. A run whose field came out empty (nothing covers
-its views) or translucent (a cloud of density, the boxy SDS failure) is flagged, whatever its status.
+stretched; its textured mesh in 3D (viewer3d.py); prompt, seed, settings, scores, links to its mesh and video),
+grouped by prompt; a select sorts the cards inside each group, and the groups by their best card. A run whose field
+came out empty (nothing covers its views) or translucent (a cloud of density, the boxy SDS failure) is flagged,
+whatever its status.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from html import escape
 from pathlib import Path
 
+from engine.batch import viewer3d
 from engine.checkpoint import atomic_write
 
 SCORES = (("geometry_r_precision", "geometry R-P"), ("colour_r_precision", "colour R-P"),
@@ -59,7 +61,8 @@ def card(row: dict) -> str:
     its = f" · {row['its_per_s']:.1f} it/s" if row.get("its_per_s") else ""
     marks = "".join(f' <span class="flag">{escape(f)}</span>' for f in bad)
     return (f'<div class="card {escape(status)}{" flagged" if bad else ""}" id="{escape(row["run_id"])}" {data}>'
-            + pictures + f'<div><b>seed {row["seed"]}</b> · {escape(row["prior"])} · {escape(status)}{marks}</div>'
+            + pictures + viewer3d.viewer_tag(row)
+            + f'<div><b>seed {row["seed"]}</b> · {escape(row["prior"])} · {escape(status)}{marks}</div>'
             + f'<div class="meta">{escape(settings)}{" · " if settings else ""}step {row.get("step", 0)}{its}</div>'
             + (f'<div class="err">{escape(row["message"])}</div>' if row.get("message") else "")
             + f"<table>{scores}</table><div>{links}</div></div>")
@@ -77,11 +80,12 @@ def page(rows: list[dict], title: str = "Batch") -> str:
     flagged = sum(bool(flags(r)) for r in rows)
     note = f", {flagged} flagged (empty or translucent)" if flagged else ""
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>{escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>"
+            f"<style>{STYLE}</style>{viewer3d.head(rows)}</head><body><h1>{escape(title)}</h1>"
             f"<p>{done} of {len(rows)} runs done{note}. Sort by <select id=\"sort\">{options}</select></p>"
-            f'<div id="groups">{sections}</div><script>{SCRIPT}</script></body></html>')
+            f'<div id="groups">{sections}</div><script>{SCRIPT}</script>{viewer3d.tail(rows)}</body></html>')
 
 
 def write_gallery(out: str | Path, rows: list[dict], title: str = "Batch") -> Path:
-    """Write DIR/index.html (atomically) for the manifest rows `rows`."""
+    """Write DIR/index.html (atomically) for the manifest rows `rows`, and what its 3D views load."""
+    viewer3d.write_assets(out, rows)
     return atomic_write(Path(out) / "index.html", lambda p: Path(p).write_text(page(rows, title), encoding="utf-8"))

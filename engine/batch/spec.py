@@ -46,7 +46,9 @@ class RunOutputs:
     exports: tuple[str, ...] = ()  # keys of EXPORTS
     size: int = 128  # side of video frames and snapshots, pixels
     frames: int = 48  # frames of a full turn (gif, mp4)
-    mesh_resolution: int = 96  # marching-cubes lattice
+    mesh_resolution: int = 128  # marching-cubes lattice of the textured mesh
+    mesh_faces: int = 20_000  # its face budget
+    mesh_texture: int = 1024  # its base-colour texture's side, texels
     eval_views: int = 16  # random views the evaluation scores (seeded by the run's seed + 1000)
     score_at: tuple[int, ...] = ()  # steps at which the run is also scored on the way (row["scores"][step])
 

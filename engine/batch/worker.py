@@ -107,7 +107,7 @@ def _export(trainer, live: LiveParams, outputs: RunOutputs) -> tuple[dict[str, b
     """The asked exports, made in a temp folder of the worker's machine, as bytes; one that cannot be made
     (a mesh of an empty field) is reported, not raised."""
     from engine.cameras import preview_cameras
-    from engine.export import RenderSource, export_mesh, save_png, snapshot, tile, write_orbit_video
+    from engine.export import RenderSource, export_textured_mesh, save_png, snapshot, tile, write_orbit_video
 
     source, files, errors = RenderSource.from_trainer(trainer), {}, {}
     kinds = dict.fromkeys((*outputs.exports, "preview"))  # every run folder holds a preview.png, as `engine run`'s
@@ -117,8 +117,9 @@ def _export(trainer, live: LiveParams, outputs: RunOutputs) -> tuple[dict[str, b
             try:
                 if kind in ("gif", "mp4"):
                     write_orbit_video(source, path, frames=outputs.frames, size=outputs.size, fps=16, live=live)
-                elif kind == "mesh":
-                    export_mesh(source, path, resolution=outputs.mesh_resolution)
+                elif kind == "mesh":  # UV-textured .glb (engine/texture.py)
+                    export_textured_mesh(source, path, faces=outputs.mesh_faces, texture=outputs.mesh_texture,
+                                         resolution=outputs.mesh_resolution)
                 elif kind == "snapshot":
                     os.replace(snapshot(source, live, tmp, size=outputs.size)["png"], path)
                 else:  # preview: the preview cameras at 128 px, shaded over textureless (what the gallery shows)

@@ -1,0 +1,139 @@
+"""The pane's textured mesh (playground/meshpane.py, the session's "textured" export): a UV-textured .glb of the
+run's field at the asked budget; a bad budget refused in one line; an export overtaken by a reset refused, as
+every export is; and in the launched app, the button shows the .glb in 3D (gr.Model3D) with a download.
+
+Screenshots go to $PLAYGROUND_SCREENSHOTS (default: pytest's temporary folder)."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from gradio_client import Client
+from PIL import Image
+
+from engine.config import LiveParams
+from engine.testing import tiny_config, wait_for
+from playground.meshpane import MeshPane
+from playground.session import ExportRefused, Session
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
+        "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def session(tmp_path):
+    s = Session(tiny_config("oracle:cube"), LiveParams(steps=10_000), out_root=tmp_path)
+    yield s
+    s.stop()
+
+
+def test_the_textured_export_writes_a_uv_textured_glb_at_the_budget(session):
+    session.start()
+    wait_for(lambda: session.step >= 20, timeout=120, what="training steps")
+    path = Path(session.export("textured", faces=600, texture=128, resolution=64).result(timeout=120)["mesh"])
+    assert path.name == "mesh_textured.glb" and path.parent.parent == session.worker.out_root
+    mesh = trimesh.load(path, force="mesh", process=False)
+    assert isinstance(mesh.visual, trimesh.visual.TextureVisuals) and 0 < len(mesh.faces) <= 600
+    assert np.asarray(mesh.visual.material.baseColorTexture).shape[:2] == (128, 128)
+    assert any(e.startswith("textured: ") and e.endswith("mesh_textured.glb") for e in session.status()["exports"])
+
+
+@pytest.mark.parametrize(("budget", "message"), [
+    (dict(faces=5), r"^face budget must be an integer in \[100, 2000000\]; got 5$"),
+    (dict(texture=10_000), r"^texture size must be an integer in \[64, 4096\] texels; got 10000$"),
+    (dict(faces=1500.5), r"^face budget must be an integer"),
+])
+def test_a_bad_budget_is_refused_in_one_line_before_anything_runs(session, budget, message):
+    session.start()
+    wait_for(lambda: session.step >= 1, what="a step")
+    with pytest.raises(ValueError, match=message):
+        session.export("textured", **budget)
+    assert not list(session.worker.out_root.rglob("*.glb"))
+
+
+def test_the_pane_handler_warns_on_a_bad_budget_and_an_idle_session(session):
+    pane = MeshPane(session, {})
+    assert pane.export(5.0, 1024.0)[1].startswith("⚠ face budget must be an integer in [100, 2000000]")
+    assert pane.export(1000.0, 1024.0)[1] == "⚠ nothing to export yet: start a run first"
+
+
+def test_a_textured_export_overtaken_by_a_reset_is_refused(session):
+    session.start()
+    wait_for(lambda: session.step >= 2, what="steps")
+    gate = threading.Event()
+    session.worker.submit(gate.wait, 30)  # the export queues behind this
+    future = session.export("textured", faces=500, texture=64)
+    session.reset()
+    session.wait_idle_queue(30)
+    gate.set()
+    with pytest.raises(ExportRefused, match=r"^nothing was written: run A was reset .* before the textured began"):
+        future.result(timeout=60)
+    assert not list(session.worker.out_root.rglob("*.glb"))
+
+
+def test_the_button_shows_the_textured_mesh_in_3d(playground_app, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    shots = Path(os.environ.get("PLAYGROUND_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    client = Client(playground_app["url"], verbose=False)
+    client.predict(api_name="/start")
+    wait_for(lambda: client.predict(api_name="/status")["step"] >= 20, timeout=120, what="training steps")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(playground_app["url"], wait_until="domcontentloaded")
+            page.locator("#prompt textarea").wait_for(timeout=60_000)
+            page.get_by_text("Export", exact=True).click()  # the accordion
+            faces = page.locator("#mesh_faces input")
+            faces.fill("5")
+            page.locator("#export_textured").click()
+            page.get_by_text("face budget must be an integer in [100, 2000000]; got 5").first.wait_for(timeout=30_000)
+            faces.fill("800")
+            page.locator("#mesh_texture input").fill("128")
+            page.locator("#export_textured").click()
+            page.locator("#textured_model canvas").wait_for(timeout=120_000)
+            page.wait_for_function("document.querySelector('#textured_note').innerText.includes('mesh_textured.glb')")
+            model, canvas = page.locator("#textured_model"), page.locator("#textured_model canvas")
+            before = drawn(canvas)
+            model.screenshot(path=str(shots / "pane-textured-mesh.png"))
+            box = canvas.bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] / 2 + 90, box["y"] + box["height"] / 2 + 10, steps=8)
+            page.mouse.up()
+            page.wait_for_timeout(500)
+            after = picture(canvas)
+            model.screenshot(path=str(shots / "pane-textured-mesh-orbited.png"))
+            page.screenshot(path=str(shots / "pane-textured-mesh-page.png"), full_page=True)
+            with page.expect_download(timeout=30_000) as download:
+                page.locator("#textured_model").get_by_role("button", name="Download").click()
+            saved = tmp_path_factory.mktemp("download") / "mesh.glb"
+            download.value.save_as(saved)
+        finally:
+            browser.close()
+    mesh = trimesh.load(saved, force="mesh", process=False)
+    assert isinstance(mesh.visual, trimesh.visual.TextureVisuals) and 0 < len(mesh.faces) <= 800
+    assert np.abs(after - before).mean() > 1, "a drag did not orbit the mesh"
+
+
+def picture(locator) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB"), dtype=np.float32)
+
+
+def drawn(locator, tries: int = 60) -> np.ndarray:
+    """The component's picture once the mesh shows in it (Babylon loads after the canvas appears)."""
+    for _ in range(tries):
+        shot = picture(locator)
+        if shot.std(axis=(0, 1)).max() > 10:
+            return shot
+        locator.page.wait_for_timeout(1000)
+    raise AssertionError("the Model3D canvas stayed blank")
