@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 # prompts that form well with the embedded prior at its defaults: colour and geometry R-Precision >= 0.88 on
 # both seeds of the SDS protocol (BENCHMARKS.md)
 EXAMPLES = ("a blue sphere", "a green cone", "a yellow cylinder", "a purple torus", "a pink snowman", "a blue cube")
-EXPORT_LABELS = {"checkpoint": "Checkpoint", "snapshot": "Snapshot (PNG + checkpoint)",
-                 "video": "Orbit video (mp4 + GIF)", "mesh": "Mesh (glb, vertex colours)"}
 PRIVATE = {"api_visibility": "private", "show_progress": "hidden"}  # the pane's own events: not in the API
 
 
@@ -344,7 +342,7 @@ class Panel:
                                      info="each run's files go to a folder ending in -A or -B", visible=False,
                                      elem_id="export_runs")}
         with gr.Row():
-            w |= {f"export:{k}": gr.Button(label, size="sm", elem_id=f"export_{k}") for k, label in EXPORT_LABELS.items()}
+            w |= {f"export:{k}": gr.Button(label, size="sm", elem_id=f"export_{k}") for k, label in texts.EXPORT_LABELS.items()}
         w["export_note"] = gr.Markdown(elem_id="export_note")
         w["downloads"] = gr.Files(label="Downloads: this session's exports, newest first", interactive=False,
                                   elem_id="downloads")

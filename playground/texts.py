@@ -7,6 +7,9 @@ import html
 
 SCORE_WORDS = (("color_r_precision", "colour"), ("geometry_r_precision", "geometry"), ("shape_score", "silhouette"))
 ICONS = {"running": "▶", "paused": "⏸", "done": "✓", "error": "⚠", "idle": "○"}
+# the pane's export buttons (playground/exports.py's kinds; the textured mesh has its own box, meshpane.py)
+EXPORT_LABELS = {"checkpoint": "Checkpoint", "snapshot": "Snapshot (PNG + checkpoint)",
+                 "video": "Orbit video (mp4 + GIF)", "mesh": "Mesh (glb, vertex colours)"}
 
 
 def esc(text: str) -> str:
