@@ -88,6 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--solid", default="torus", help="painted analytic solid (engine.world)")
     p.add_argument("--trained", type=int, default=0, metavar="STEPS", help="a trained oracle:torus field instead")
+    p.add_argument("--run", default=None, metavar="DIR", help="a saved run's field instead (e.g. an embedded-prior run)")
     p.add_argument("--resolution", type=int, default=256, help="marching-cubes lattice")
     p.add_argument("--size", type=int, default=128, help="side of the 8 comparison views")
     p.add_argument("--skip", nargs="*", default=[], metavar="FACESxSIDE", help="cells to leave out, e.g. 100000x2048")
@@ -96,14 +97,19 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    source = trained_source(args.trained) if args.trained else painted_source(args.solid, sigma_max=1000.0, eps=0.003)
+    if args.run:
+        from engine.source import RenderSource
+
+        source = RenderSource.from_checkpoint(args.run, "cpu")
+    else:
+        source = trained_source(args.trained) if args.trained else painted_source(args.solid, sigma_max=1000.0, eps=0.003)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-texture-"))
     out.mkdir(parents=True, exist_ok=True)
     reference, ref_s = timed(lambda: field_views(source, args.size))
     (v, f, level), mc_s = timed(lambda: surface(source, args.resolution))
     (v, f), clean_s = timed(lambda: texture.clean(v, f))
     res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-           "field": f"trained oracle:torus, {args.trained} steps" if args.trained else f"painted {args.solid}",
+           "field": args.run or (f"trained oracle:torus, {args.trained} steps" if args.trained else f"painted {args.solid}"),
            "marching_cubes_s": mc_s, "marching_cubes_faces": len(f), "clean_s": clean_s, "reference_render_s": ref_s,
            "cells": [], "vertex_colours": vertex_colour_rows(source, args.resolution, out, reference)}
     for budget in FACES:
