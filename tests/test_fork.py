@@ -210,8 +210,9 @@ def test_live_score_is_computed_off_the_training_thread(tmp_path, monkeypatch):
         assert s.status()["score"] is None
         s.start()
         st = wait_for(lambda: (x := s.status())["score"] and x, what="a live score")
-        assert set(st["score"]) == {"step", "color_r_precision", "geometry_r_precision"}
+        assert set(st["score"]) == {"step", "color_r_precision", "geometry_r_precision", "shape_score"}
         assert 0.0 <= st["score"]["color_r_precision"] <= 1.0 and st["score"]["step"] <= st["step"]
+        assert 0.0 <= st["score"]["shape_score"] <= 1.0  # the silhouette IoU: it goes on moving once R-P is 1
         s.fork(guidance_scale=20.0)
         wait_for(lambda: (s.status()["fork"] or {}).get("score"), what="B's live score")
         assert threads and set(threads) == {"scorer"}
