@@ -188,7 +188,8 @@ def main() -> int:
     session = Session(tiny_config("oracle:cube"), tiny_live(), out_root=out)
     viewer = Viewer(session, host="127.0.0.1", port=free_port())
     demo = Panel(session, viewer.url).build()
-    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[out])  # the exports the API client asks for are offered as downloads
     client = Client(demo.local_url, verbose=False)
 
     def call(name, **kw):

@@ -241,14 +241,6 @@ def test_fork_changes_guidance_in_b_and_shows_two_objects_and_two_curves(playgro
     page.close()
 
 
-def test_ctrl_c_stops_cleanly_and_frees_both_ports(playground_app, port_is_free):
-    proc = playground_app["proc"]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 0
-    assert "stopped" in playground_app["log"].read_text()
-    assert port_is_free(playground_app["port"]) and port_is_free(playground_app["viewer_port"])
-
-
 @pytest.fixture(scope="module")
 def embedded_app(tmp_path_factory, launch_app):
     """The app on the embedded prior (its preset: 2000 steps, learning rate 0.01), idle, at tiny settings."""
@@ -291,3 +283,12 @@ def test_a_prior_picked_in_the_pane_runs_with_its_own_preset_and_what_was_typed(
     assert "1500 steps" in page.locator("#status").inner_text()
     page.screenshot(path=str(shots / "pane_prior_switch.png"), full_page=True)
     page.close()
+
+
+def test_ctrl_c_stops_cleanly_and_frees_both_ports(embedded_app, port_is_free):
+    """Last in this module: it stops the module's own app (the session-wide one goes on for other modules)."""
+    proc = embedded_app["proc"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    assert "stopped" in embedded_app["log"].read_text()
+    assert port_is_free(embedded_app["port"]) and port_is_free(embedded_app["viewer_port"])

@@ -68,7 +68,7 @@ def test_the_batch_mesh_is_a_uv_textured_glb(monkeypatch):
     monkeypatch.setattr(RenderSource, "from_trainer", staticmethod(lambda _t: painted_source("sphere")))
     outputs = RunOutputs(exports=("mesh",), mesh_faces=800, mesh_texture=128, mesh_resolution=48)
     files, errors = _export(object(), None, outputs)
-    assert errors == {} and set(files) == {"mesh"}
+    assert errors == {} and set(files) == {"mesh", "preview"}  # a preview always (the gallery shows it)
     mesh = trimesh.load(io.BytesIO(files["mesh"]), file_type="glb", force="mesh", process=False)
     assert isinstance(mesh.visual, trimesh.visual.TextureVisuals)
     assert np.asarray(mesh.visual.material.baseColorTexture).shape[:2] == (128, 128)

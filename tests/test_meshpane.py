@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -39,11 +40,11 @@ def test_the_textured_export_writes_a_uv_textured_glb_at_the_budget(session):
     session.start()
     wait_for(lambda: session.step >= 20, timeout=120, what="training steps")
     path = Path(session.export("textured", faces=600, texture=128, resolution=64).result(timeout=120)["mesh"])
-    assert path.name == "mesh_textured.glb" and path.parent.parent == session.worker.out_root
+    assert re.fullmatch(r"mesh_textured-\d+\.glb", path.name) and path.parent.parent == session.worker.out_root
     mesh = trimesh.load(path, force="mesh", process=False)
     assert isinstance(mesh.visual, trimesh.visual.TextureVisuals) and 0 < len(mesh.faces) <= 600
     assert np.asarray(mesh.visual.material.baseColorTexture).shape[:2] == (128, 128)
-    assert any(e.startswith("textured: ") and e.endswith("mesh_textured.glb") for e in session.status()["exports"])
+    assert any(e.startswith("textured: ") and re.search(r"mesh_textured-\d+\.glb$", e) for e in session.status()["exports"])
 
 
 @pytest.mark.parametrize(("budget", "message"), [
@@ -101,7 +102,7 @@ def test_the_button_shows_the_textured_mesh_in_3d(playground_app, tmp_path_facto
             page.locator("#mesh_texture input").fill("128")
             page.locator("#export_textured").click()
             page.locator("#textured_model canvas").wait_for(timeout=120_000)
-            page.wait_for_function("document.querySelector('#textured_note').innerText.includes('mesh_textured.glb')")
+            page.wait_for_function("document.querySelector('#textured_note').innerText.includes('mesh_textured-')")
             model, canvas = page.locator("#textured_model"), page.locator("#textured_model canvas")
             before = drawn(canvas)
             model.screenshot(path=str(shots / "pane-textured-mesh.png"))

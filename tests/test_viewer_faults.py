@@ -25,7 +25,8 @@ class FakeClient:
         self.frames: list[np.ndarray] = []
         self.gui = types.SimpleNamespace(add_dropdown=lambda label, options, initial_value: _Handle(initial_value),
                                          add_markdown=lambda text: _Handle())
-        self.camera = types.SimpleNamespace(aspect=1.0, fov=0.8, position=np.array([2.5, 0.0, 0.5]),
+        self.camera = types.SimpleNamespace(aspect=1.0, fov=0.8, position=np.array([2.5, 0.0, 0.5]), image_height=0,
+                                            image_width=0,
                                             wxyz=np.array([1.0, 0.0, 0.0, 0.0]), on_update=lambda fn: None)
         self.scene = types.SimpleNamespace(set_background_image=lambda frame, **kw: self.frames.append(frame))
 
@@ -47,7 +48,7 @@ class FakeSnapshot:
 
 def make_renderer(snap):
     session = types.SimpleNamespace(render_sources=lambda: [("A", snap, None)], used=None, state="running",
-                                    status=lambda: {"state": "running"})
+                                    set_view=lambda *a: None, status=lambda: {"state": "running"})
     viewer = types.SimpleNamespace(session=session, low_res=64, full_res=256, low_samples=8, full_samples=8,
                                    still_s=0.0, refresh_s=1.0, refresh_factor=4.0, jpeg_quality=80,
                                    rest_budget_s=0.35, sync_scene=lambda: None)
@@ -113,8 +114,9 @@ def test_a_fork_is_shown_side_by_side_labelled_from_the_same_camera():
     assert frame.shape == (256, 256, 3) and a.sizes == [(256, 128)] and b.sizes == [(256, 128)]
     left, right = frame[128:, :128].reshape(-1, 3).mean(0), frame[128:, 128:].reshape(-1, 3).mean(0)
     assert left[0] > 200 > left[2] and right[2] > 200 > right[0]
-    assert (frame[:24, :40] != frame[200, 20]).any(axis=-1).sum() > 30, "run A's half carries its label"
-    assert (frame[:24, 128:168] != frame[200, 200]).any(axis=-1).sum() > 30, "run B's half carries its label"
+    for name, x, base in (("A", 0, frame[20, 20]), ("B", 128, frame[20, 200])):  # bottom centre of each half
+        x0, y0, x1, y1 = vw.label_box(256, 128, name)
+        assert (frame[y0:y1, x + x0:x + x1] != base).any(axis=-1).sum() > 30, f"run {name}'s half carries its label"
     assert "A step 7 · B step 8" in r.info.content
 
 

@@ -123,8 +123,7 @@ def _export(trainer, live: LiveParams, outputs: RunOutputs) -> tuple[dict[str, b
                 elif kind == "snapshot":
                     os.replace(snapshot(source, live, tmp, size=outputs.size)["png"], path)
                 else:  # preview: the preview cameras at 128 px, shaded over textureless (what the gallery shows)
-                    rows = [trainer.render_views(preview_cameras(trainer.device), 128, 128, s).rgb
-                            for s in ("lambertian", "textureless")]
+                    rows = [source.image(preview_cameras(), 128, 128, s, live) for s in ("lambertian", "textureless")]
                     save_png(tile(torch.cat(rows)), path)
                 files[kind] = path.read_bytes()
             except ValueError as err:
