@@ -93,8 +93,8 @@ def test_the_button_shows_the_textured_mesh_in_3d(playground_app, tmp_path_facto
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(playground_app["url"], wait_until="domcontentloaded")
             page.locator("#prompt textarea").wait_for(timeout=60_000)
-            page.get_by_text("Export", exact=True).click()  # the accordion
             faces = page.locator("#mesh_faces input")
+            page.locator("#export_textured").wait_for(timeout=60_000)  # the Export section is open at first
             faces.fill("5")
             page.locator("#export_textured").click()
             page.get_by_text("face budget must be an integer in [100, 2000000]; got 5").first.wait_for(timeout=30_000)
