@@ -142,3 +142,14 @@ def playground_app(tmp_path_factory):
             raise AssertionError("app.py did not stop within 60 s of Ctrl-C") from None
         assert proc.returncode == 0, log.read_text()[-3000:]
         assert _port_is_free(port) and _port_is_free(viewer_port), "a port is still taken after shutdown"
+
+
+@pytest.fixture(scope="module")
+def rest_shared_app(playground_app):
+    """Pauses the session-wide app after a module that trained it, so it does not take a core from the modules
+    after it (`pytestmark = pytest.mark.usefixtures("rest_shared_app")`)."""
+    yield
+    if playground_app["proc"].poll() is None:
+        from gradio_client import Client
+
+        Client(playground_app["url"], verbose=False).predict(api_name="/pause")

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
+pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

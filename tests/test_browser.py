@@ -19,6 +19,8 @@ from playwright.sync_api import sync_playwright
 
 from playground.panel import SERIES_COLORS
 
+pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
         "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",

@@ -23,6 +23,8 @@ from engine.testing import tiny_config, wait_for
 from playground.meshpane import MeshPane
 from playground.session import ExportRefused, Session
 
+pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
         "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
