@@ -298,3 +298,15 @@ def mesh_vs_field(source, mesh, size: int = 128, views: int = 8, reference: dict
     inner = covered & (ref["opacity"] >= 0.99)
     mse = float(((image[inner] - ref["rgb"][inner]) ** 2).mean()) if inner.any() else 1.0
     return {"iou": iou, "psnr": 10 * math.log10(1.0 / max(mse, 1e-10)), "pixels": int(inner.sum())}
+
+
+def drag_from_centre(page, locator, dx: float, dy: float) -> None:
+    """Drag the mouse from the centre of a Playwright `locator` by (dx, dy) pixels, then let a frame settle (the
+    browser tests orbit 3D views this way)."""
+    box = locator.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + dx, y + dy, steps=8)
+    page.mouse.up()
+    page.wait_for_timeout(500)

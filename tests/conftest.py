@@ -153,3 +153,30 @@ def rest_shared_app(playground_app):
         from gradio_client import Client
 
         Client(playground_app["url"], verbose=False).predict(api_name="/pause")
+
+
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
+                 "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium driven by Playwright (SwiftShader draws viser's WebGL canvas)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    """Where screenshots go: $PLAYGROUND_SCREENSHOTS, else a temp folder."""
+    import os
+    from pathlib import Path
+
+    out = Path(os.environ.get("PLAYGROUND_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -6,53 +6,26 @@ Screenshots go to $PLAYGROUND_SCREENSHOTS (default: pytest's temporary folder)."
 
 from __future__ import annotations
 
-import os
+import functools
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from gradio_client import Client
 from PIL import Image
-from playwright.sync_api import sync_playwright
 
+from engine.testing import wait_for
 from playground.panel import SERIES_COLORS
 
 pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
-        "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    out = Path(os.environ.get("PLAYGROUND_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def status(app) -> dict:
     return Client(app["url"], verbose=False).predict(api_name="/status")
 
 
-def wait_until(pred, timeout=120.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_until = functools.partial(wait_for, timeout=120.0)  # a page and a server: more time than a session
 
 
 def test_pane_types_a_prompt_and_starts(playground_app, browser, shots):

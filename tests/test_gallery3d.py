@@ -29,7 +29,7 @@ from engine.batch.spec import RunOutputs
 from engine.batch.worker import _export
 from engine.export import export_textured_mesh
 from engine.source import RenderSource
-from engine.testing import painted_source
+from engine.testing import drag_from_centre, painted_source
 
 SMALL = dict(faces=1500, texture=128, resolution=64)
 CHROMIUM = "/usr/bin/chromium"
@@ -136,12 +136,7 @@ def test_each_card_shows_its_mesh_in_3d_offline_and_orbits(batch, served, shots,
             page.wait_for_timeout(500)  # the first frames after load fade the model in
             before = picture(viewer)
             page.screenshot(path=str(shots / f"gallery3d-{where}.png"), full_page=True)
-            box = viewer.bounding_box()
-            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] / 2 + 80, box["y"] + box["height"] / 2 + 20, steps=8)
-            page.mouse.up()
-            page.wait_for_timeout(500)
+            drag_from_centre(page, viewer, 80, 20)
             dragged = picture(viewer)
             viewer.evaluate("m => { m.cameraOrbit = '180deg 20deg auto'; m.jumpCameraToGoal(); }")
             page.wait_for_timeout(500)

@@ -19,7 +19,7 @@ from gradio_client import Client
 from PIL import Image
 
 from engine.config import LiveParams
-from engine.testing import tiny_config, wait_for
+from engine.testing import drag_from_centre, tiny_config, wait_for
 from playground.meshpane import MeshPane
 from playground.session import ExportRefused, Session
 
@@ -108,12 +108,7 @@ def test_the_button_shows_the_textured_mesh_in_3d(playground_app, tmp_path_facto
             model, canvas = page.locator("#textured_model"), page.locator("#textured_model canvas")
             before = drawn(canvas)
             model.screenshot(path=str(shots / "pane-textured-mesh.png"))
-            box = canvas.bounding_box()
-            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] / 2 + 90, box["y"] + box["height"] / 2 + 10, steps=8)
-            page.mouse.up()
-            page.wait_for_timeout(500)
+            drag_from_centre(page, canvas, 90, 10)
             after = picture(canvas)
             model.screenshot(path=str(shots / "pane-textured-mesh-orbited.png"))
             page.screenshot(path=str(shots / "pane-textured-mesh-page.png"), full_page=True)

@@ -6,20 +6,17 @@ budget). Screenshots go to $PLAYGROUND_SCREENSHOTS (default: pytest's temporary 
 
 from __future__ import annotations
 
-import os
+import functools
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from gradio_client import Client
-from playwright.sync_api import sync_playwright
 
+from engine.testing import wait_for
 from playground.viewer import label_box
 
-ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
-        "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
 REST = r"(\d+)×(\d+) shaded in (\d+) ms"  # the viewer's line after a frame: its size and render time
 
 
@@ -33,32 +30,11 @@ def app(tmp_path_factory, launch_app):
     info["proc"].wait(60)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    out = Path(os.environ.get("PLAYGROUND_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def status(app) -> dict:
     return Client(app["url"], verbose=False).predict(api_name="/status")
 
 
-def wait_until(pred, timeout=120.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_until = functools.partial(wait_for, timeout=120.0)  # a page and a server: more time than a session
 
 
 def open_pane(app, browser):
