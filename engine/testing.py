@@ -310,3 +310,33 @@ def drag_from_centre(page, locator, dx: float, dy: float) -> None:
     page.mouse.move(x + dx, y + dy, steps=8)
     page.mouse.up()
     page.wait_for_timeout(500)
+
+
+ORACLE_LR = 0.03  # reconstruction tolerates a larger step than SDS from a learned prior
+ORACLE_BUDGET = {"sphere": 500, "cube": 400, "cylinder": 500, "torus": 700, "cone": 900}
+
+
+def steps_to_iou(solid: str, target: float = 0.9, every: int = 50, settings: dict | None = None):
+    """SDS with the oracle prior (weighted reconstruction) until the density level set's IoU against the analytic
+    solid reaches `target`, checked every `every` steps within ORACLE_BUDGET[solid]. `settings`: dotted config
+    settings over the defaults. Returns (trainer, IoU, seconds of training, seconds in all)."""
+    from engine.config import Config, LiveParams
+    from engine.export import RenderSource
+    from engine.mesh import auto_threshold
+    from engine.priors import load_prior
+    from engine.priors.analytic import field_iou
+    from engine.trainer import Trainer
+
+    cfg = Config(prior=f"oracle:{solid}", seed=0).with_settings(settings or {})
+    trainer = Trainer(cfg, load_prior(cfg.prior))
+    live = LiveParams(prompt=f"a red {solid}", learning_rate=ORACLE_LR)
+    iou, t0, training = 0.0, time.perf_counter(), 0.0
+    while trainer.step_count < ORACLE_BUDGET[solid]:
+        t1 = time.perf_counter()
+        for _ in range(every):
+            trainer.step(live)
+        training += time.perf_counter() - t1
+        iou = field_iou(trainer.field, solid, auto_threshold(RenderSource.from_trainer(trainer)))
+        if iou >= target:
+            break
+    return trainer, iou, training, time.perf_counter() - t0

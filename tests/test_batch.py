@@ -275,10 +275,17 @@ def stopped_in_time(proc: subprocess.Popen, tree: list, bound: float) -> tuple[i
     return proc.returncode, err.strip().splitlines()[-1]
 
 
-def assert_resumes(args: list[str], out: Path) -> None:
-    """The manifest kept the finished run; the same command finishes the other from its checkpoint."""
+def assert_kept(out: Path) -> tuple[dict, dict]:
+    """The manifest kept the finished run, and the cut one as pending from its checkpoint."""
     short, long_ = json.loads((out / "manifest.json").read_text())["runs"]
     assert short["status"] == "done" and long_["status"] == "pending" and long_["step"] >= 10, (short, long_)
+    assert list(out.glob("a-blue-sphere*/checkpoint.json")), "the cut run's checkpoint"
+    return short, long_
+
+
+def assert_resumes(args: list[str], out: Path) -> None:
+    """What was kept, and the same command finishes the cut run from its checkpoint."""
+    short, _ = assert_kept(out)
     proc = start(args)
     stdout, err = proc.communicate(timeout=600)
     assert proc.returncode == 0 and json.loads(stdout)["done"] == 2, err
@@ -310,4 +317,4 @@ def test_sigterm_stops_the_batch_and_its_ray_within_10_s(tmp_path):
     rc, last = stopped_in_time(proc, tree, 10)  # the issue's bound
     assert rc == 143 and last.startswith("terminated: 1 of 2 runs done, checkpoints kept in"), last
     assert not list(out.rglob(".*.part*")), "a half-written file"
-    assert_resumes(args, out)
+    assert_kept(out)  # (that the same command resumes from there: the dead-agent test shows it)

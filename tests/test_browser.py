@@ -7,6 +7,7 @@ Screenshots go to $PLAYGROUND_SCREENSHOTS (default: pytest's temporary folder)."
 from __future__ import annotations
 
 import functools
+import io
 import signal
 import time
 
@@ -66,13 +67,17 @@ def test_a_page_opened_mid_run_shows_the_runs_settings(playground_app, browser):
                                                          api_name="/set_params")
 
 
-def canvas_image(page) -> np.ndarray:
-    """The viewer's canvas as the page shows it (its control panel is docked beside it, not over it)."""
+def canvas_image(page, save=None) -> np.ndarray:
+    """The viewer's canvas as the page shows it (its control panel is docked beside it, not over it), cut from
+    one screenshot of the page, which goes to `save` when given (a WebGL page is slow to shoot: once is enough)."""
     box = page.evaluate("""(() => { const c = [...document.querySelectorAll('canvas')].sort((a, b) =>
         b.clientWidth * b.clientHeight - a.clientWidth * a.clientHeight)[0].getBoundingClientRect();
         return {x: c.left, y: c.top, width: c.width, height: c.height}; })()""")
-    shot = page.screenshot(clip=box)
-    return np.asarray(Image.open(__import__("io").BytesIO(shot)).convert("RGB")).astype(np.float32)
+    shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+    if save is not None:
+        shot.save(save)
+    x, y = round(box["x"]), round(box["y"])
+    return np.asarray(shot.crop((x, y, x + round(box["width"]), y + round(box["height"])))).astype(np.float32)
 
 
 def centre_vs_border(img: np.ndarray) -> float:
@@ -95,8 +100,7 @@ def test_viewer_shows_the_object_and_orbits(playground_app, browser, shots):
     info.first.wait_for(timeout=60_000)
     page.wait_for_function("[...document.querySelectorAll('*')].some(e => /[1-9]\\d{2,}×\\d+ shaded/.test(e.textContent))",
                            timeout=60_000)
-    first = canvas_image(page)
-    page.screenshot(path=str(shots / "viewer.png"))
+    first = canvas_image(page, shots / "viewer.png")
     assert centre_vs_border(first) > 30, "the canvas should show the object, not a uniform background"
     assert first.std() > 5
 
@@ -110,8 +114,7 @@ def test_viewer_shows_the_object_and_orbits(playground_app, browser, shots):
     page.wait_for_function("[...document.querySelectorAll('*')].some(e => /[1-9]\\d{2,}×\\d+ shaded/.test(e.textContent))",
                            timeout=60_000)
     time.sleep(0.3)
-    second = canvas_image(page)
-    page.screenshot(path=str(shots / "viewer_orbited.png"))
+    second = canvas_image(page, shots / "viewer_orbited.png")
     h, w, _ = first.shape
     diff = np.abs(first - second)[h // 4:3 * h // 4, w // 4:3 * w // 4].mean()
     assert diff > 2.0, f"dragging should orbit to a new frame (mean change {diff:.2f})"
@@ -200,8 +203,7 @@ def test_fork_changes_guidance_in_b_and_shows_two_objects_and_two_curves(playgro
     viewer.wait_for_function("[...document.querySelectorAll('*')].some(e => "
                              "/A step \\d+ · B step \\d+ · [1-9]\\d{2,}×\\d+ shaded/.test(e.textContent))", timeout=60_000)
     time.sleep(0.5)
-    img = canvas_image(viewer)
-    viewer.screenshot(path=str(shots / "viewer_fork.png"))
+    img = canvas_image(viewer, shots / "viewer_fork.png")
     left, right = halves_show_objects(img)
     assert left > 30 and right > 30, f"both halves should show an object ({left:.0f}, {right:.0f})"
     viewer.close()

@@ -7,7 +7,6 @@ Screenshots go to $PLAYGROUND_SCREENSHOTS (default: pytest's temporary folder)."
 from __future__ import annotations
 
 import io
-import os
 import re
 import threading
 from pathlib import Path
@@ -24,11 +23,6 @@ from playground.meshpane import MeshPane
 from playground.session import ExportRefused, Session
 
 pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
-        "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture
@@ -82,43 +76,34 @@ def test_a_textured_export_overtaken_by_a_reset_is_refused(session):
     assert not list(session.worker.out_root.rglob("*.glb"))
 
 
-def test_the_button_shows_the_textured_mesh_in_3d(playground_app, tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-
-    shots = Path(os.environ.get("PLAYGROUND_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+def test_the_button_shows_the_textured_mesh_in_3d(playground_app, browser, shots, tmp_path):
     client = Client(playground_app["url"], verbose=False)
     client.predict(api_name="/start")
     wait_for(lambda: client.predict(api_name="/status")["step"] >= 20, timeout=120, what="training steps")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(playground_app["url"], wait_until="domcontentloaded")
-            page.locator("#prompt textarea").wait_for(timeout=60_000)
-            faces = page.locator("#mesh_faces input")
-            page.locator("#export_textured").wait_for(timeout=60_000)  # the Export section is open at first
-            faces.fill("5")
-            page.locator("#export_textured").click()
-            page.get_by_text("face budget must be an integer in [100, 2000000]; got 5").first.wait_for(timeout=30_000)
-            faces.fill("800")
-            page.locator("#mesh_texture input").fill("128")
-            page.locator("#export_textured").click()
-            page.locator("#textured_model canvas").wait_for(timeout=120_000)
-            page.wait_for_function("document.querySelector('#textured_note').innerText.includes('mesh_textured-')")
-            model, canvas = page.locator("#textured_model"), page.locator("#textured_model canvas")
-            before = drawn(canvas)
-            model.screenshot(path=str(shots / "pane-textured-mesh.png"))
-            drag_from_centre(page, canvas, 90, 10)
-            after = picture(canvas)
-            model.screenshot(path=str(shots / "pane-textured-mesh-orbited.png"))
-            page.screenshot(path=str(shots / "pane-textured-mesh-page.png"), full_page=True)
-            with page.expect_download(timeout=30_000) as download:
-                page.locator("#textured_model").get_by_role("button", name="Download").click()
-            saved = tmp_path_factory.mktemp("download") / "mesh.glb"
-            download.value.save_as(saved)
-        finally:
-            browser.close()
-    mesh = trimesh.load(saved, force="mesh", process=False)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(playground_app["url"], wait_until="domcontentloaded")
+    page.locator("#prompt textarea").wait_for(timeout=60_000)
+    faces = page.locator("#mesh_faces input")
+    page.locator("#export_textured").wait_for(timeout=60_000)  # the Export section is open at first
+    faces.fill("5")
+    page.locator("#export_textured").click()
+    page.get_by_text("face budget must be an integer in [100, 2000000]; got 5").first.wait_for(timeout=30_000)
+    faces.fill("800")
+    page.locator("#mesh_texture input").fill("128")
+    page.locator("#export_textured").click()
+    canvas = page.locator("#textured_model canvas")
+    canvas.wait_for(timeout=120_000)
+    page.wait_for_function("document.querySelector('#textured_note').innerText.includes('mesh_textured-')")
+    before = drawn(canvas)  # each picture is taken once (a WebGL canvas is slow to shoot) and kept as a screenshot
+    drag_from_centre(page, canvas, 90, 10)
+    after = picture(canvas)
+    for name, shot in (("pane-textured-mesh.png", before), ("pane-textured-mesh-orbited.png", after)):
+        Image.fromarray(shot.astype(np.uint8)).save(shots / name)
+    with page.expect_download(timeout=30_000) as download:
+        page.locator("#textured_model").get_by_role("button", name="Download").click()
+    download.value.save_as(tmp_path / "mesh.glb")
+    page.close()
+    mesh = trimesh.load(tmp_path / "mesh.glb", force="mesh", process=False)
     assert isinstance(mesh.visual, trimesh.visual.TextureVisuals) and 0 < len(mesh.faces) <= 800
     assert np.abs(after - before).mean() > 1, "a drag did not orbit the mesh"
 
