@@ -255,8 +255,7 @@ def test_an_unfinished_run_resumes_only_with_its_scores_on_the_way(tmp_path):
 
 def test_the_steps_table_gives_each_setting_at_each_step(tmp_path):
     """lab/sweep.py with --eval-at: one table, setting x step -> runs, mean colour and geometry R-Precision, the
-    share of runs meeting both targets (colour >= 0.9, geometry >= 0.8) and the mean training seconds; rows
-    of other settings already in --json stay in it."""
+    share of runs meeting both targets (colour >= 0.9, geometry >= 0.8) and the mean training seconds."""
     from lab import sweep
 
     def run(prompt, seed, geo):
@@ -271,3 +270,22 @@ def test_the_steps_table_gives_each_setting_at_each_step(tmp_path):
     table = sweep.steps_table({"field.backbone=grid": g})
     assert "| field.backbone=grid | 10 | 2 | 0.50 | 0.375 | 0.00 | 1.0 |" in table
     assert "| field.backbone=grid | 20 | 2 | 1.00 | 0.750 | 0.50 | 2.5 |" in table
+
+
+def test_the_json_keeps_the_runs_of_settings_not_asked_for(tmp_path, monkeypatch):
+    """The splat half of a protocol run alone (--grid field.backbone=gaussians) adds its rows to the file that
+    holds the NeRF half's, rather than writing over them."""
+    from lab import sweep
+
+    def fake(jobs, out, workers=2, progress=True, on_event=None, score_at=()):
+        return [{"run_id": protocol.spec_of(j).run_id, "prompt": j["prompt"], "seed": j["seed"], "status": "done",
+                 "steps": 3, "wall_s": 1.0, "its_per_s": 3.0, "colour_r_precision": 1.0, "geometry_r_precision": 1.0,
+                 "translucent_share": 0.1} for j in jobs]
+
+    monkeypatch.setattr(sweep, "run_protocol", fake)
+    args = ["--prompts", "a red cube", "--steps", "3", "--json", str(tmp_path / "p.json"), "--out", str(tmp_path / "o"),
+            "--batch", str(tmp_path / "b")]
+    sweep.main(args + ["--grid", "field.backbone=grid"])
+    sweep.main(args + ["--grid", "field.backbone=gaussians", "--batch", str(tmp_path / "b2")])
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert sorted(r["group"] for r in rows) == ["field.backbone=gaussians", "field.backbone=grid"]
