@@ -17,6 +17,11 @@ skips the runs it holds, so a long protocol goes on where it stopped, even from 
         --json bench/results/distill_protocol.json          # the distillation table (BENCHMARKS.md)
     python bench/bench_sds_prompts.py --report --examples --json bench/results/distill_protocol.json
         # the tables again, and whether each of the pane's example prompts forms well at both seeds
+    RAY_worker_niceness=0 nice -n 10 taskset -c 1 python bench/bench_sds_prompts.py --jobs 1 --seeds 0,1 --seconds 900 \
+        --eval-at 250,500,1000,2000 --grid field.backbone=grid,gaussians --json bench/results/fields_protocol.json \
+        --out runs/fields_protocol --batch runs/fields_protocol
+        # NeRF against splats, each run scored at 250 / 500 / 1000 / 2000 steps with its training seconds to each
+        # (RAY_worker_niceness=0: Ray would renice its worker by +15, to 19, under the nice 10)
 
 The protocol's code is `lab/sweep.py` (tests/lab/test_protocol.py tests it); this file is its command line.
 """

@@ -10,6 +10,7 @@ compare configurations.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import statistics
@@ -17,7 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.batch import RunOutputs, RunSpec, parse_value, run_batch
+from engine.batch import SCORE_KEYS, RunOutputs, RunSpec, parse_value, run_batch
+from engine.batch.manifest import checkpoint_step, read_manifest
+from engine.checkpoint import META, atomic_write
 from engine.config import Config, LiveParams, apply_settings
 from engine.presets import live_defaults, preset
 
@@ -172,14 +175,28 @@ def run_protocol(jobs: list[dict], out: str | Path | None = None, workers: int =
     the batch folder `out` (default: runs/batch-<time>); results in job order: each run's evaluation, steps,
     wall_s, its_per_s, row and seed. A job's "preview" (PNG path) and "save" (folder) get copies of its run's
     preview and checkpoint. `on_event` hears the batch runner's events (`engine.batch.run_batch`); `score_at`:
-    steps at which each run is also scored on the way (rows' "scores")."""
+    steps at which each run is also scored on the way, with the training seconds it took to reach them
+    (rows' "scores", see `scored_row`)."""
     views = {j.get("views", 16) for j in jobs}
     if len(views) > 1:
         raise ValueError(f"one batch scores every run on the same number of views; got {sorted(views)}")
     out = Path(out or f"runs/batch-{time.strftime('%Y%m%d-%H%M%S')}")
-    outputs = RunOutputs(exports=("preview",), eval_views=views.pop() if views else 16, score_at=tuple(score_at))
+    score_at = tuple(sorted(set(score_at)))
+    # a run's last step is scored by its final evaluation: the worker scores only the steps before it
+    on_the_way = tuple(k for k in score_at if k < max(j["steps"] for j in jobs)) if jobs else ()
+    outputs = RunOutputs(exports=("preview",), eval_views=views.pop() if views else 16, score_at=on_the_way)
+    _redo_unscored(out, score_at)
+    # a checkpoint at each scoring step: its meta holds the training seconds (train_s) to that step
+    every = math.gcd(*score_at) if score_at else 200
+
+    def heard(event: dict) -> None:
+        if event["kind"] == "checkpoint" and event["step"] in score_at:
+            _note_seconds(out / event["run_id"], event["step"])
+        if on_event:
+            on_event(event)
+
     rows = run_batch([spec_of(j) for j in jobs], out, outputs=outputs, workers=workers, progress=progress,
-                     on_event=on_event)
+                     on_event=heard, checkpoint_every=every)
     for job, r in zip(jobs, rows):
         if r["status"] != "done":
             print(f"{r['prompt']!r} ({job.get('row') or 'protocol'}): {r['status']} {r['message']}")
@@ -187,4 +204,48 @@ def run_protocol(jobs: list[dict], out: str | Path | None = None, workers: int =
             shutil.copyfile(out / r["files"]["preview"], job["preview"])
         if job.get("save") and r["status"] == "done":
             shutil.copytree(out / r["run_id"], job["save"], dirs_exist_ok=True)
-    return [{**r, "steps": r["step"], "row": job.get("row"), "seed": job.get("seed", 0)} for job, r in zip(jobs, rows)]
+    return [{**scored_row(r, out, score_at), "steps": r["step"], "row": job.get("row"), "seed": job.get("seed", 0)}
+            for job, r in zip(jobs, rows)]
+
+
+SECONDS_AT = "seconds_at.json"  # in a run's folder: {step: training seconds to that step}, one per scoring step
+
+
+def _seconds(folder: Path) -> dict[str, float]:
+    """A run folder's SECONDS_AT ({} where there is none)."""
+    return json.loads((folder / SECONDS_AT).read_text()) if (folder / SECONDS_AT).exists() else {}
+
+
+def _note_seconds(folder: Path, step: int) -> None:
+    """Keep the training seconds of the checkpoint just written in `folder` (at `step`) in its SECONDS_AT file,
+    beside the checkpoint, so that they outlive a resume as the checkpoint does."""
+    seconds = _seconds(folder)
+    seconds[str(step)] = round(json.loads((folder / META).read_text())["train_s"], 2)
+    atomic_write(folder / SECONDS_AT, lambda p: Path(p).write_text(json.dumps(seconds)))
+
+
+def scored_row(row: dict, out: Path, score_at: tuple[int, ...]) -> dict:
+    """A batch's manifest row with, under "scores", each step of `score_at` it reached: the scores taken there and
+    "wall_s", the training seconds to that step (as the row's own wall_s: time in `Trainer.step` only, not
+    the evaluations, checkpoints, start-up or the prior's loading). A run that ends at a scoring step has its
+    final evaluation there."""
+    if not score_at:
+        return row
+    seconds = _seconds(out / row["run_id"])
+    scores = {k: {**v, "wall_s": seconds[k]} for k, v in row.get("scores", {}).items() if k in seconds}
+    if row["status"] == "done" and row["step"] in score_at:
+        scores[str(row["step"])] = {**{k: row[k] for k in SCORE_KEYS if k in row}, "wall_s": row["wall_s"]}
+    return {**row, "scores": scores}
+
+
+def _redo_unscored(out: Path, score_at: tuple[int, ...]) -> None:
+    """An unfinished run in `out` resumes from its checkpoint when its scores and seconds at the scoring steps
+    before it survived (a batch stopped by SIGINT/SIGTERM writes them); else (a batch killed hard) its folder
+    goes, and the run is redone from step 0."""
+    doc = read_manifest(out) if score_at else None
+    for r in doc["runs"] if doc else ():
+        folder = out / r["run_id"]
+        seconds = _seconds(folder)
+        passed = {str(k) for k in score_at if k <= (checkpoint_step(folder) or 0)}
+        if r["status"] != "done" and not passed <= set(r.get("scores", {})) & set(seconds):
+            shutil.rmtree(folder, ignore_errors=True)

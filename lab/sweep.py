@@ -9,7 +9,14 @@ stay in the batch folder (--batch, default runs/batch-<time>; the same folder ag
 
 --grid KEY=V1,V2 and --seeds 0,1 repeat the protocol for each setting and seed, seed by seed, and print one
 summary row per setting (over prompts and seeds). --json FILE keeps every run's scores; the same FILE again
-skips the runs it holds, so a long protocol goes on where it stopped, even from another machine.
+skips the runs it holds, so a long protocol goes on where it stopped, even from another machine; rows of
+settings that this invocation does not ask for stay in it.
+
+--eval-at 250,500,1000,2000 scores each run at these steps of its one training (the scores of a run of that many
+steps: nothing in training reads the budget) and keeps the training seconds to each: time spent in training
+steps only, not the evaluations, checkpoints, start-up or the prior's loading. A run's last step is scored by
+its final evaluation. The table after the summary gives setting x step: runs that got there, mean colour and
+geometry R-Precision, the share of runs meeting both TARGETS, mean training seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from pathlib import Path
 
 from engine.batch import parse_grid, parse_seeds
 from engine.checkpoint import atomic_write
-from lab.protocol import PROMPTS, add_run_args, job_of, run_protocol, spec_of, summarize
+from lab.protocol import PROMPTS, add_run_args, job_of, run_protocol, scored_row, spec_of, summarize
+
+TARGETS = {"colour_r_precision": 0.9, "geometry_r_precision": 0.8}  # the protocol's targets (issue 3): a run meets both
 
 
 def label_of(combo: tuple) -> str:
@@ -32,14 +41,17 @@ def label_of(combo: tuple) -> str:
 
 
 def _row_summary(rows: list[dict]) -> dict:
-    """Means over a setting's finished runs; under "at", the same of the scores taken on the way (--score-at)."""
+    """Means over a setting's finished runs and the share of them meeting both TARGETS; under "at", the same of
+    the scores at each step of --eval-at, "wall_s" there the mean training seconds to that step."""
     done = [r for r in rows if r.get("status") == "done"]
     share = [r["translucent_share"] for r in done if "translucent_share" in r]
+    met = [all(r.get(k, 0) >= v for k, v in TARGETS.items()) for r in done]
     out = {**summarize(done), "runs": len(done), "seeds": sorted({r["seed"] for r in done}),
-           "translucent_share": round(sum(share) / len(share), 3) if share else None}
+           "translucent_share": round(sum(share) / len(share), 3) if share else None,
+           "targets_met": round(sum(met) / len(met), 3) if met else None}
     steps = sorted({int(k) for r in done for k in r.get("scores", {})})
-    if steps:
-        out["at"] = {str(k): _row_summary([{**r, **r["scores"][str(k)], "scores": {}} for r in done
+    if steps:  # each step's row holds only what was taken there (its seconds too), and the run's seed
+        out["at"] = {str(k): _row_summary([{"status": "done", "seed": r["seed"], **r["scores"][str(k)]} for r in done
                                            if str(k) in r.get("scores", {})]) for k in steps}
     return out
 
@@ -78,6 +90,18 @@ def summary_table(groups: dict) -> str:
     return "\n".join(lines)
 
 
+def steps_table(groups: dict) -> str:
+    """One markdown row per setting and --eval-at step: runs that reached it, mean colour and geometry R-Precision,
+    the share of runs meeting both TARGETS, and the mean training seconds to that step."""
+    lines = ["| setting | step | runs | colour R-P | geometry R-P | targets met | training s |", "|---" * 7 + "|"]
+    for name, g in groups.items():
+        for step, at in g.get("at", {}).items():
+            secs = f"{at['wall_s']:.1f}" if at["wall_s"] is not None else "–"
+            lines.append(f"| {name} | {step} | {at['runs']} | {at['colour_r_precision']:.2f} | "
+                         f"{at['geometry_r_precision']:.3f} | {at['targets_met']:.2f} | {secs} |")
+    return "\n".join(lines)
+
+
 def main(argv=None, description: str = __doc__.split("\n")[0], parser: argparse.ArgumentParser | None = None) -> dict:
     """Run (or with --report, only tabulate) the protocol; {"summary": first setting's means, "groups": per setting,
     "rows": every run's scores, "args": the parsed arguments}. `parser`: one with the caller's own options added."""
@@ -86,8 +110,9 @@ def main(argv=None, description: str = __doc__.split("\n")[0], parser: argparse.
     ap.add_argument("--seeds", default=None, help="several seeds, e.g. 0,1 or 0-3 (instead of --seed)")
     ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                     help="repeat the protocol for each value, e.g. live.distillation=sds,csd; several grids multiply")
-    ap.add_argument("--score-at", default="", metavar="STEPS",
-                    help="also score each run on the way at these steps, e.g. 1000 (a run's first N steps are a N-step run)")
+    ap.add_argument("--eval-at", "--score-at", dest="eval_at", default="", metavar="STEPS",
+                    help="also score each run at these steps on its way, e.g. 250,500,1000,2000, with the training "
+                         "seconds to each (a run's first N steps are a N-step run; one table: setting x step)")
     ap.add_argument("--out", default="runs/protocol", help="folder for previews (shaded row, textureless row)")
     ap.add_argument("--json", default=None, help="also write every run's scores here; runs it holds are skipped")
     ap.add_argument("--report", action="store_true", help="run nothing: print the tables of the runs --json holds")
@@ -96,6 +121,9 @@ def main(argv=None, description: str = __doc__.split("\n")[0], parser: argparse.
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds, grid = parse_seeds(args.seeds) if args.seeds else [args.seed], parse_grid(args.grid)
+    eval_at = tuple(parse_seeds(args.eval_at)) if args.eval_at else ()
+    if eval_at and max(eval_at) > args.steps:
+        ap.error(f"--eval-at {args.eval_at}: a step past --steps {args.steps}")
     jobs = []  # seed by seed, so that a protocol stopped early has every setting at its first seeds
     for seed in seeds:
         for combo in grid:
@@ -109,6 +137,7 @@ def main(argv=None, description: str = __doc__.split("\n")[0], parser: argparse.
     if args.json and Path(args.json).exists():
         kept = {r["run_id"]: r for r in json.loads(Path(args.json).read_text()).get("rows", [])
                 if r.get("status") == "done"}
+    others = [r for i, r in kept.items() if i not in {spec_of(j).run_id for j in jobs}]  # other settings': kept too
     todo = [] if args.report else [j for j in jobs if spec_of(j).run_id not in kept]
     if len(todo) < len(jobs) and not args.report:
         print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {args.json}; running the other {len(todo)}")
@@ -123,7 +152,8 @@ def main(argv=None, description: str = __doc__.split("\n")[0], parser: argparse.
             rows = [{**(kept.get(spec_of(j).run_id) or ran[spec_of(j).run_id]), "group": j["group"]}
                     for j in jobs if spec_of(j).run_id in kept or spec_of(j).run_id in ran]
             groups = {label_of(c): _row_summary([r for r in rows if r["group"] == label_of(c)]) for c in grid}
-            atomic_write(args.json, lambda p: Path(p).write_text(json.dumps({"groups": groups, "rows": rows}, indent=1)))
+            doc = {"groups": groups, "rows": rows + others}
+            atomic_write(args.json, lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
 
     for seed in seeds:  # one batch per seed
         batch = [j for j in todo if j["seed"] == seed]
@@ -137,12 +167,11 @@ def main(argv=None, description: str = __doc__.split("\n")[0], parser: argparse.
             if event["kind"] == "done" and (folder / "manifest.json").exists():
                 for r in json.loads((folder / "manifest.json").read_text())["runs"]:
                     if r["status"] == "done":
-                        keep(r)
+                        keep(scored_row(r, folder, eval_at))
                 save()
 
         try:
-            done = run_protocol(batch, folder, workers=args.jobs, on_event=on_event,
-                                score_at=parse_seeds(args.score_at) if args.score_at else ())
+            done = run_protocol(batch, folder, workers=args.jobs, on_event=on_event, score_at=eval_at)
         except KeyboardInterrupt:
             on_event({"kind": "done"})  # the runs the folder's manifest says are done
             sys.exit(f"interrupted: the finished runs are in {args.json or folder}; the same command again goes on")
@@ -164,6 +193,8 @@ def main(argv=None, description: str = __doc__.split("\n")[0], parser: argparse.
         for step, at in g.get("at", {}).items():
             print(json.dumps({"setting": name, "at_step": int(step), **at}))
     print(summary_table(groups))
+    if any("at" in g for g in groups.values()):
+        print("\n" + steps_table(groups))
     summary = {**groups[label_of(grid[0])], "total_wall_s": round(time.perf_counter() - t0, 1),
                "steps_budget": args.steps, "seconds_budget": args.seconds, "jobs": args.jobs}
     return {"summary": summary, "groups": groups, "rows": rows, "args": args}

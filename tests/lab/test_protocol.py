@@ -1,5 +1,7 @@
 """The SDS protocol and the Fig. 6 ablation's configurations (lab/protocol.py)."""
 
+import json
+
 import torch
 
 from engine.presets import preset
@@ -191,3 +193,99 @@ def test_the_protocol_bench_resumes_an_interrupted_batch_folder(tmp_path):
     holding(every[:1])
     jobs, other = sweep._resumable(todo, every, folder)
     assert jobs == todo and other != folder and other.name.startswith("b-s0-")
+
+
+def in_process_batch(specs, out, *, outputs, on_event, checkpoint_every, **_):
+    """The batch runner's part in `run_protocol`, in this process with one real `Worker` (no Ray): segments of
+    `checkpoint_every` steps, each checkpoint written to the run's folder and then heard, as the driver does."""
+    from safetensors.torch import load
+
+    from engine.batch import Worker
+    from engine.checkpoint import write_checkpoint
+
+    worker, rows = Worker(), []
+    for spec in specs:
+        row, reply = {"run_id": spec.run_id, "prompt": spec.prompt, "seed": spec.seed, "files": {}, "scores": {}}, {}
+        while not reply.get("done"):
+            reply = worker.advance(spec, None, checkpoint_every, outputs)
+            write_checkpoint(out / spec.run_id, reply["meta"], load(reply["weights"]))
+            row.update(step=reply["step"], wall_s=round(reply["train_s"], 2), scores={**row["scores"], **reply["scores"]})
+            on_event({"kind": "checkpoint", "run_id": spec.run_id, "step": reply["step"]})
+        rows.append({**row, **reply["evaluation"], "status": "done", "its_per_s": reply["its_per_s"]})
+    return rows
+
+
+def test_one_run_is_scored_at_each_eval_step_with_its_training_seconds(tmp_path, monkeypatch):
+    """--eval-at 2,4 on a 4-step run: one run, scored at 2 on its way and at 4 by its final evaluation, each with
+    the training seconds to that step (a checkpoint at each eval step holds them; the seconds to the last are the
+    run's own wall_s)."""
+    monkeypatch.setattr(protocol, "run_batch", in_process_batch)
+    events = []
+    job = {"prompt": "a red cube", "steps": 4, "seconds": None, "seed": 0, "prior": "oracle:cube", "views": 2,
+           "set": ["render.resolution=16", "render.num_samples=24"]}
+    (row,) = protocol.run_protocol([job], tmp_path / "b", progress=False, on_event=events.append, score_at=(4, 2))
+    assert [e["step"] for e in events] == [2, 4]  # a checkpoint at each eval step, heard by the caller too
+    assert set(row["scores"]) == {"2", "4"} and row["steps"] == 4
+    two, four = row["scores"]["2"], row["scores"]["4"]
+    assert 0 <= two["colour_r_precision"] <= 1 and 0 <= two["geometry_r_precision"] <= 1
+    assert 0 < two["wall_s"] <= four["wall_s"] == row["wall_s"]
+    assert four["geometry_r_precision"] == row["geometry_r_precision"]  # the final evaluation, not a second one
+    saved = json.loads((tmp_path / "b" / row["run_id"] / protocol.SECONDS_AT).read_text())
+    assert saved == {"2": two["wall_s"], "4": four["wall_s"]}
+
+
+def test_an_unfinished_run_resumes_only_with_its_scores_on_the_way(tmp_path):
+    """A batch stopped by a signal writes the scores taken so far to its manifest, and the seconds file sits beside
+    the checkpoint: the run resumes. Killed hard, the manifest lacks them: the run's folder goes (redone)."""
+    from safetensors.torch import save_file
+
+    from engine.checkpoint import META, WEIGHTS
+
+    out = tmp_path / "b"
+    for run_id in ("kept", "lost"):  # each with a checkpoint at step 3 and the seconds to step 2
+        (out / run_id).mkdir(parents=True)
+        save_file({"x": torch.zeros(1)}, str(out / run_id / WEIGHTS), metadata={"step": "3"})
+        (out / run_id / META).write_text("{}")
+        (out / run_id / protocol.SECONDS_AT).write_text(json.dumps({"2": 1.5}))
+    runs = [{"run_id": "kept", "status": "pending", "scores": {"2": {}}}, {"run_id": "lost", "status": "running"}]
+    (out / "manifest.json").write_text(json.dumps({"batch": "k", "runs": runs}))
+    protocol._redo_unscored(out, (2, 4))
+    assert (out / "kept" / WEIGHTS).exists() and not (out / "lost").exists()
+
+
+def test_the_steps_table_gives_each_setting_at_each_step(tmp_path):
+    """lab/sweep.py with --eval-at: one table, setting x step -> runs, mean colour and geometry R-Precision, the
+    share of runs meeting both targets (colour >= 0.9, geometry >= 0.8) and the mean training seconds."""
+    from lab import sweep
+
+    def run(prompt, seed, geo):
+        return {"run_id": f"{prompt}-{seed}", "prompt": prompt, "seed": seed, "status": "done", "colour_r_precision": 1.0,
+                "geometry_r_precision": geo, "translucent_share": 0.1, "its_per_s": 10.0, "wall_s": 20.0,
+                "scores": {"10": {"colour_r_precision": 0.5, "geometry_r_precision": geo / 2, "wall_s": 1.0},
+                           "20": {"colour_r_precision": 1.0, "geometry_r_precision": geo, "wall_s": 2.0 + seed}}}
+
+    g = sweep._row_summary([run("a", 0, 1.0), run("b", 1, 0.5)])
+    assert g["targets_met"] == 0.5 and g["at"]["10"]["targets_met"] == 0.0 and g["at"]["20"]["targets_met"] == 0.5
+    assert g["at"]["20"]["wall_s"] == 2.5 and g["at"]["10"]["runs"] == 2
+    table = sweep.steps_table({"field.backbone=grid": g})
+    assert "| field.backbone=grid | 10 | 2 | 0.50 | 0.375 | 0.00 | 1.0 |" in table
+    assert "| field.backbone=grid | 20 | 2 | 1.00 | 0.750 | 0.50 | 2.5 |" in table
+
+
+def test_the_json_keeps_the_runs_of_settings_not_asked_for(tmp_path, monkeypatch):
+    """The splat half of a protocol run alone (--grid field.backbone=gaussians) adds its rows to the file that
+    holds the NeRF half's, rather than writing over them."""
+    from lab import sweep
+
+    def fake(jobs, out, workers=2, progress=True, on_event=None, score_at=()):
+        return [{"run_id": protocol.spec_of(j).run_id, "prompt": j["prompt"], "seed": j["seed"], "status": "done",
+                 "steps": 3, "wall_s": 1.0, "its_per_s": 3.0, "colour_r_precision": 1.0, "geometry_r_precision": 1.0,
+                 "translucent_share": 0.1} for j in jobs]
+
+    monkeypatch.setattr(sweep, "run_protocol", fake)
+    args = ["--prompts", "a red cube", "--steps", "3", "--json", str(tmp_path / "p.json"), "--out", str(tmp_path / "o"),
+            "--batch", str(tmp_path / "b")]
+    sweep.main(args + ["--grid", "field.backbone=grid"])
+    sweep.main(args + ["--grid", "field.backbone=gaussians", "--batch", str(tmp_path / "b2")])
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert sorted(r["group"] for r in rows) == ["field.backbone=gaussians", "field.backbone=grid"]
