@@ -310,3 +310,13 @@ def drag_from_centre(page, locator, dx: float, dy: float) -> None:
     page.mouse.move(x + dx, y + dy, steps=8)
     page.mouse.up()
     page.wait_for_timeout(500)
+
+
+def canvas_image(page) -> np.ndarray:
+    """The largest canvas of a Playwright page (a 3D viewer's) as the page shows it: [H, W, 3] float32, 0-255."""
+    from PIL import Image
+
+    box = page.evaluate("""(() => { const c = [...document.querySelectorAll('canvas')].sort((a, b) =>
+        b.clientWidth * b.clientHeight - a.clientWidth * a.clientHeight)[0].getBoundingClientRect();
+        return {x: c.left, y: c.top, width: c.width, height: c.height}; })()""")
+    return np.asarray(Image.open(io.BytesIO(page.screenshot(clip=box))).convert("RGB")).astype(np.float32)

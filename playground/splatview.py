@@ -24,10 +24,10 @@ import torch
 
 from engine.cameras import spherical
 from engine.config import LiveParams
-from engine.ops import normalize
 from engine.shading import shade
 
 MAX_SENT = 8192  # Gaussians sent to a browser at most: the most opaque ones of a larger field
+PLAIN = 255  # grey level of a fork frame's strip where the browser draws a run's splats
 REFRESH_S = 0.25  # a training splat run's colours and shapes are re-sent at most this often (4 per second)
 
 

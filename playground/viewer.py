@@ -8,9 +8,10 @@ out smaller; while training runs it refreshes that frame when the field has chan
 keeps the viewer's share of the CPU small. While a fork is open the frame shows run A and run B side by
 side from the same camera, each half the width, labelled. The browser draws a run of Gaussian splats itself
 (splatview.py): no frame of it is sent; in a fork of a NeRF and splats B's half of the frame is plain, and B's
-splats are placed, as the camera moves, where they appear in that half. Frames are rendered from a frozen copy of the field (`Session.render_source`) under `torch.no_grad()`.
-A render error is logged and shown in the viewer's panel; the thread goes on. An out-of-memory error (CUDA)
-halves that client's frame size instead (down to MIN_SIDE pixels): training keeps its memory and goes on.
+splats are placed, as the camera moves, where they appear in that half. Frames are rendered from a frozen
+copy of the field (`Session.render_source`) under `torch.no_grad()`. A render error is logged and shown in the
+viewer's panel; the thread goes on. An out-of-memory error (CUDA) halves that client's frame size instead (down
+to MIN_SIDE pixels): training keeps its memory and goes on.
 The point light is a gizmo the user can drag; it sets the fixed light the pane's controls show.
 """
 
@@ -32,7 +33,7 @@ from engine.cameras import camera_from_c2w
 from engine.export import to_uint8
 from playground.session import Session
 from playground.snapshot import RENDER_MODES
-from playground.splatview import SplatLayer, beside
+from playground.splatview import PLAIN, SplatLayer, beside
 
 log = logging.getLogger(__name__)
 MODE_LABELS = {"shaded": "lambertian", "albedo": "albedo", "normals": "normal", "textureless": "textureless",
@@ -41,7 +42,6 @@ OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])  # flip y and z: viser looks 
 assert set(MODE_LABELS.values()) == set(RENDER_MODES)
 MIN_SIDE = 32  # smallest long side the out-of-memory fallback goes down to
 FIRST_REST = 256  # long side of the first frame at rest, before any cost is known
-PLAIN = 255  # grey level of a frame's half where the browser draws a run's splats
 
 
 def rest_side(*, last_side: int, last_cost: float, budget_s: float, canvas: int, cap: int, floor: int) -> int:

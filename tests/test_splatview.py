@@ -18,7 +18,7 @@ from engine.splats import SplatField
 from engine.testing import tiny_config, tiny_live, wait_for
 from playground import viewer as vw
 from playground.session import Session
-from playground.splatview import SplatLayer, beside, splat_cloud
+from playground.splatview import beside, splat_cloud
 
 
 def flat_field(n: int = 6) -> SplatField:
