@@ -1,6 +1,7 @@
 """Gaussian splats in headless Chromium, on the shared app (tests/conftest.py `playground_app`): a splat run drawn by
 the browser itself changes as the camera orbits while it trains, and a fork as splats shows run A's NeRF frame and
-run B's splats side by side, each labelled. One viewer page follows both; the app is left on a NeRF run.
+run B's splats side by side, each labelled (forked with the pane's "as splats"). One viewer page follows both; the
+app is left on a NeRF run.
 
 Screenshots go to $PLAYGROUND_SCREENSHOTS (default: pytest's temporary folder)."""
 
@@ -26,7 +27,7 @@ def centre_vs_corner(img: np.ndarray) -> float:
 def info_says(page, pattern: str) -> None:
     """Wait until the viewer's panel shows text matching the JS regular expression `pattern`."""
     page.wait_for_function(f"[...document.querySelectorAll('*')].some(e => /{pattern}/.test(e.textContent))",
-                           timeout=90_000)
+                           timeout=120_000)
 
 
 def test_splats_are_drawn_by_the_browser_and_a_fork_as_splats_shows_both_fields(playground_app, browser, shots):
@@ -45,30 +46,42 @@ def test_splats_are_drawn_by_the_browser_and_a_fork_as_splats_shows_both_fields(
         canvas = page.locator("canvas").first
         canvas.wait_for(timeout=60_000)
         info_says(page, "step \\d+ · shaded in the browser")
-        page.wait_for_timeout(1000)  # the browser sorts and draws the splats
-        first = canvas_image(page)
+        # the browser sorts and draws the splats: the canvas shows them, not a blank background
+        first = wait_for(lambda: (img := canvas_image(page)) is not None and centre_vs_corner(img) > 30
+                         and img.std() > 5 and [img], timeout=60, what="the splats on the canvas")[0]
         page.screenshot(path=str(shots / "viewer_splats.png"))
-        assert centre_vs_corner(first) > 30 and first.std() > 5, "the canvas shows the splats, not a blank background"
         drag_from_centre(page, canvas, 150, 30)  # orbit while it trains
-        page.wait_for_timeout(500)
-        second = canvas_image(page)
-        page.screenshot(path=str(shots / "viewer_splats_orbited.png"))
         h, w, _ = first.shape
-        change = np.abs(first - second)[h // 4:3 * h // 4, w // 4:3 * w // 4].mean()
-        assert change > 2.0, f"orbiting shows the splats from another side (mean change {change:.2f})"
+
+        def change() -> float:
+            return float(np.abs(first - canvas_image(page))[h // 4:3 * h // 4, w // 4:3 * w // 4].mean())
+
+        wait_for(lambda: change() > 2.0, timeout=30, what="the splats seen from another side after orbiting")
+        page.screenshot(path=str(shots / "viewer_splats_orbited.png"))
 
         client.predict(backbone="nerf", api_name="/reset")
         wait_for(lambda: (st := status())["settings"]["backbone"] == "grid" and st["step"] >= 40, timeout=120,
                  what="steps of the NeRF run")
-        st = client.predict(backbone="gaussians", api_name="/fork")
-        assert [r["backbone"] for r in st["runs"]] == ["grid", "gaussians"]
-        info_says(page, "A NeRF step \\d+ · B splats step \\d+ · [1-9]\\d{2,}×\\d+ shaded")
-        page.wait_for_timeout(1000)
-        both = canvas_image(page)
+        pane = browser.new_page(viewport={"width": 1280, "height": 1000})  # the pane's Fork B, as splats
+        pane.goto(playground_app["url"], wait_until="domcontentloaded")
+        pane.locator("#fork_splats input").wait_for(timeout=60_000)
+        assert pane.locator("#field input[type=radio][value=nerf]").is_checked()
+        pane.locator("#fork_splats input").check()
+        pane.locator("#fork").click()
+        wait_for(lambda: (status().get("fork") or {}).get("backbone") == "gaussians", timeout=120, what="B as splats")
+        pane.wait_for_function("document.querySelector('#fork_info')?.innerText.includes('splats (')",
+                               timeout=120_000)
+        pane.close()
+        info_says(page, "A NeRF step \\d+ · B splats step \\d+ · \\d+×\\d+ shaded")  # at rest: labelled
+
+        def halves() -> tuple[float, float]:
+            both = canvas_image(page)
+            half = both.shape[1] // 2
+            return centre_vs_corner(both[:, :half]), centre_vs_corner(both[:, half:])
+
+        # A's NeRF frame on the left and B's splats, drawn by the browser, on the right: each shows an object
+        wait_for(lambda: min(halves()) > 30, timeout=60, what="A's NeRF and B's splats side by side")
         page.screenshot(path=str(shots / "viewer_fork_splats.png"))
-        half = both.shape[1] // 2
-        left, right = centre_vs_corner(both[:, :half]), centre_vs_corner(both[:, half:])
-        assert left > 30 and right > 30, f"A's NeRF and B's splats each show an object ({left:.0f}, {right:.0f})"
     finally:
         page.close()
         client.predict(api_name="/close_fork")
