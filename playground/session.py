@@ -206,6 +206,8 @@ class Session:
         if self.state in ("running", "paused"):  # the run goes on: live settings apply to it now
             if live := {k.removeprefix("live."): v for k, v in settings.items() if k.startswith("live.")}:
                 self._do_params(("A", live))
+            if fixed := {k: v for k, v in settings.items() if not k.startswith("live.")}:
+                self._do_pending(fixed)  # says that they wait for the next new run
             if prior and prior != self.prior_spec:
                 self.message = (f"already training with {self.prior_spec}; the prior {prior} was not used "
                                 "(press Reset with it to switch)")

@@ -374,6 +374,7 @@ def test_the_field_of_the_next_run_is_a_choice_nerf_by_default(tmp_path):
         s.start(settings={"field.backbone": "splats"})  # while running: kept for the next run
         s.wait_idle_queue()
         assert s.status()["pending"] == {"field.backbone": "gaussians"} and not s.a.trainer.field.rasterized
+        assert s.message == "field.backbone gaussians: applies to the next new run (Reset)"
     finally:
         s.stop()
     cuda = types.SimpleNamespace(cfg=Config(), device="cuda", overrides={})
