@@ -95,6 +95,12 @@ class SplatLayer:
         self.sent: dict = {}  # run name -> (what its colours were baked from, when)
         self.sends = 0  # Gaussian buffers sent to this browser (added or refreshed)
         self.hidden = False  # whether the browser's background frame was taken away (a splat run alone)
+        self.view_stamp = -1  # the camera stamp of the last view at rest published for snapshots
+
+    def view_due(self, stamp: int) -> bool:
+        """Whether the view at rest of camera stamp `stamp` is yet to be published (once per stamp)."""
+        due, self.view_stamp = stamp != self.view_stamp, stamp
+        return due
 
     def hide_frame(self) -> None:
         """Take the server's frame away (once): the browser's splats are what is seen."""

@@ -219,11 +219,13 @@ class ClientRenderer:
         if not sources:
             self.info.content = f"**{self.session.state}** · no field yet: press Start in the pane"
             return
-        now, mode = time.perf_counter(), self.mode.value
+        now, mode, cam = time.perf_counter(), self.mode.value, self.client.camera
         if splat_runs:
             self._show_splats(sources, now)
         if len(sources) == 1 and splat_runs:  # the browser draws the run: no frame behind it
             self.sent = self.splats.hide_frame()
+            if now - self.moved_at >= self.viewer.still_s and self.splats.view_due(self._stamp):  # what snapshots show
+                self._publish_view(torch.from_numpy(viser_to_c2w(cam.position, cam.wxyz)).float(), cam)
             self.info.content = f"**{self.session.state}** · {self._steps(sources)} · {mode} in the browser"
             return
         keys = (tuple(snap.key for name, snap, _ in sources if name not in splat_runs), tuple(splat_runs))
@@ -231,7 +233,7 @@ class ClientRenderer:
         if job is None:
             return
         side = self.viewer.low_res if job == "low" else self.rest_side()
-        cam, stamp = self.client.camera, self._stamp
+        stamp = self._stamp
         H, W = frame_size(max(MIN_SIDE, round(side * self.scale)), cam.aspect)
         c2w = torch.from_numpy(viser_to_c2w(cam.position, cam.wxyz)).float()
         t0 = time.perf_counter()
@@ -254,8 +256,7 @@ class ClientRenderer:
         self.info.content = f"**{self.session.state}** · {self._steps(sources)} · {size} {mode} in {1e3 * cost:.0f} ms"
 
     def _half(self, snap, live, c2w: torch.Tensor, H: int, w: int, *, plain: bool, job: str) -> np.ndarray:
-        """One run's share of the frame [H, w, 3]: its NeRF rendered from the camera, or plain where the browser
-        draws its splats."""
+        """One run's share of the frame [H, w, 3]: its NeRF from the camera, or plain where the browser draws splats."""
         if plain:
             return np.full((H, w, 3), PLAIN, dtype=np.uint8)
         focal = (0.5 / math.tan(self.client.camera.fov / 2)) * H / w  # engine focal is in units of the image width
@@ -266,8 +267,7 @@ class ClientRenderer:
         return to_uint8(img)[0]
 
     def _show_splats(self, sources, now: float) -> None:
-        """Add, refresh and place this browser's splat node of each splat run (in its strip of a fork's frame)."""
-        cam = self.client.camera
+        cam = self.client.camera  # each splat run's node: added, refreshed, placed in its strip of a fork's frame
         for i, (name, snap, live) in enumerate(sources):
             if getattr(snap, "rasterized", False):
                 place = beside(cam.position, cam.wxyz, cam.fov, cam.aspect, i, len(sources))

@@ -130,6 +130,8 @@ def test_a_splat_run_is_drawn_by_the_browser_and_refreshed_while_it_trains(watch
     session.start()
     wait_for(lambda: "A" in r.splats.handles, what="the splat node")
     assert client.frames[-1:] == [None], "no server frame behind the browser's splats"
+    wait_for(lambda: session.worker.view is not None, what="the view at rest, for snapshots")
+    assert session.worker.view[1:] == (240, 320)
     field = session.a.trainer.field
     handle = r.splats.handles["A"]
     assert handle.buffer.shape[0] == len(field)
