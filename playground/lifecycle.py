@@ -118,7 +118,7 @@ def fork(session, arg: tuple[dict, str | None]) -> None:
     try:
         b = a.forked(changes, backbone=backbone)
     except ValueError as err:  # an empty field has nothing to draw Gaussians from
-        session.message = f"fork as splats failed: {err}"
+        session.message = f"fork{' as splats' if backbone else ''} failed: {err}"
         session.warnings.append(session.message)
         return
     with session.lock:
@@ -128,7 +128,8 @@ def fork(session, arg: tuple[dict, str | None]) -> None:
     if session.state == "done" and b.step < b.live.steps:
         session.state = "paused"
     diff = ", ".join(f"{k} {v[1]}" for k, v in differences(a.live, b.live).items())
-    how = f" as {len(b.trainer.field)} Gaussian splats drawn from its NeRF" if backbone else ""
+    drawn = b.trainer.field.rasterized and not a.trainer.field.rasterized
+    how = f" as {len(b.trainer.field)} Gaussian splats drawn from its NeRF" if drawn else ""
     session.message = (f"forked run B from run A at step {b.step}{how}"
                        + (f" with {diff}" if diff else "" if how else " (no changes)"))
 
