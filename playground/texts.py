@@ -35,13 +35,13 @@ def field_text(run: dict) -> str:
 
 
 def fork_markdown(st: dict) -> str:
-    """Run A against run B: step, smoothed loss, score, and what differs (empty while no fork is open)."""
+    """Run A against run B: field, step, smoothed loss, score, and what differs (empty while no fork is open)."""
     b = st.get("fork")
     if not b:
         return ""
-    lines = ["| run | field | step | loss (smoothed) | live score |", "|---|---|---|---|---|"]
+    lines = ["| run | step | loss (smoothed) | live score |", "|---|---|---|---|"]
     for r in st["runs"]:
-        lines.append(f"| **{r['name']}** | {field_text(r)} | {r['step']} | {loss_text(r.get('loss_smoothed'))} | "
+        lines.append(f"| **{r['name']}** {field_text(r)} | {r['step']} | {loss_text(r.get('loss_smoothed'))} | "
                      f"{score_text(r['score']).removeprefix('score ')} |")
     diff = "; ".join(f"{k}: A {esc(str(v[0]))} → B {esc(str(v[1]))}" for k, v in b["differs"].items())
     return "\n".join(lines) + f"\n\nB differs in: {diff or 'nothing (yet)'}"

@@ -346,7 +346,7 @@ def test_the_pane_picks_the_field_and_forks_as_splats(session):
     session.wait_idle_queue()
     st = session.status()
     assert st["fork"]["backbone"] == "gaussians" and st["fork"]["next"]["guidance_scale"] == 20.0
-    assert "| **B** | splats (1024) |" in fork_markdown(st) and "| **A** | NeRF (grid) |" in fork_markdown(st)
+    assert "| **B** splats (1024) |" in fork_markdown(st) and "| **A** NeRF (grid) |" in fork_markdown(st)
     pane.api_fork(backbone="gaussians")  # the API's keyword: B replaced by fresh splats of A's current NeRF
     assert session.status()["fork"]["differs"] == {}
     pane.api_reset(backbone="gaussians")
