@@ -326,6 +326,8 @@ def test_fork_as_splats_is_refused_in_a_sentence_where_it_cannot_be(session, mon
     session.wait_idle_queue()
     b = session.fork_run
     assert b.trainer.field.rasterized and len(b.trainer.field) == len(session.a.trainer.field)
+    n = b.step
+    wait_for(lambda: b.step > n + 1 and session.fork_run is b, what="B's steps")
 
 
 def test_the_pane_picks_the_field_and_forks_as_splats(session):
