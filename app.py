@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="training render size (default: the config's)")
     p.add_argument("--batch-size", type=int, default=None, help="views per training step")
     p.add_argument("--samples", type=int, default=None, help="samples per ray")
+    p.add_argument("--backbone", choices=("grid", "hash", "gaussians"), default=None,
+                   help="field of new runs: a NeRF (grid, hash; default: the prior's) or gaussians (Gaussian splats)")
     p.add_argument("--viewer-resolution", type=int, default=None, help="largest long side of viewer frames at "
                    "rest (default 4096: each frame matches the browser's canvas in device pixels, up to it, "
                    "as far as its render time allows)")
@@ -104,7 +106,7 @@ def make_session(args):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     flags = {"live.steps": args.steps, "render.resolution": args.resolution, "camera.batch_size": args.batch_size,
-             "render.num_samples": args.samples}
+             "render.num_samples": args.samples, "field.backbone": args.backbone}
     overrides = {name: value for name, value in flags.items() if value}  # kept when another prior is picked
     # the prior's tuned defaults; the flags override them
     cfg, live = preset_run(args.prior, device, {**overrides, **({"live.prompt": args.prompt} if args.prompt else {})})

@@ -312,6 +312,22 @@ def drag_from_centre(page, locator, dx: float, dy: float) -> None:
     page.wait_for_timeout(500)
 
 
+def canvas_image(page, save=None) -> np.ndarray:
+    """The largest canvas of a Playwright page (a 3D viewer's) as the page shows it: [H, W, 3] float32, 0-255, cut
+    from one screenshot of the page, which goes to `save` when given (a WebGL page is slow to shoot: once is
+    enough)."""
+    from PIL import Image
+
+    box = page.evaluate("""(() => { const c = [...document.querySelectorAll('canvas')].sort((a, b) =>
+        b.clientWidth * b.clientHeight - a.clientWidth * a.clientHeight)[0].getBoundingClientRect();
+        return {x: c.left, y: c.top, width: c.width, height: c.height}; })()""")
+    shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+    if save is not None:
+        shot.save(save)
+    x, y = round(box["x"]), round(box["y"])
+    return np.asarray(shot.crop((x, y, x + round(box["width"]), y + round(box["height"])))).astype(np.float32)
+
+
 ORACLE_LR = 0.03  # reconstruction tolerates a larger step than SDS from a learned prior
 ORACLE_BUDGET = {"sphere": 500, "cube": 400, "cylinder": 500, "torus": 700, "cone": 900}
 

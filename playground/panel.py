@@ -20,6 +20,7 @@ import gradio as gr
 from engine.priors import PriorOptions
 from playground import controls, texts
 from playground.controls import CONTROLS, FOLLOWED, LIVE, keyword_api, prior_choices, to_session
+from playground.fieldpane import FieldPane
 from playground.meshpane import MeshPane
 from playground.plots import (
     LOSS_Y,
@@ -75,12 +76,14 @@ class Panel:
     def __init__(self, session: Session, viewer_url: str | None = None, timer_s: float = 1.0):
         self.session, self.viewer_url, self.timer_s = session, viewer_url, timer_s
         self._pending: list = []  # (what, Future) of exports asked for in the pane, until each is done
+        self.fields = FieldPane(session, send=self._send, warn=self._warn)  # the field choice and the fork box
 
     # -- API functions (gradio builds the endpoints' inputs from the signatures, see `_register_api`) ----------
-    def api_start(self, prior: str | None = None) -> dict:
-        """Start training (or resume when paused). `prior` picks the prior for a new run."""
+    def api_start(self, prior: str | None = None, backbone: str | None = None) -> dict:
+        """Start training (or resume when paused). `prior` picks the prior for a new run; `backbone` its field:
+        "nerf" or "gaussians" (Gaussian splats)."""
         with refusing("/start"):
-            self.session.start(prior or None)
+            self.session.start(prior or None, {"field.backbone": backbone} if backbone else None)
         return self.session.status()
 
     def api_pause(self) -> dict:
@@ -93,10 +96,10 @@ class Panel:
         self.session.resume()
         return self.session.status()
 
-    def api_reset(self, prior: str | None = None) -> dict:
-        """A new field with the same settings; keeps training if it was."""
+    def api_reset(self, prior: str | None = None, backbone: str | None = None) -> dict:
+        """A new field with the same settings (`backbone`: "nerf" or "gaussians" for another); keeps training if it was."""
         with refusing("/reset"):
-            self.session.reset(prior or None)
+            self.session.reset(prior or None, {"field.backbone": backbone} if backbone else None)
         return self.session.status()
 
     def api_status(self) -> dict:
@@ -110,11 +113,11 @@ class Panel:
             new = self.session.set_params(run=run or "A", **to_session(changes))
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in new.__dict__.items()}
 
-    def api_fork(self, **changes) -> dict:
-        """Start run B as a copy of run A (field, optimizer, step) with any of A's live parameters changed;
-        A and B then train in turns. Returns /status."""
+    def api_fork(self, backbone: str | None = None, **changes) -> dict:
+        """Start run B as a copy of run A (field, optimizer, step) with any of A's live parameters changed, or with
+        backbone="gaussians" as Gaussian splats drawn from A's NeRF; A and B then train in turns. Returns /status."""
         with refusing("/fork"):
-            self.session.fork(**to_session(changes))
+            self.session.fork(backbone=backbone or None, **to_session(changes))
         self.session.wait_idle_queue()
         return self.session.status()
 
@@ -146,7 +149,7 @@ class Panel:
         for name in ("start", "pause", "resume", "reset", "status", "export", "close_fork", "prior_options"):
             gr.api(getattr(self, f"api_{name}"), api_name=name)
         gr.api(keyword_api(self.api_set_params, [*LIVE, "seed"], {"run": (str, "A")}), api_name="set_params")
-        gr.api(keyword_api(self.api_fork, LIVE), api_name="fork")
+        gr.api(keyword_api(self.api_fork, LIVE, {"backbone": (str | None, None)}), api_name="fork")
 
     # -- UI handlers: {name: widget value} in, {name: new value} out -------------------------------------------
     @staticmethod
@@ -183,21 +186,6 @@ class Panel:
             return self._warn(err)
         return out
 
-    def _on_fork(self, values: dict) -> dict:
-        changes = {"guidance_scale": values["fork_guidance"], "distillation": values["fork_loss"]}
-        try:
-            self.session.fork(**{k: v for k, v in changes.items() if v is not None})
-        except ValueError as err:
-            log.warning("refused fork: %s", err)
-            return self._warn(err)
-        return {"message": ""}
-
-    def _on_fork_param(self, name: str, value) -> dict:
-        """B's controls: change run B live while a fork is open (before, they are what Fork uses)."""
-        if self.session.fork_run is None or value is None:
-            return {}
-        return self._send({name: value}, run="B")
-
     def _on_example(self, prompt: str) -> dict:
         """One click: the example's prompt on a fresh run (a running run restarts on a new field)."""
         out = self._send({"prompt": prompt})
@@ -215,8 +203,8 @@ class Panel:
 
     def _followed(self) -> dict:
         """The values the pane keeps in step with the session when something else changes them (the viewer moves
-        the light; a prior switch brings its guidance, learning rate and steps)."""
-        return {**controls.shown(self.session), "prior": self.session.prior_spec}
+        the light; a prior switch brings its guidance, learning rate and steps; a new run its field)."""
+        return {**controls.shown(self.session), "prior": self.session.prior_spec, "field": self.fields.field_value()}
 
     def _marks(self) -> dict:
         """What the page last saw besides the followed values: a prior switch failing (the dropdown goes back to
@@ -313,21 +301,12 @@ class Panel:
         w["prior"] = gr.Dropdown(prior_choices(s.prior_spec), value=s.prior_spec, label="Prior", elem_id="prior",
                                  allow_custom_value=True, info="takes effect on Start of a new run or Reset; its own "
                                  "settings (steps, guidance, resolution...) come with it, but for what you set")
+        w["field"] = self.fields.field_widget()
         with gr.Row():
             w |= {"start": gr.Button("Start", variant="primary", elem_id="start"),
                   "pause": gr.Button("Pause / resume", elem_id="pause"), "reset": gr.Button("Reset", elem_id="reset")}
         w["message"] = gr.Markdown(elem_id="message")
-        with gr.Accordion("Compare: fork run B", open=True):
-            gr.Markdown("Run B starts as a copy of run A (field, optimizer, step) with its own guidance "
-                        "and loss; A and B train in turns and the viewer shows both side by side.")
-            row = controls.BY_NAME
-            w["fork_guidance"] = controls.widget(row["guidance_scale"], s.a.live.guidance_scale, label="Guidance of run B",
-                                                 elem_id="fork_guidance")
-            w["fork_loss"] = controls.widget(row["distillation"], s.a.live.distillation, label="Loss of run B", info=None,
-                                             elem_id="fork_loss")
-            with gr.Row():
-                w |= {"fork": gr.Button("Fork B", elem_id="fork"), "close_fork": gr.Button("Close B", elem_id="close_fork")}
-            w["fork_info"] = gr.Markdown(elem_id="fork_info")
+        w |= self.fields.fork_box()
         w |= self._group("main")
         with gr.Accordion("Light", open=True):
             w |= self._group("light")
@@ -383,17 +362,14 @@ class Panel:
         for c in CONTROLS:
             for ev in controls.EVENTS[c.kind]:
                 on(getattr(w[c.name], ev), self._on_change, [c.name], ["message"], f"{c.name}_{ev}")
-        on(w["fork"].click, self._on_fork, ["fork_guidance", "fork_loss"], ["message"], "fork")
-        on(w["close_fork"].click, lambda v: s.close_fork() or {}, [], [], "close_fork")
-        for key, name in (("fork_guidance", "guidance_scale"), ("fork_loss", "distillation")):
-            on(w[key].input, lambda v, k=key, n=name: self._on_fork_param(n, v[k]), [key], ["message"], key)
+        self.fields.wire(on, w)  # the field choice and the fork box
         for text in EXAMPLES:
             on(w[f"example:{text}"].click, lambda v, t=text: self._on_example(t), [], ["prompt", "message"],
                f"example_{text.replace(' ', '_')}")
         for kind in EXPORTS:
             on(w[f"export:{kind}"].click, lambda v, k=kind: self._ui_export(k, v["export_runs"]), ["export_runs"],
                ["export_note"], f"export_{kind}")
-        on(demo.load, self._controls, [], [*names, "prior", "synced", "fork_guidance", "fork_loss"], "load")
+        on(demo.load, self._controls, [], [*names, "prior", "field", "synced", "fork_guidance", "fork_loss"], "load")
         streamed = ["status", "plot", "preview", "vocab", "synced", "shown", "export_note", "score_plot", "fork_info",
                     "export_runs", "downloads", "downloads_info"]
-        on(gr.Timer(self.timer_s).tick, self._tick, ["synced", "shown"], [*streamed, *FOLLOWED, "prior"], "tick")
+        on(gr.Timer(self.timer_s).tick, self._tick, ["synced", "shown"], [*streamed, *FOLLOWED, "prior", "field"], "tick")

@@ -87,13 +87,14 @@ class Session:
         kind of prior; keeps running if it was. Closes run B."""
         self._commands.put((self._do_reset, lifecycle.checked(self, prior, settings)))
 
-    def fork(self, **changes) -> LiveParams:
+    def fork(self, backbone: str | None = None, **changes) -> LiveParams:
         """Start run B as a copy of run A (field, optimizer, step, generator) with `changes` to A's live parameters;
-        A and B then train in turns. An open fork is replaced. Returns B's live parameters."""
+        A and B then train in turns. `backbone="gaussians"`: B is Gaussian splats drawn from A's NeRF instead
+        ("fork as splats"). An open fork is replaced. Returns B's live parameters."""
         if self.a.trainer is None:
             raise ValueError("nothing to fork yet: start a run first")
         new = self.a.live.replace(**changes)  # ValueError names a bad change
-        self._commands.put((self._do_fork, changes))
+        self._commands.put((self._do_fork, (changes, lifecycle.fork_field(self, backbone))))
         return new
 
     def close_fork(self) -> None:
@@ -111,6 +112,11 @@ class Session:
             check_distillation(target.trainer.prior, new.distillation)
         self._commands.put((self._do_params, (run, changes)))
         return new
+
+    def next_run(self, settings: dict) -> None:
+        """Dotted settings for the next new run (Start from idle, done or error, or Reset), checked now (ValueError
+        names a bad one); "field.backbone" takes "nerf" (the prior's NeRF backbone) or "gaussians" too."""
+        self._commands.put((self._do_pending, lifecycle.checked(self, None, settings)[1]))
 
     def set_prior_options(self, options) -> None:
         """How SD / IF load and guide (engine.priors.PriorOptions), from the next Start or Reset that loads one."""
@@ -185,8 +191,8 @@ class Session:
         if self.priors.set_options(options):
             self.message = "prior options set: they apply when Start or Reset next loads sd or if"
 
-    def _do_fork(self, changes: dict) -> None:
-        lifecycle.fork(self, changes)
+    def _do_fork(self, arg: tuple[dict, str | None]) -> None:
+        lifecycle.fork(self, arg)
 
     def _do_close_fork(self, _) -> None:
         if self.fork_run is not None:
@@ -200,6 +206,8 @@ class Session:
         if self.state in ("running", "paused"):  # the run goes on: live settings apply to it now
             if live := {k.removeprefix("live."): v for k, v in settings.items() if k.startswith("live.")}:
                 self._do_params(("A", live))
+            if fixed := {k: v for k, v in settings.items() if not k.startswith("live.")}:
+                self._do_pending(fixed)  # says that they wait for the next new run
             if prior and prior != self.prior_spec:
                 self.message = (f"already training with {self.prior_spec}; the prior {prior} was not used "
                                 "(press Reset with it to switch)")
@@ -208,7 +216,8 @@ class Session:
             return
         self.prior_spec = prior or self.prior_spec
         tr = self.a.trainer
-        if tr is None or self.state in ("done", "error") or tr.prior.name != self.priors.name(self.prior_spec):
+        if (tr is None or self.state in ("done", "error") or tr.prior.name != self.priors.name(self.prior_spec)
+                or lifecycle.new_field_wanted(self)):  # another field picked since this one was built
             lifecycle.new_trainer(self)
         self.state, self.message = "running", "training"
 

@@ -34,6 +34,11 @@ class Snapshot:
     def step(self) -> int:
         return self.source.step
 
+    @property
+    def rasterized(self) -> bool:
+        """A field of Gaussian splats (the viewer lets the browser draw it)."""
+        return bool(getattr(self.source.field, "rasterized", False))
+
     def with_samples(self, samples: int | None) -> RenderSource:
         return self.source.with_samples(samples)
 

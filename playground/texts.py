@@ -27,14 +27,21 @@ def loss_text(loss: float | None) -> str:
     return "–" if loss is None else f"{loss:.3g}"
 
 
+def field_text(run: dict) -> str:
+    """A run's field in words: "NeRF (grid)", "splats (1024)"."""
+    if run.get("backbone") == "gaussians":
+        return f"splats ({run.get('gaussians')})"
+    return f"NeRF ({run.get('backbone')})" if run.get("backbone") else "–"
+
+
 def fork_markdown(st: dict) -> str:
-    """Run A against run B: step, smoothed loss, score, and what differs (empty while no fork is open)."""
+    """Run A against run B: field, step, smoothed loss, score, and what differs (empty while no fork is open)."""
     b = st.get("fork")
     if not b:
         return ""
     lines = ["| run | step | loss (smoothed) | live score |", "|---|---|---|---|"]
     for r in st["runs"]:
-        lines.append(f"| **{r['name']}** | {r['step']} | {loss_text(r.get('loss_smoothed'))} | "
+        lines.append(f"| **{r['name']}** {field_text(r)} | {r['step']} | {loss_text(r.get('loss_smoothed'))} | "
                      f"{score_text(r['score']).removeprefix('score ')} |")
     diff = "; ".join(f"{k}: A {esc(str(v[0]))} → B {esc(str(v[1]))}" for k, v in b["differs"].items())
     return "\n".join(lines) + f"\n\nB differs in: {diff or 'nothing (yet)'}"

@@ -6,10 +6,12 @@ camera has rested for `still_s` it sends a frame at rest, sized to the browser's
 as far as the last rest frame's cost says fits `rest_budget_s`, and refines it once when the first one came
 out smaller; while training runs it refreshes that frame when the field has changed, at most as often as
 keeps the viewer's share of the CPU small. While a fork is open the frame shows run A and run B side by
-side from the same camera, each half the width, labelled.
-Frames are rendered from a frozen copy of the field (`Session.render_source`) under `torch.no_grad()`.
-A render error is logged and shown in the viewer's panel; the thread goes on. An out-of-memory error (CUDA)
-halves that client's frame size instead (down to MIN_SIDE pixels): training keeps its memory and goes on.
+side from the same camera, each half the width, labelled. The browser draws a run of Gaussian splats itself
+(splatview.py): no frame of it is sent; in a fork of a NeRF and splats B's half of the frame is plain, and B's
+splats are placed, as the camera moves, where they appear in that half. Frames are rendered from a frozen
+copy of the field (`Session.render_source`) under `torch.no_grad()`. A render error is logged and shown in the
+viewer's panel; the thread goes on. An out-of-memory error (CUDA) halves that client's frame size instead (down
+to MIN_SIDE pixels): training keeps its memory and goes on.
 The point light is a gizmo the user can drag; it sets the fixed light the pane's controls show.
 """
 
@@ -31,6 +33,7 @@ from engine.cameras import camera_from_c2w
 from engine.export import to_uint8
 from playground.session import Session
 from playground.snapshot import RENDER_MODES
+from playground.splatview import PLAIN, SplatLayer, beside
 
 log = logging.getLogger(__name__)
 MODE_LABELS = {"shaded": "lambertian", "albedo": "albedo", "normals": "normal", "textureless": "textureless",
@@ -129,6 +132,7 @@ class ClientRenderer:
         self._stamp = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self.splats = SplatLayer(client.scene)  # this browser's splat nodes, one per splat run
         self.mode = client.gui.add_dropdown("Render mode", tuple(MODE_LABELS), initial_value="shaded")
         self.info = client.gui.add_markdown("connecting…")
         self.mode.on_update(lambda _: self._wake.set())
@@ -210,27 +214,34 @@ class ClientRenderer:
     def _render_once(self) -> None:
         self.viewer.sync_scene()
         sources = self.session.render_sources()  # [(name, snapshot, live)]: A, and B while forked
+        splat_runs = [name for name, snap, _ in sources if getattr(snap, "rasterized", False)]
+        self.splats.keep(splat_runs)
         if not sources:
             self.info.content = f"**{self.session.state}** · no field yet: press Start in the pane"
             return
-        now = time.perf_counter()
-        keys = tuple(snap.key for _, snap, _ in sources)
+        now, mode, cam = time.perf_counter(), self.mode.value, self.client.camera
+        if splat_runs:
+            self._show_splats(sources, now)
+        if len(sources) == 1 and splat_runs:  # the browser draws the run: no frame behind it
+            self.sent = self.splats.hide_frame()
+            if now - self.moved_at >= self.viewer.still_s and self.splats.view_due(self._stamp):  # what snapshots show
+                self._publish_view(torch.from_numpy(viser_to_c2w(cam.position, cam.wxyz)).float(), cam)
+            self.info.content = f"**{self.session.state}** · {self._steps(sources)} · {mode} in the browser"
+            return
+        keys = (tuple(snap.key for name, snap, _ in sources if name not in splat_runs), tuple(splat_runs))
         job = self._next_job(now, keys)
         if job is None:
             return
         side = self.viewer.low_res if job == "low" else self.rest_side()
-        cam, stamp, mode = self.client.camera, self._stamp, self.mode.value
+        stamp = self._stamp
         H, W = frame_size(max(MIN_SIDE, round(side * self.scale)), cam.aspect)
         c2w = torch.from_numpy(viser_to_c2w(cam.position, cam.wxyz)).float()
-        samples = self.viewer.low_samples if job == "low" else self.viewer.full_samples
         t0 = time.perf_counter()
         halves, w = [], W // len(sources)  # side by side: each run gets its share of the width, same camera
         for name, snap, live in sources:
-            focal = (0.5 / math.tan(cam.fov / 2)) * H / w  # engine focal is in units of the image width
-            with torch.no_grad():
-                img = snap.render(camera_from_c2w(c2w, focal), H, w, MODE_LABELS[mode], live=live, samples=samples)
-            frame = to_uint8(img)[0]  # labelled at rest only: on a small moving frame a label is a blur
-            halves.append(label(frame, name) if len(sources) > 1 and job == "rest" else frame)
+            frame = self._half(snap, live, c2w, H, w, plain=name in splat_runs, job=job)
+            halves.append(label(frame, self._label(name, snap, sources)) if len(sources) > 1 and job == "rest"
+                          else frame)  # labelled at rest only: on a small moving frame a label is a blur
         frame = halves[0] if len(halves) == 1 else np.concatenate(halves, axis=1)
         self._send(frame)
         cost = time.perf_counter() - t0
@@ -241,9 +252,39 @@ class ClientRenderer:
             self._publish_view(c2w, cam)
         else:
             self._wake.set()  # keep going while the camera moves; the rest frame follows
-        steps = " · ".join(f"{name + ' ' if len(sources) > 1 else ''}step {snap.step}" for name, snap, _ in sources)
         size = f"{frame.shape[1]}×{frame.shape[0]}"
-        self.info.content = f"**{self.session.state}** · {steps} · {size} {mode} in {1e3 * cost:.0f} ms"
+        self.info.content = f"**{self.session.state}** · {self._steps(sources)} · {size} {mode} in {1e3 * cost:.0f} ms"
+
+    def _half(self, snap, live, c2w: torch.Tensor, H: int, w: int, *, plain: bool, job: str) -> np.ndarray:
+        """One run's share of the frame [H, w, 3]: its NeRF from the camera, or plain where the browser draws splats."""
+        if plain:
+            return np.full((H, w, 3), PLAIN, dtype=np.uint8)
+        focal = (0.5 / math.tan(self.client.camera.fov / 2)) * H / w  # engine focal is in units of the image width
+        samples = self.viewer.low_samples if job == "low" else self.viewer.full_samples
+        with torch.no_grad():
+            img = snap.render(camera_from_c2w(c2w, focal), H, w, MODE_LABELS[self.mode.value], live=live,
+                              samples=samples)
+        return to_uint8(img)[0]
+
+    def _show_splats(self, sources, now: float) -> None:
+        cam = self.client.camera  # each splat run's node: added, refreshed, placed in its strip of a fork's frame
+        for i, (name, snap, live) in enumerate(sources):
+            if getattr(snap, "rasterized", False):
+                place = beside(cam.position, cam.wxyz, cam.fov, cam.aspect, i, len(sources))
+                self.splats.show(name, snap, live, MODE_LABELS[self.mode.value], eye=cam.position, position=place,
+                                 now=now)
+
+    @staticmethod
+    def _label(name: str, snap, sources) -> str:
+        """A half's label: the run's name, and its kind of field when the fork shows both kinds."""
+        kinds = {getattr(s, "rasterized", False) for _, s, _ in sources}
+        return f"{name} · {'splats' if getattr(snap, 'rasterized', False) else 'NeRF'}" if len(kinds) > 1 else name
+
+    def _steps(self, sources) -> str:
+        """"step 12", or per run "A step 12 · B step 12" ("A NeRF step 12 · B splats step 12" for both kinds)."""
+        one = len(sources) == 1
+        return " · ".join(f"{'' if one else self._label(n, snap, sources).replace(' · ', ' ') + ' '}step {snap.step}"
+                          for n, snap, _ in sources)
 
     def _publish_view(self, c2w: torch.Tensor, cam) -> None:
         """This view at the canvas's size in device pixels (not the frame's, which the CPU budget may keep
@@ -256,6 +297,7 @@ class ClientRenderer:
 
     def _send(self, frame: np.ndarray) -> None:
         self.client.scene.set_background_image(frame, format="jpeg", jpeg_quality=self.viewer.jpeg_quality)
+        self.splats.hidden = False
 
 
 class Viewer:

@@ -7,16 +7,14 @@ Screenshots go to $PLAYGROUND_SCREENSHOTS (default: pytest's temporary folder)."
 from __future__ import annotations
 
 import functools
-import io
 import signal
 import time
 
 import numpy as np
 import pytest
 from gradio_client import Client
-from PIL import Image
 
-from engine.testing import wait_for
+from engine.testing import canvas_image, wait_for
 from playground.panel import SERIES_COLORS
 
 pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
@@ -65,19 +63,6 @@ def test_a_page_opened_mid_run_shows_the_runs_settings(playground_app, browser):
     page.close()
     Client(playground_app["url"], verbose=False).predict("a red cube on a table", "", 10.0, "random",
                                                          api_name="/set_params")
-
-
-def canvas_image(page, save=None) -> np.ndarray:
-    """The viewer's canvas as the page shows it (its control panel is docked beside it, not over it), cut from
-    one screenshot of the page, which goes to `save` when given (a WebGL page is slow to shoot: once is enough)."""
-    box = page.evaluate("""(() => { const c = [...document.querySelectorAll('canvas')].sort((a, b) =>
-        b.clientWidth * b.clientHeight - a.clientWidth * a.clientHeight)[0].getBoundingClientRect();
-        return {x: c.left, y: c.top, width: c.width, height: c.height}; })()""")
-    shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
-    if save is not None:
-        shot.save(save)
-    x, y = round(box["x"]), round(box["y"])
-    return np.asarray(shot.crop((x, y, x + round(box["width"]), y + round(box["height"])))).astype(np.float32)
 
 
 def centre_vs_border(img: np.ndarray) -> float:

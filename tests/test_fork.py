@@ -268,3 +268,90 @@ def test_one_click_on_an_example_prompt_starts_it(session):
 
     assert Panel(session)._on_example(EXAMPLES[0]) == {"prompt": EXAMPLES[0], "message": ""}
     wait_for(lambda: session.status()["prompt"] == EXAMPLES[0] and session.state == "running", what="the example")
+
+
+def test_a_run_forked_as_splats_steps_exactly_as_it_would_alone(tmp_path):
+    """Fork as splats: run B is Gaussians drawn from A's NeRF with its own optimizer; A's steps stay bit for bit
+    those of the same seeded run never forked (compared in this process)."""
+    cfg, live = _tiny_config("oracle:cube"), LiveParams(prompt="a red cube", steps=6)
+    s = Session(cfg, live, out_root=tmp_path, score_every_s=0)
+    try:
+        s.start()
+        wait_for(lambda: s.step >= 2, what="A's first steps")
+        s.pause()
+        s.wait_idle_queue()
+        assert s.fork(backbone="gaussians").guidance_scale == live.guidance_scale
+        s.wait_idle_queue()
+        b, a = s.fork_run, s.a
+        assert b.trainer.field.rasterized and not a.trainer.field.rasterized and b.step == a.step
+        assert len(b.trainer.field) == cfg.splats.init_count and b.trainer.optimizer is not a.trainer.optimizer
+        drawn = b.trainer.field.means.clone()
+        st = s.status()
+        assert [(r["backbone"], r["gaussians"]) for r in st["runs"]] == [("grid", None), ("gaussians", 1024)]
+        assert "as 1024 Gaussian splats drawn from its NeRF" in st["message"]
+        s.resume()
+        wait_for(lambda: s.state == "done", what="both runs' 6 steps")
+        assert b.step == 6 and not torch.equal(b.trainer.field.means, drawn), "B trained"
+    finally:
+        s.stop()
+    alone = Trainer(cfg, load_prior(cfg.prior), "cpu", live)
+    for _ in range(6):
+        alone.step(live)
+    assert torch.equal(alone.generator.get_state(), a.trainer.generator.get_state())
+    for module in ("field", "background"):
+        mine, theirs = getattr(a.trainer, module).state_dict(), getattr(alone, module).state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), f"A's {module} is not bit-identical"
+
+
+def test_fork_as_splats_is_refused_in_a_sentence_where_it_cannot_be(session, monkeypatch):
+    from playground import runs
+
+    session.start()
+    wait_for(lambda: session.step >= 2)
+    with pytest.raises(ValueError, match="field must be 'nerf' or 'gaussians'"):
+        session.fork(backbone="voxels")
+    monkeypatch.setattr(runs, "splats_from_field", lambda *a, **k: (_ for _ in ()).throw(
+        ValueError("the field is empty: there is nothing to draw Gaussians from")))
+    session.fork(backbone="gaussians")
+    session.wait_idle_queue()
+    st = session.status()
+    assert st["fork"] is None and st["state"] == "running" and st["error"] is None
+    assert "fork as splats failed: the field is empty" in st["message"]
+    monkeypatch.undo()
+    session.reset(settings={"field.backbone": "gaussians"})
+    session.wait_idle_queue()
+    with pytest.raises(ValueError, match="run A is Gaussian splats: its fork is splats too"):
+        session.fork(backbone="nerf")
+    session.fork(backbone="gaussians", guidance_scale=20.0)  # splats of splats: a plain copy
+    session.wait_idle_queue()
+    b = session.fork_run
+    assert b.trainer.field.rasterized and len(b.trainer.field) == len(session.a.trainer.field)
+    n = b.step
+    wait_for(lambda: b.step > n + 1 and session.fork_run is b, what="B's steps")
+
+
+def test_the_pane_picks_the_field_and_forks_as_splats(session):
+    """The pane's Field (a warning for a bad value), /start and /reset's backbone, and Fork's "as splats"."""
+    from playground.panel import Panel
+    from playground.texts import fork_markdown
+
+    pane = Panel(session)
+    assert pane.fields.field_value() == "nerf"
+    assert pane.fields.on_field({"field": "gaussians"}) == {"message": ""}
+    session.wait_idle_queue()
+    assert pane.fields.field_value() == "gaussians" and session.status()["pending"] == {"field.backbone": "gaussians"}
+    with pytest.warns(UserWarning, match="field must be"):  # gr.Warning, outside a request
+        assert "field must be" in pane.fields.on_field({"field": "voxels"})["message"]
+    pane.api_start(backbone="nerf")
+    wait_for(lambda: session.step >= 2, what="the NeRF run")
+    assert session.status()["settings"]["backbone"] == "grid" and pane.fields.field_value() == "nerf"
+    assert pane.fields.on_fork({"fork_guidance": 20.0, "fork_loss": "sds", "fork_splats": True}) == {"message": ""}
+    session.wait_idle_queue()
+    st = session.status()
+    assert st["fork"]["backbone"] == "gaussians" and st["fork"]["next"]["guidance_scale"] == 20.0
+    assert "| **B** splats (1024) |" in fork_markdown(st) and "| **A** NeRF (grid) |" in fork_markdown(st)
+    pane.api_fork(backbone="gaussians")  # the API's keyword: B replaced by fresh splats of A's current NeRF
+    assert session.status()["fork"]["differs"] == {}
+    pane.api_reset(backbone="gaussians")
+    session.wait_idle_queue()
+    assert session.status()["settings"]["backbone"] == "gaussians" and session.fork_run is None

@@ -341,3 +341,44 @@ def test_a_seeded_session_trains_the_bits_of_a_plain_trainer_loop(tmp_path):
     plain_state = trainer_tensors(plain)
     assert s.step == plain.step_count == 6 and session_state.keys() == plain_state.keys()
     assert [k for k in plain_state if not torch.equal(session_state[k], plain_state[k])] == []
+
+
+def test_the_field_of_the_next_run_is_a_choice_nerf_by_default(tmp_path):
+    """NeRF stays the default; Gaussian splats are picked for the next run (a pending setting, as the seed), shown
+    in /status, and "nerf" is the backbone the prior's preset gives on the device. (The pane's Field and the API's
+    backbone: tests/test_fork.py.)"""
+    import types
+
+    from playground import lifecycle
+
+    s = Session(tiny_config(), LiveParams(steps=10_000), out_root=tmp_path, score_every_s=0)
+    try:
+        assert s.status()["settings"]["backbone"] == "grid"
+        s.reset()  # an idle run at step 0: Start would go on with it, unless another field is picked
+        s.next_run({"field.backbone": "gaussians"})
+        s.wait_idle_queue()
+        assert s.status()["pending"] == {"field.backbone": "gaussians"}
+        s.start()
+        wait_for(lambda: s.step >= 2, what="the splat run's steps")
+        st = s.status()
+        assert st["settings"]["backbone"] == "gaussians" and st["runs"][0]["gaussians"] == len(s.a.trainer.field)
+        assert st["pending"] == {} and st["runs"][0]["backbone"] == "gaussians"
+        with pytest.raises(ValueError, match="field must be 'nerf' or 'gaussians'"):
+            s.next_run({"field.backbone": "voxels"})
+        s.next_run({"field.backbone": "nerf"})  # while running: for the next run (Reset); this one goes on
+        s.wait_idle_queue()
+        assert s.a.trainer.field.rasterized and "applies to the next new run (Reset)" in s.message
+        s.reset()
+        s.wait_idle_queue()
+        assert s.status()["settings"]["backbone"] == "grid" and s.state == "running"
+        s.start(settings={"field.backbone": "splats"})  # while running: kept for the next run
+        s.wait_idle_queue()
+        assert s.status()["pending"] == {"field.backbone": "gaussians"} and not s.a.trainer.field.rasterized
+        assert s.message == "field.backbone gaussians: applies to the next new run (Reset)"
+    finally:
+        s.stop()
+    cuda = types.SimpleNamespace(cfg=Config(), device="cuda", overrides={})
+    assert lifecycle.nerf_backbone(cuda, "sd") == "hash" and lifecycle.nerf_backbone(cuda, "embedded") == "grid"
+    splats = types.SimpleNamespace(cfg=Config().with_settings({"field.backbone": "gaussians"}), device="cpu",
+                                   overrides={"field.backbone": "hash"})
+    assert lifecycle.nerf_backbone(splats, "embedded") == "hash"  # the command line's NeRF

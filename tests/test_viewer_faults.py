@@ -61,6 +61,7 @@ def make_renderer(snap):
     r.log = []
     r._wake, r._stop = types.SimpleNamespace(set=lambda: None), None
     r.mode, r.info = _Handle("shaded"), _Handle()
+    r.splats = vw.SplatLayer(client.scene)  # no splat run here: it stays empty
     return r, client
 
 
