@@ -121,8 +121,6 @@ def cmd_export(args) -> int:
     mesh_writer, mesh_kw = _mesh_export(args.mesh, args) if args.mesh else (None, {})
     source = RenderSource.from_checkpoint(run_dir, _device(args.device))
     written = {}
-    if args.mesh and source.field.rasterized:
-        raise ValueError("meshes from splats are not there yet: export the Gaussians with --splats NAME.ply")
     if args.splats:
         from engine.splats.ply import write_ply
 
