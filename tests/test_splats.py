@@ -391,6 +391,28 @@ def test_splats_reconstruct_the_oracle_solid(solid):
     assert len(trainer.field) > cfg.splats.init_count
     red = trainer.render_views(fixed_views([30.0], [20.0]), 32, 32, "albedo").albedo[0, :, 16, 16]
     assert red[0] > 0.6 and red[1] < 0.3 and red[2] < 0.3, red  # the prompt's colour too
+    # and the mesh cut from them has their silhouette and the solid's
+    mesh_iou, truth_iou = mesh_silhouettes(trainer, solid)
+    print(f"{solid}: mesh silhouette IoU {mesh_iou:.3f} against the splats' renders, {truth_iou:.3f} against the solid")
+    assert mesh_iou >= 0.9 and truth_iou >= 0.85, (mesh_iou, truth_iou)
+
+
+def mesh_silhouettes(trainer, solid: str, size: int = 48) -> tuple[float, float]:
+    """Silhouette IoU of the splats' mesh (engine.mesh, 64^3 lattice) against their renders and against the solid,
+    from engine.testing.check_views."""
+    from engine import world
+    from engine.mesh import build_mesh
+    from engine.source import RenderSource
+    from engine.testing import check_views, field_views, mesh_vs_field, rasterize
+
+    source = RenderSource.from_trainer(trainer)
+    mesh = build_mesh(source, resolution=64)
+    reference = field_views(source, size)
+    cams = reference["cams"]
+    light = make_light(cams, LiveParams(light_mode="camera"), CameraConfig(), None)
+    _, mask = world.render([solid] * len(cams), torch.ones(len(cams), 3), cams, light, "albedo", size=size, supersample=1)
+    truth, covered = mask.view(len(cams), size, size).numpy() > 0.5, rasterize(mesh, check_views(len(cams)), size)[1]
+    return mesh_vs_field(source, mesh, reference=reference)["iou"], float((truth & covered).sum() / (truth | covered).sum())
 
 
 def test_rollback_restores_a_smaller_splat_field_and_its_adam_state():
