@@ -331,6 +331,19 @@ def test_mesh_of_splats_on_a_surface_matches_their_renders(solid, tmp_path):
     assert score["iou"] >= 0.9 and score["psnr"] > 30, score
 
 
+def test_pane_export_writes_a_textured_mesh_of_splats(tmp_path):
+    """The pane's textured-mesh button (playground.exports.make) on a splat field: no refusal, a glb that loads."""
+    import trimesh
+
+    from engine.testing import surface_splats
+    from playground.exports import TEXTURED, make
+
+    source = surface_splats("cube", count=800)
+    textured, files = make(TEXTURED, source, None, tmp_path, view=None, state=None, faces=300, texture=64, resolution=40)
+    (mesh,) = trimesh.load(textured["mesh"]).geometry.values()
+    assert mesh.visual.uv is not None and "textured mesh" in files[0][0]
+
+
 def test_batch_settings_accept_the_gaussians_backbone():
     from engine.presets import preset_run
 

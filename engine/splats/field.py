@@ -180,6 +180,7 @@ class SplatField(Field):
         keep = (self.opacities > CUTOFF).nonzero().squeeze(1)
         mu, opac, reach = self.means[keep].float(), self.opacities[keep].float(), self.reach(blur)[keep].float()
         rot, inv_s = quat_to_rotmat(self.quats[keep]).float(), 1.0 / self.blurred_scales(blur)[keep].float()
+        precision = (rot * inv_s[:, None, :].square()) @ rot.transpose(1, 2)  # [N, 3, 3] Sigma^-1 = R S^-2 R^T
         first = ((mu - reach + r) / spacing).ceil().clamp(0, n).long()  # [N, 3] first lattice index in the box
         count = (((mu + reach + r) / spacing).floor().clamp(-1, n - 1).long() - first + 1).clamp(min=0)  # [N, 3]
         volume = torch.zeros(n**3, device=mu.device)
@@ -197,13 +198,19 @@ class SplatField(Field):
             ids, start = order[start:stop], stop
             if min(span) == 0:
                 continue
-            grid = torch.stack(torch.meshgrid(*(torch.arange(s, device=mu.device) for s in span), indexing="ij"),
-                               -1).view(-1, 3)  # [K, 3]
-            idx = first[ids][:, None] + grid[None]  # [B, K, 3]
-            valid = (grid[None] < count[ids][:, None]).all(-1)  # [B, K]
-            local = torch.einsum("bji,bkj->bki", rot[ids], idx * spacing - r - mu[ids][:, None]) * inv_s[ids][:, None]
-            w = opac[ids][:, None] * torch.exp(-0.5 * (local * local).sum(-1))
-            flat = (idx[..., 0] * n + idx[..., 1]) * n + idx[..., 2]
+            # per axis: lattice indices [B, s] and offsets from the centre; the quadratic form d^T Sigma^-1 d is
+            # then six broadcast products, with no [B, K, 3] gather of lattice points
+            idx = [first[ids, a][:, None] + torch.arange(span[a], device=mu.device) for a in range(3)]
+            ok = [idx[a] < (first[ids, a] + count[ids, a])[:, None] for a in range(3)]
+            d = [idx[a] * spacing - r - mu[ids, a][:, None] for a in range(3)]
+            x, y, z = d[0][:, :, None, None], d[1][:, None, :, None], d[2][:, None, None, :]
+            a = precision[ids]  # [B, 3, 3]
+            q = (a[:, 0, 0, None, None, None] * x * x + a[:, 1, 1, None, None, None] * y * y
+                 + a[:, 2, 2, None, None, None] * z * z + 2 * (a[:, 0, 1, None, None, None] * x * y
+                 + a[:, 0, 2, None, None, None] * x * z + a[:, 1, 2, None, None, None] * y * z))
+            w = opac[ids][:, None, None, None] * torch.exp(-0.5 * q)  # [B, sx, sy, sz]
+            valid = ok[0][:, :, None, None] & ok[1][:, None, :, None] & ok[2][:, None, None, :]
+            flat = (idx[0][:, :, None, None] * n + idx[1][:, None, :, None]) * n + idx[2][:, None, None, :]
             volume.index_add_(0, flat[valid], w[valid])
         return volume.view(n, n, n)
 
