@@ -9,8 +9,9 @@ interface the trainer and `RenderSource` use with every field (`engine.field.Fie
 - `param_groups(lr)`: one optimizer group per attribute, each with its own multiple of the live rate;
 - `after_step(...)`: accumulates the view-space positional gradient and, on the schedule of
   `engine.splats.densify`, clones, splits and prunes Gaussians (resizing the optimizer's moments with them);
-- `prepare()` / `query_density(x)`: the summed opacity field sum_i o_i exp(-d_i(x)^2 / 2) (d_i: Mahalanobis
-  distance), the quantity DreamGaussian extracts meshes from (meshes from splats are for later).
+- `prepare()` / `density_lattice(n)`: the summed opacity field sum_i o_i exp(-d_i(x)^2 / 2) (d_i: Mahalanobis
+  distance) at any points or on a lattice, the quantity DreamGaussian extracts meshes from (`engine.mesh` cuts
+  meshes from it; `blur` widens every Gaussian for a lattice of that spacing).
 
 The set of Gaussians changes size, so parameters are resized in place (`p.data = ...`, the optimizer keeps
 the same parameter objects), and loading a state dict of another size resizes them first: checkpoints and
