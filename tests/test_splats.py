@@ -349,6 +349,9 @@ def test_batch_settings_accept_the_gaussians_backbone():
 
     cfg, _ = preset_run("oracle:cube", "cpu", {"field.backbone": "gaussians", "splats.max_count": 2048})
     assert cfg.field.backbone == "gaussians" and cfg.splats.max_count == 2048
+    embedded, _ = preset_run("embedded", "cpu", {"field.backbone": "gaussians"})  # SDS's noisy gradients: grow less
+    assert embedded.splats.grad_threshold > SplatConfig().grad_threshold
+    assert embedded.splats.densify_until < SplatConfig().densify_until
     with pytest.raises(ValueError, match="splats.max_count"):
         Config().with_settings({"splats.max_count": 0})
 
