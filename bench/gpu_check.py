@@ -8,12 +8,18 @@ What it runs, in order, each part timed and reported even when another fails:
    shared with the tests, `engine/testing.py`), loaded through `engine.priors.load_prior`;
 4. the hash-grid backbone's training speed (it/s) at 64x64 with the oracle prior (`engine.trainer.Trainer`);
 5. a 512x512 viewer frame from fixed cameras under no_grad (`Trainer.render_views`, as every view for people is);
-6. peak GPU memory of each part.
+6. splats (`field.backbone = "gaussians"`) trained by SD 2.1-base's SDS at 512x512 (DreamGaussian's render size),
+   once through gsplat's CUDA rasterizer and once through the pure-torch one: it/s, Gaussians, and the seconds
+   500 steps take at that rate. It needs the SD weights on the machine (`--sd`: a hub id in the cache or a
+   folder) and, for the gsplat half, its kernels built (`python -m engine build-kernels`); a half that cannot
+   run says why and is skipped, not failed;
+7. peak GPU memory of each part.
 It prints one line per part and writes one JSON (--out). No downloads: the tiny models are made here.
 
     python bench/gpu_check.py                      # CUDA, writes bench/results/gpu_check.json
     python bench/gpu_check.py --device cpu --tiny  # smoke run of the script itself (tests/test_gpu_check.py)
     python bench/gpu_check.py --list-tests         # print the CUDA tests' ids it would run, one a line
+    python bench/gpu_check.py --sd /models/sd21b --splat-steps 500   # SD from a folder; time 500 splat steps
 
 A machine with no package registry: it needs Python 3.11 with torch (CUDA build), transformers, safetensors,
 sentencepiece and accelerate already installed (with their own dependencies: numpy, huggingface_hub, tokenizers,
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import re
 import subprocess
@@ -84,6 +91,10 @@ def peak_gb(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 1024**3, 3) if device.startswith("cuda") else None
 
 
+class Skipped(Exception):
+    """A part that cannot run on this machine (no CUDA, kernels not built, weights absent): reported, not failed."""
+
+
 def part(results: dict, name: str, fn, device: str) -> None:
     """Run one part; its dict (or the error) goes to results[name] with its wall time and peak GPU memory."""
     if device.startswith("cuda"):
@@ -91,6 +102,8 @@ def part(results: dict, name: str, fn, device: str) -> None:
     t0 = time.perf_counter()
     try:
         out = {"ok": True, **fn()}
+    except Skipped as e:
+        out = {"ok": True, "skipped": str(e)}
     except Exception as e:  # noqa: BLE001 - one failing part must not hide the others
         out = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
     out["wall_s"] = round(time.perf_counter() - t0, 2)
@@ -184,6 +197,61 @@ def hash_grid(device: str, resolution: int, steps: int, frame: int, tiny: bool =
             "frame_size": frame, "frame_ms": round(1000 * min(frame_s[1:] or frame_s), 1)}
 
 
+def sd_prior(device: str, sd: str, tiny: bool, priors: dict):
+    """SD 2.1-base (or, tiny, a tiny pipeline from config) loaded once for both splat parts; Skipped when absent."""
+    from engine.priors import PriorOptions, load_prior
+    from engine.testing import write_tiny_sd
+
+    if "sd" not in priors:
+        if tiny:
+            priors["tmp"] = tempfile.TemporaryDirectory()
+            folder, extra = write_tiny_sd(str(Path(priors["tmp"].name) / "sd")), {"vae_resolution": 32}
+        else:
+            folder, extra = sd, {}
+        try:
+            priors["sd"] = load_prior(f"sd:{folder}", device=device, options=PriorOptions(fp16=device.startswith("cuda")),
+                                      **extra)
+        except (FileNotFoundError, PermissionError, OSError) as err:
+            priors["sd"] = Skipped(f"Stable Diffusion {sd!r} is not on this machine ({err}); pass --sd FOLDER")
+    if isinstance(priors["sd"], Skipped):
+        raise priors["sd"]
+    return priors["sd"]
+
+
+def splats_sd(device: str, backend: str, *, sd: str, steps: int, tiny: bool, priors: dict) -> dict:
+    """SDS on a splat field rendered at 512^2 (tiny: 16^2) through `backend`, "gsplat" (its CUDA kernels) or
+    "torch" (engine.splats.rasterize): it/s over `steps` steps after 3 warm-up steps, the Gaussian count, and
+    the seconds 500 steps take at that rate."""
+    from engine import accel
+    from engine.presets import live_defaults, preset
+    from engine.trainer import Trainer
+
+    if not tiny and not device.startswith("cuda"):
+        raise Skipped("SD 2.1-base at 512x512 is for CUDA; --tiny runs the smoke version")
+    if backend == "gsplat" and not device.startswith("cuda"):
+        raise Skipped("gsplat's rasterizer runs on CUDA only")
+    if backend == "gsplat" and not accel.load_gsplat():
+        raise Skipped(f"gsplat's kernels are not usable: {accel.gsplat_status()['detail']}")
+    prior = sd_prior(device, sd, tiny, priors)
+    resolution = 16 if tiny else 512
+    cfg = preset("sd", device).with_settings({"field.backbone": "gaussians", "render.resolution": resolution})
+    live = live_defaults("sd", prompt="a red cube")
+    trainer = Trainer(cfg, prior, device, live)
+    trainer.packed = backend == "gsplat"  # the trainer picks gsplat whenever it loads: the torch half turns it off
+    for _ in range(1 if tiny else 3):
+        trainer.step(live)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        metrics = trainer.step(live).metrics
+    sync(device)
+    its = steps / (time.perf_counter() - t0)
+    if not math.isfinite(float(metrics.get("loss", 0.0))):
+        raise RuntimeError(f"non-finite loss after {trainer.step_count} steps")
+    return {"backend": backend, "resolution": resolution, "steps": steps, "its_per_s": round(its, 2),
+            "s_per_500_steps": round(500 / its, 1), "gaussians": len(trainer.field), "loss": metrics.get("loss")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
@@ -191,6 +259,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (smoke run): 8x8 training, a 32x32 frame")
     ap.add_argument("--no-tests", action="store_true", help="skip the pytest part")
     ap.add_argument("--list-tests", action="store_true", help="print the CUDA tests' ids (part 1) and exit")
+    ap.add_argument("--sd", default=None, metavar="MODEL",
+                    help="Stable Diffusion 2.1-base for the splat parts: hub id (from the cache) or folder")
+    ap.add_argument("--splat-steps", type=int, default=100, help="timed SDS steps of each splat part (default 100)")
     args = ap.parse_args(argv)
     if args.list_tests:
         print("\n".join(cuda_tests_ids()))
@@ -211,6 +282,13 @@ def main(argv=None) -> int:
     part(results, "sds_sd_tiny", lambda: sds_steps("sd", dev, sds, fp16), dev)
     part(results, "sds_if_tiny", lambda: sds_steps("if", dev, sds, fp16), dev)
     part(results, "hash_grid_oracle", lambda: hash_grid(dev, res, steps, frame, args.tiny), dev)
+    from engine.priors.stable_diffusion import DEFAULT_SD
+
+    priors: dict = {}  # the SD prior, loaded once for both splat parts
+    splat_kw = dict(sd=args.sd or DEFAULT_SD, steps=2 if args.tiny else args.splat_steps, tiny=args.tiny, priors=priors)
+    for backend in ("gsplat", "torch"):
+        part(results, f"splats_sd512_{backend}", lambda b=backend: splats_sd(dev, b, **splat_kw), dev)
+    priors.clear()
     results["peak_gpu_gb"] = max((r["peak_gpu_gb"] or 0 for r in results.values() if isinstance(r, dict)), default=None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

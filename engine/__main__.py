@@ -121,8 +121,6 @@ def cmd_export(args) -> int:
     mesh_writer, mesh_kw = _mesh_export(args.mesh, args) if args.mesh else (None, {})
     source = RenderSource.from_checkpoint(run_dir, _device(args.device))
     written = {}
-    if args.mesh and source.field.rasterized:
-        raise ValueError("meshes from splats are not there yet: export the Gaussians with --splats NAME.ply")
     if args.splats:
         from engine.splats.ply import write_ply
 
@@ -202,7 +200,8 @@ def _add_export_parser(sub) -> None:
     e.add_argument("--side-by-side", action="store_true", help="shaded | normals | depth in each frame")
     e.add_argument("--mesh-resolution", type=int, default=None,
                    help="marching-cubes lattice size (default: 256 textured, 128 vertex colours)")
-    e.add_argument("--threshold", type=float, default=None, help="density level (default: from the renders)")
+    e.add_argument("--threshold", type=float, default=None,
+                   help="density level (default: from the renders; splats: 0.5 of their summed opacity)")
     e.add_argument("--faces", type=int, default=None, help="face budget of a textured mesh (default 20000)")
     e.add_argument("--texture", type=int, default=None, metavar="SIDE",
                    help="texture side in texels, 64..4096 (default 1024)")

@@ -2,7 +2,8 @@
 
 Meshes come two ways: `export_textured_mesh` (engine.texture: decimated, UV-mapped, albedo baked into a
 texture; .glb for viewers and engines, .obj + .mtl + .png for DCC tools) and `export_mesh` (marching cubes
-with albedo vertex colours, .glb, .obj or .ply, for point and mesh tools such as MeshLab).
+with albedo vertex colours, .glb, .obj or .ply, for point and mesh tools such as MeshLab), from a NeRF or from
+splats (their summed opacity, engine.mesh).
 
 Slow exports never hold the session lock while they work: `RenderSource.from_trainer` copies the
 field, background and occupancy grid (a few milliseconds, under the lock), and everything afterwards

@@ -7,6 +7,13 @@ median of those densities is the level. A fixed rule such as "the density at whi
 reaches alpha 0.5" ignores how soft the field's edge is: on a sphere whose density ramps over a
 couple of hundredths of a unit it puts the surface outside the rendered one (+14 % volume), while
 the level read from renders lands within a few percent.
+
+A splat field (`engine.splats`) is cut the same way, from its summed opacity sum_i o_i exp(-d_i^2 / 2) (the
+quantity DreamGaussian extracts meshes from; it adds its Gaussians to the lattice itself, each widened by one
+lattice step so thin ones are not lost between lattice points), at 0.5, where one Gaussian's level set has the
+silhouette its renders show at opacity 0.5 (`splat_threshold`; lower for a faint cloud), and cavities inside the
+level set are filled: splats sit on the surface, so their summed opacity is a shell, and marching cubes would
+otherwise add an inner wall facing inwards.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from engine.cameras import fixed_views
 
 # Views that see a centred object from all sides, below included (azimuth, elevation in degrees).
 _PROBE_VIEWS = ((0.0, 15.0), (90.0, 15.0), (180.0, 15.0), (270.0, 15.0), (45.0, 80.0), (225.0, -60.0))
+SPLAT_LEVEL = 0.5  # a splat field's summed opacity at its surface (splat_threshold says why)
 
 
 def empty_message(threshold: float, peak: float) -> str:
@@ -66,14 +74,71 @@ def auto_threshold(source, size: int = 32, samples: int = 256) -> float:
     return float(level.median())
 
 
+def lattice_blur(field, resolution: int) -> float:
+    """The std (world units) a splat field's Gaussians are widened by for a lattice of `resolution`: one lattice
+    step, so a Gaussian thinner than the lattice loses at most 20 % of its peak between lattice points (0 for NeRFs)."""
+    return 1.5 * field.cfg.radius / (int(resolution) - 1) if field.rasterized else 0.0
+
+
+def mesh_query(field, resolution: int):
+    """The field prepared as meshes of `resolution` read it (splats widened by `lattice_blur`)."""
+    return field.prepare(blur=lattice_blur(field, resolution)) if field.rasterized else field.prepare()
+
+
+@torch.no_grad()
+def splat_threshold(source, resolution: int = 128, size: int = 32, rays: int = 256) -> float:
+    """The summed-opacity level a splat field's mesh is cut at: SPLAT_LEVEL (0.5), or half the typical peak where
+    the renders are opaque when the field never gets that dense.
+
+    Why 0.5: for one Gaussian, a ray's render opacity is the largest summed opacity along the ray (the 2D
+    footprint is the 3D Gaussian's peak along the ray), so the level set {sum >= 0.5} has the silhouette the
+    renders show at opacity 0.5, the NeRF's rule (`auto_threshold`). Overlapping splats on a surface sum to more
+    than 0.5 (DreamGaussian cuts at 1), but a cloud of faint ones renders opaque where no point reaches 0.5: the
+    median, over rays opaque in renders from the probe views, of the largest summed opacity along the ray (the
+    field as the lattice of `resolution` holds it, `mesh_query`) bounds the level at half of it.
+    """
+    from engine.render import sphere_intersect
+
+    cams = fixed_views([a for a, _ in _PROBE_VIEWS], [e for _, e in _PROBE_VIEWS], distance=2.5, focal=1.0)
+    alpha = source.render(cams, size, size, shading="albedo").opacity[:, 0].reshape(-1)  # [B * H * W]
+    o, d = (t.reshape(-1, 3).to(source.device) for t in cams.to(source.device).rays(size, size))
+    near, far, hit = sphere_intersect(o, d, source.field.cfg.radius)
+    opaque = ((alpha >= 0.5).to(o.device) & hit).nonzero().squeeze(1)
+    if opaque.numel() == 0:
+        raise ValueError("nothing above the density threshold: no pixel of the splats' renders reaches 50 % opacity; "
+                         "the field is empty: train longer or pass a threshold")
+    pick = opaque[torch.linspace(0, len(opaque) - 1, min(rays, len(opaque))).long()]
+    o, d, near, far = o[pick], d[pick], near[pick], far[pick]
+    # samples a quarter of the lattice blur apart: a thin Gaussian's peak is not stepped over
+    samples = min(2048, max(256, int(8 * source.field.cfg.radius / lattice_blur(source.field, resolution))))
+    t = near[:, None] + (far - near)[:, None] * (torch.arange(samples, device=o.device) + 0.5) / samples  # [R, S]
+    query = mesh_query(source.field, resolution)
+    x = (o[:, None] + d[:, None] * t[..., None]).reshape(-1, 3)
+    peak = torch.cat([query.density(p) for p in x.split(1 << 16)]).view(t.shape).amax(-1)
+    return min(SPLAT_LEVEL, 0.5 * float(peak.float().median()))
+
+
+def fill_cavities(volume: np.ndarray, level: float) -> np.ndarray:
+    """`volume` with every region enclosed by {volume >= level} raised to its largest value: one outer wall."""
+    from scipy.ndimage import binary_fill_holes
+
+    solid = volume >= level
+    cavity = binary_fill_holes(solid) & ~solid
+    return np.where(cavity, max(float(volume.max()), level), volume).astype(np.float32)
+
+
 @torch.no_grad()
 def sample_density(field, resolution: int, device="cpu", chunk: int = 1 << 18) -> tuple[np.ndarray, float]:
     """sigma on a resolution^3 lattice spanning the bounding cube [-r, r]^3, indexed [x, y, z].
 
-    Points outside the bounding sphere are not evaluated (the field is zero there by definition).
-    Returns the volume (float32) and the lattice spacing.
+    Points outside the bounding sphere are not evaluated (the field is zero there by definition); a splat field
+    adds its Gaussians, widened by `lattice_blur`, to the lattice itself (`SplatField.density_lattice`). Returns
+    the volume (float32) and the lattice spacing.
     """
     r = field.cfg.radius
+    if field.rasterized:
+        volume = field.density_lattice(resolution, lattice_blur(field, resolution))
+        return volume.float().cpu().numpy(), 2.0 * r / (resolution - 1)
     lin = torch.linspace(-r, r, resolution)
     out = torch.zeros(resolution**3)
     query = field.prepare()
@@ -147,9 +212,9 @@ def _cluster(verts, faces, colors, cell):
 
 
 @torch.no_grad()
-def vertex_albedo(field, verts: np.ndarray, device="cpu", chunk: int = 1 << 18) -> np.ndarray:
-    """RGBA uint8 [V, 4] from the field's albedo at the vertices."""
-    query = field.prepare()
+def vertex_albedo(field, verts: np.ndarray, device="cpu", chunk: int = 1 << 18, query=None) -> np.ndarray:
+    """RGBA uint8 [V, 4] from the field's albedo at the vertices (read through `query`, else the field's own)."""
+    query = query or field.prepare()
     x = torch.from_numpy(verts).float()
     rgb = torch.cat([query.samples(p.to(device)).albedo.float().cpu() for p in x.split(chunk)]) if len(x) else torch.zeros(0, 3)
     rgba = torch.cat([rgb.clamp(0, 1), torch.ones(len(rgb), 1)], -1)
@@ -157,14 +222,19 @@ def vertex_albedo(field, verts: np.ndarray, device="cpu", chunk: int = 1 << 18) 
 
 
 def surface(source, resolution: int = 128, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Marching cubes on the field's density: vertices [V, 3], faces [F, 3] and the density level used.
+    """Marching cubes on the field's density (a splat field's summed opacity, its cavities filled): vertices [V, 3],
+    faces [F, 3] and the density level used.
     ValueError when the resolution is out of range or nothing is solid."""
     if not 16 <= int(resolution) <= 1024:
         raise ValueError(f"mesh resolution must be in [16, 1024]; got {resolution}")
-    level = auto_threshold(source) if threshold is None else float(threshold)
+    splats = source.field.rasterized
+    level = ((splat_threshold(source, resolution) if splats else auto_threshold(source)) if threshold is None
+             else float(threshold))
     if not np.isfinite(level) or level <= 0:
         raise ValueError(f"the density threshold must be a positive number; got {threshold!r}")
     volume, spacing = sample_density(source.field, int(resolution), source.device)
+    if splats:
+        volume = fill_cavities(volume, level)
     peak = float(volume.max())
     if peak <= level:
         raise ValueError(empty_message(level, peak))
@@ -179,7 +249,7 @@ def build_mesh(source, resolution: int = 128, threshold: float | None = None, de
     import trimesh
 
     verts, faces, level = surface(source, resolution, threshold)
-    colors = vertex_albedo(source.field, verts, source.device)
+    colors = vertex_albedo(source.field, verts, source.device, query=mesh_query(source.field, resolution))
     if decimate:
         verts, faces, colors = cluster_decimate(verts, faces, colors, int(decimate))
     mesh = trimesh.Trimesh(vertices=verts, faces=faces, vertex_colors=colors, process=False)

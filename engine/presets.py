@@ -17,9 +17,15 @@ from engine.config import Config, LiveParams, apply_settings
 # one view per step for twice the steps (as the peers do) beat two views per step in the same wall time; t_max
 # annealed 0.98 -> 0.5 refines detail once the shape stands; opacity entropy 0.2 turns boxy clouds into solids;
 # a denser centre blob (20) keeps density out of the corners.
+# Splats: SDS gradients are noisy and summed over pixels, so the view-space gradient of almost every Gaussian passes
+# the default growth threshold and the count nears splats.max_count by step 200; with the embedded prior the mean
+# gradient's 90th percentile is 0.2-0.6 at the first densifications (the median 0.1-0.3), so 0.5 grows about the
+# steepest tenth, as DreamGaussian raises 3DGS's threshold for SDS. The growth then stays ~400 a densification, so
+# it stops at step 500, a quarter of the run (gsplat stops at half of its 30k): ~4.8k Gaussians at most (BENCHMARKS.md)
+EMBEDDED_SPLATS = {"splats.grad_threshold": 0.5, "splats.densify_until": 500}
 EMBEDDED = {"sds.t_min": 0.02, "sds.t_max": 0.98, "sds.t_max_end": 0.5, "sds.anneal_steps": 1000, "reg.entropy": 0.2,
             "field.blob_density": 20.0, "render.resolution": 32, "camera.batch_size": 1,
-            "live.guidance_scale": 10.0, "live.learning_rate": 0.01, "live.steps": 2000}
+            "live.guidance_scale": 10.0, "live.learning_rate": 0.01, "live.steps": 2000, **EMBEDDED_SPLATS}
 # Stable Diffusion and IF render 64x64 like the peers; their guidance is the peers' (SD 100, IF 20)
 LARGE = {"render.resolution": 64, "camera.batch_size": 1, "live.steps": 10000}
 PRESETS = {

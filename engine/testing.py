@@ -204,6 +204,36 @@ def painted_source(solid: str = "sphere", samples: int = 64, sigma_max: float = 
     return RenderSource(PaintedField(solid, (0.5, 0.5, 0.5), sigma_max, eps), Background(cfg.background), None, cfg, step=0)
 
 
+def surface_splats(solid: str = "sphere", count: int = 3000, color=(0.9, 0.1, 0.1), seed: int = 0):
+    """A RenderSource of flat Gaussians on the surface of an engine.world solid, as a reconstruction leaves them:
+    centres projected onto the surface (x - sdf(x) grad sdf), the shortest axis along the normal, discs of a std
+    0.7 of their spacing, opacity 0.8; on a white background."""
+    from engine.config import BackgroundConfig, Config
+    from engine.field import Background
+    from engine.source import RenderSource
+    from engine.splats import blob
+    from engine.world import solid_sdf
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(4 * count, 3, generator=g) * 2 - 1) * 0.75
+    for _ in range(4):  # a few Newton steps onto the level set
+        x = x.detach().requires_grad_(True)
+        d = solid_sdf(solid, x)
+        (grad,) = torch.autograd.grad(d.sum(), x)
+        x = x - d[:, None] * grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-8) ** 2
+    x, n = x.detach()[:count], torch.nn.functional.normalize(grad[:count], dim=-1)
+    n = n * torch.where(n[:, :1] < 0, -1.0, 1.0)  # a disc has no side: keep n_x >= 0 for the half-way quaternion
+    quats = torch.nn.functional.normalize(torch.cat([1 + n[:, :1], torch.zeros(count, 1), -n[:, 2:], n[:, 1:2]], -1), dim=-1)
+    area = {"sphere": 4 * np.pi * 0.55**2}.get(solid, 6 * (2 * float(x.abs().max())) ** 2)
+    wide = 0.7 * (area / count) ** 0.5  # tangential scale, world units
+    cfg = Config(background=BackgroundConfig(kind="solid", color=(1.0, 1.0, 1.0))).with_settings(
+        {"field.backbone": "gaussians"})
+    field = blob(cfg.field, cfg.splats).set_gaussians(
+        means=x, scales=torch.tensor([[0.005, wide, wide]]).expand(count, 3), quats=quats,
+        opacities=torch.full((count,), 0.8), albedo=torch.tensor([color]).expand(count, 3))
+    return RenderSource(field.requires_grad_(False), Background(cfg.background), None, cfg, step=0)
+
+
 def paint(x: torch.Tensor) -> torch.Tensor:
     """Albedo [N, 3] in [0.1, 0.9]: three slanted waves of about 1.5 periods across the unit ball."""
     w = torch.tensor([[5.0, 1.5, 0.0], [0.0, 5.0, 2.0], [2.5, 0.0, 5.0]], dtype=x.dtype, device=x.device)

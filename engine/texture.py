@@ -151,8 +151,9 @@ def cover(tri: np.ndarray, width: int, height: int, max_pairs: int = 1 << 21):
 
 @torch.no_grad()
 def bake(source, verts: np.ndarray, faces: np.ndarray, uvs: np.ndarray, size: int, *, lit=None,
-         chunk: int = 1 << 17) -> dict:
-    """Albedo (and, with a `lit` LiveParams, lambertian under its light) read at every covered texel's point.
+         chunk: int = 1 << 17, query=None) -> dict:
+    """Albedo (and, with a `lit` LiveParams, lambertian under its light) read at every covered texel's point,
+    through `query` (the field as the mesh was cut from it, `engine.mesh.mesh_query`; else the field's own).
 
     Returns {"albedo": [S, S, 3] float32, "lit": same or None, "filled": [S, S] bool}."""
     tex = np.stack([uvs[:, 0] * size, (1.0 - uvs[:, 1]) * size], -1)[faces]  # [F, 3, 2] texel space
@@ -161,7 +162,7 @@ def bake(source, verts: np.ndarray, faces: np.ndarray, uvs: np.ndarray, size: in
         images["lit"] = np.zeros((size, size, 3), np.float32)
         light = _light_of(lit, source.device)
     filled = np.zeros((size, size), bool)
-    query = source.field.prepare()
+    query = query or source.field.prepare()
     for f, x, y, bary in cover(tex, size, size, max_pairs=chunk):
         points = torch.from_numpy(np.einsum("nk,nkd->nd", bary, verts[faces[f]]).astype(np.float32))
         s = query.samples(points.to(source.device))
@@ -274,7 +275,7 @@ def export_textured_mesh(source, path: str | Path, *, faces: int = 20_000, textu
     LiveParams whose fixed light (position, colour, ambient) shades a second texture, <stem>_lit.png;
     largest_only: keep only the largest connected part. Raises ValueError, writing nothing, on a bad value
     or an empty field. Returns {"files", "faces", "vertices", "texture", "threshold", "seconds": per stage}."""
-    from engine.mesh import surface
+    from engine.mesh import mesh_query, surface
 
     path = Path(path)
     if path.suffix.lower() not in TEXTURED_SUFFIXES:
@@ -295,7 +296,7 @@ def export_textured_mesh(source, path: str | Path, *, faces: int = 20_000, textu
     lap("decimate")
     v, f, uv = uv_atlas(v, f, texture)
     lap("uv_atlas")
-    baked = bake(source, v, f, uv, texture, lit=lit)
+    baked = bake(source, v, f, uv, texture, lit=lit, query=mesh_query(source.field, resolution))
     albedo = to_uint8(dilate(baked["albedo"], baked["filled"]))
     shaded = None if baked["lit"] is None else to_uint8(dilate(baked["lit"], baked["filled"]))
     lap("bake")

@@ -71,8 +71,6 @@ def make(kind: str, source: RenderSource, live, run_dir: Path, *, view, state, *
     `size` asks for a square one) with the checkpoint of its step; a video is one orbit, rendered once and
     written as mp4 and GIF."""
     step, run_dir = source.step, Path(run_dir)
-    if kind in ("mesh", TEXTURED) and source.field.rasterized:
-        raise ValueError("meshes from splats are not there yet: export a checkpoint, a snapshot or a video")
     result, files = {}, []
     if state is not None:  # checkpoint, snapshot: the weights and settings of this step
         write_checkpoint(run_dir, *state)

@@ -30,6 +30,10 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
         assert result[name]["ok"], result[name]
     assert result["sds_if_tiny"]["text_encoder_after_encode"] == "cpu"
     assert result["hash_grid_oracle"]["its_per_s"] > 0 and result["hash_grid_oracle"]["frame_ms"] > 0
+    # splats under SDS: the torch rasterizer runs (a tiny SD, 16 px); gsplat's half says why it cannot run here
+    torch_part, gsplat_part = result["splats_sd512_torch"], result["splats_sd512_gsplat"]
+    assert torch_part["ok"] and torch_part["its_per_s"] > 0 and torch_part["gaussians"] > 0, torch_part
+    assert gsplat_part["ok"] and "gsplat" in gsplat_part["skipped"], gsplat_part
     assert "all parts ok" in proc.stdout
 
 

@@ -9,8 +9,9 @@ interface the trainer and `RenderSource` use with every field (`engine.field.Fie
 - `param_groups(lr)`: one optimizer group per attribute, each with its own multiple of the live rate;
 - `after_step(...)`: accumulates the view-space positional gradient and, on the schedule of
   `engine.splats.densify`, clones, splits and prunes Gaussians (resizing the optimizer's moments with them);
-- `prepare()` / `query_density(x)`: the summed opacity field sum_i o_i exp(-d_i(x)^2 / 2) (d_i: Mahalanobis
-  distance), the quantity DreamGaussian extracts meshes from (meshes from splats are for later).
+- `prepare()` / `density_lattice(n)`: the summed opacity field sum_i o_i exp(-d_i(x)^2 / 2) (d_i: Mahalanobis
+  distance) at any points or on a lattice, the quantity DreamGaussian extracts meshes from (`engine.mesh` cuts
+  meshes from it; `blur` widens every Gaussian for a lattice of that spacing).
 
 The set of Gaussians changes size, so parameters are resized in place (`p.data = ...`, the optimizer keeps
 the same parameter objects), and loading a state dict of another size resizes them first: checkpoints and
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 # rotation 5e-3, opacity 5e-2 against its colour 1e-2
 LR_SCALE = {"means": 0.1, "log_scales": 0.5, "quats": 0.5, "opacity_logits": 5.0, "albedo_logits": 1.0}
 QUERY_CHUNK = 1 << 22  # (point, Gaussian) pairs per block of a density query
+QUERY_CELLS = 16  # point queries are grouped by the cells of a 16^3 lattice over the bounding cube
+LATTICE_CHUNK = 1 << 22  # (lattice point, Gaussian) pairs per block of `density_lattice`
+CUTOFF = 1e-3  # a Gaussian counts as 0 where o exp(-d^2 / 2) is below this (a quarter of the rasterizer cut-off)
 
 
 def logit(p: Tensor) -> Tensor:
@@ -115,30 +119,101 @@ class SplatField(Field):
             metrics = densify_and_prune(self, optimizer, generator)
         return {"gaussians": len(self), **metrics}
 
-    def prepare(self, occupancy: OccupancyGrid | None = None) -> FieldQuery:
-        means, opac, albedo = self.means, self.opacities, self.albedo
-        rot, inv_s = quat_to_rotmat(self.quats), (-self.log_scales).exp()
-        block = max(1, QUERY_CHUNK // max(len(self), 1))
+    def blurred_scales(self, blur: float = 0.0) -> Tensor:
+        """Scales [N, 3] of the Gaussians convolved with an isotropic one of std `blur`: sqrt(s^2 + blur^2)."""
+        return self.scales if not blur else (self.scales.square() + blur * blur).sqrt()
 
-        def weights(x: Tensor) -> tuple[Tensor, Tensor]:  # o_i exp(-d_i^2 / 2) [M, N] and (x - mu) in Gaussian frames
-            local = torch.einsum("nji,mnj->mni", rot, x[:, None, :] - means[None]) * inv_s  # [M, N, 3]
-            return opac * torch.exp(-0.5 * (local * local).sum(-1)), local
+    def reach(self, blur: float = 0.0) -> Tensor:
+        """Half-widths [N, 3] of each Gaussian's axis-aligned box, beyond which o exp(-d^2 / 2) < CUTOFF."""
+        sigmas = covariances(self.quats, self.blurred_scales(blur)).diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+        d = (2 * (self.opacities / CUTOFF).clamp(min=1.0).log()).sqrt()  # [N] Mahalanobis cut-off
+        return sigmas * d[:, None]
+
+    def prepare(self, occupancy: OccupancyGrid | None = None, *, blur: float = 0.0) -> FieldQuery:
+        """The summed opacity field, its albedo (the weighted mean) and normal at any points. Points are grouped
+        by the cells of a QUERY_CELLS^3 lattice over the bounding cube, and each group meets only the Gaussians
+        whose box (`reach`) touches the group's own box: exact up to CUTOFF per Gaussian. `blur` (world units)
+        widens every Gaussian by that std, as a lattice of that spacing needs (engine.mesh)."""
+        means, opac, albedo = self.means, self.opacities, self.albedo
+        rot, inv_s, reach = quat_to_rotmat(self.quats), 1.0 / self.blurred_scales(blur), self.reach(blur).detach()
+        lo, hi = means.detach() - reach, means.detach() + reach  # [N, 3]
+
+        def weights(x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:  # [M, K] o exp(-d^2 / 2), [M, K, 3] local
+            local = torch.einsum("kji,mkj->mki", rot[ids], x[:, None, :] - means[ids][None]) * inv_s[ids]
+            return opac[ids] * torch.exp(-0.5 * (local * local).sum(-1)), local
+
+        def groups(x: Tensor):  # (indices of points [M], Gaussians near them [K]) per non-empty group
+            cell = ((x.detach() / self.cfg.radius + 1) * (QUERY_CELLS / 2)).floor().clamp(0, QUERY_CELLS - 1).long()
+            key = (cell[:, 0] * QUERY_CELLS + cell[:, 1]) * QUERY_CELLS + cell[:, 2]
+            order = key.argsort()
+            for pts in order.split(torch.unique_consecutive(key[order], return_counts=True)[1].tolist()):
+                box = x[pts].detach()
+                near = ((lo <= box.max(0).values) & (hi >= box.min(0).values)).all(-1).nonzero().squeeze(1)
+                if near.numel():
+                    yield from ((part, near) for part in pts.split(max(1, QUERY_CHUNK // near.numel())))
 
         def density(x: Tensor) -> Tensor:
-            return torch.cat([weights(part)[0].sum(-1) for part in x.split(block)])
+            parts = [(pts, weights(x[pts], ids)[0].sum(-1)) for pts, ids in groups(x)]
+            return gather(x.new_zeros(len(x)), parts)
 
         def samples(x: Tensor) -> FieldSamples:
             dens, alb, nrm = [], [], []
-            for part in x.split(block):
-                w, local = weights(part)
+            for pts, ids in groups(x):
+                w, local = weights(x[pts], ids)
                 # grad of sum_i w_i: -sum_i w_i Sigma_i^-1 (x - mu_i); the normal is minus its direction
-                grad = -torch.einsum("mn,nij,mnj->mi", w, rot, local * inv_s)
-                dens.append(w.sum(-1))
-                alb.append((w @ albedo) / w.sum(-1, keepdim=True).clamp(min=1e-8))
-                nrm.append(-normalize(grad))
-            return FieldSamples(torch.cat(dens), torch.cat(alb), torch.cat(nrm))
+                grad = -torch.einsum("mk,kij,mkj->mi", w, rot[ids], local * inv_s[ids])
+                dens.append((pts, w.sum(-1)))
+                alb.append((pts, (w @ albedo[ids]) / w.sum(-1, keepdim=True).clamp(min=1e-8)))
+                nrm.append((pts, -normalize(grad)))
+            # where no Gaussian reaches: empty, grey, facing +z
+            return FieldSamples(gather(x.new_zeros(len(x)), dens), gather(x.new_full((len(x), 3), 0.5), alb),
+                                gather(x.new_tensor([0.0, 0.0, 1.0]).expand(len(x), 3), nrm))
 
         return FieldQuery(samples, density)
+
+    @torch.no_grad()
+    def density_lattice(self, resolution: int, blur: float = 0.0) -> Tensor:
+        """The summed opacity on a resolution^3 lattice spanning [-r, r]^3, indexed [x, y, z] (what meshes are cut
+        from). Each Gaussian adds itself to the lattice points inside its box (`reach`), in chunks of similar box
+        sizes: the work is the Gaussians' volume in voxels, not lattice points times Gaussians. `blur` as `prepare`'s."""
+        r, n = self.cfg.radius, int(resolution)
+        spacing = 2 * r / (n - 1)
+        keep = (self.opacities > CUTOFF).nonzero().squeeze(1)
+        mu, opac, reach = self.means[keep].float(), self.opacities[keep].float(), self.reach(blur)[keep].float()
+        rot, inv_s = quat_to_rotmat(self.quats[keep]).float(), 1.0 / self.blurred_scales(blur)[keep].float()
+        precision = (rot * inv_s[:, None, :].square()) @ rot.transpose(1, 2)  # [N, 3, 3] Sigma^-1 = R S^-2 R^T
+        first = ((mu - reach + r) / spacing).ceil().clamp(0, n).long()  # [N, 3] first lattice index in the box
+        count = (((mu + reach + r) / spacing).floor().clamp(-1, n - 1).long() - first + 1).clamp(min=0)  # [N, 3]
+        volume = torch.zeros(n**3, device=mu.device)
+        order = count.prod(-1).argsort()
+        boxes = count[order].tolist()  # [N] boxes (lattice points per axis), smallest first
+        start = 0
+        while start < len(order):
+            # a chunk: Gaussians of similar boxes, at most LATTICE_CHUNK (lattice point, Gaussian) pairs padded
+            span, stop = boxes[start], start + 1
+            while stop < len(order):
+                wider = [max(a, b) for a, b in zip(span, boxes[stop])]
+                if (stop + 1 - start) * math.prod(wider) > LATTICE_CHUNK:
+                    break
+                span, stop = wider, stop + 1
+            ids, start = order[start:stop], stop
+            if min(span) == 0:
+                continue
+            # per axis: lattice indices [B, s] and offsets from the centre; the quadratic form d^T Sigma^-1 d is
+            # then six broadcast products, with no [B, K, 3] gather of lattice points
+            idx = [first[ids, a][:, None] + torch.arange(span[a], device=mu.device) for a in range(3)]
+            ok = [idx[a] < (first[ids, a] + count[ids, a])[:, None] for a in range(3)]
+            d = [idx[a] * spacing - r - mu[ids, a][:, None] for a in range(3)]
+            x, y, z = d[0][:, :, None, None], d[1][:, None, :, None], d[2][:, None, None, :]
+            a = precision[ids]  # [B, 3, 3]
+            q = (a[:, 0, 0, None, None, None] * x * x + a[:, 1, 1, None, None, None] * y * y
+                 + a[:, 2, 2, None, None, None] * z * z + 2 * (a[:, 0, 1, None, None, None] * x * y
+                 + a[:, 0, 2, None, None, None] * x * z + a[:, 1, 2, None, None, None] * y * z))
+            w = opac[ids][:, None, None, None] * torch.exp(-0.5 * q)  # [B, sx, sy, sz]
+            valid = ok[0][:, :, None, None] & ok[1][:, None, :, None] & ok[2][:, None, None, :]
+            flat = (idx[0][:, :, None, None] * n + idx[1][:, None, :, None]) * n + idx[2][:, None, None, :]
+            volume.index_add_(0, flat[valid], w[valid])
+        return volume.view(n, n, n)
 
     def covariances(self) -> Tensor:  # [N, 3, 3]
         return covariances(self.quats, self.scales)
@@ -152,6 +227,13 @@ class SplatField(Field):
             if t is not None and key in state_dict and state_dict[key].shape != t.shape:
                 t.data = t.data.new_empty(state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def gather(base: Tensor, parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """`base` with rows `idx` replaced by `values` for each (idx, values) in parts, in one differentiable copy."""
+    if not parts:
+        return base
+    return base.index_copy(0, torch.cat([i for i, _ in parts]), torch.cat([v for _, v in parts]))
 
 
 def blob(cfg: FieldConfig, splats: SplatConfig, device="cpu") -> SplatField:
