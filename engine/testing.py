@@ -44,14 +44,15 @@ def tiny_live(**kw):
     return LiveParams(**{"steps": 10_000, **kw})
 
 
-def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    """pred()'s first truthy value, polled every 20 ms; AssertionError naming `what` after `timeout` seconds."""
+def wait_for(pred, timeout: float = 30.0, what: str = "condition", every: float = 0.02):
+    """pred()'s first truthy value, polled every `every` seconds; AssertionError naming `what` after `timeout`
+    seconds. (Poll a server at 0.2 s or more: each request takes CPU from the app it asks.)"""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = pred()
         if value:
             return value
-        time.sleep(0.02)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -150,9 +150,9 @@ def rest_shared_app(playground_app):
     after it (`pytestmark = pytest.mark.usefixtures("rest_shared_app")`)."""
     yield
     if playground_app["proc"].poll() is None:
-        from gradio_client import Client
+        from playground.testing import app_client
 
-        Client(playground_app["url"], verbose=False).predict(api_name="/pause")
+        app_client(playground_app["url"]).predict(api_name="/pause")
 
 
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",

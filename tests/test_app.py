@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from gradio_client import Client
+
+from playground.testing import app_client
 
 pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def client(playground_app):
-    return Client(playground_app["url"], verbose=False)
+    return app_client(playground_app["url"])
 
 
 def status(client) -> dict:

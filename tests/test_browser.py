@@ -12,19 +12,16 @@ import time
 
 import numpy as np
 import pytest
-from gradio_client import Client
 
 from engine.testing import canvas_image, wait_for
 from playground.panel import SERIES_COLORS
+from playground.testing import app_client, app_status
 
 pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
 
 
-def status(app) -> dict:
-    return Client(app["url"], verbose=False).predict(api_name="/status")
-
-
-wait_until = functools.partial(wait_for, timeout=120.0)  # a page and a server: more time than a session
+status = app_status
+wait_until = functools.partial(wait_for, timeout=120.0, every=0.2)  # a page and a server: more time, calmer polls
 
 
 def test_pane_types_a_prompt_and_starts(playground_app, browser, shots):
@@ -50,7 +47,7 @@ def test_pane_types_a_prompt_and_starts(playground_app, browser, shots):
 def test_a_page_opened_mid_run_shows_the_runs_settings(playground_app, browser):
     """Settings changed elsewhere (another tab, the API) are what a page opened later shows, not the values
     the app started with: a reload mid-run does not show a stale prompt."""
-    Client(playground_app["url"], verbose=False).predict("a green cone", "a blurry photo", 25.0, "textureless",
+    app_client(playground_app["url"]).predict("a green cone", "a blurry photo", 25.0, "textureless",
                                                          api_name="/set_params")
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(playground_app["url"], wait_until="domcontentloaded")
@@ -61,7 +58,7 @@ def test_a_page_opened_mid_run_shows_the_runs_settings(playground_app, browser):
     assert float(page.locator("#guidance_scale input[type=number]").input_value()) == 25.0
     assert page.locator("input[type=radio][value=textureless]").is_checked()
     page.close()
-    Client(playground_app["url"], verbose=False).predict("a red cube on a table", "", 10.0, "random",
+    app_client(playground_app["url"]).predict("a red cube on a table", "", 10.0, "random",
                                                          api_name="/set_params")
 
 
@@ -76,7 +73,7 @@ def centre_vs_border(img: np.ndarray) -> float:
 def test_viewer_shows_the_object_and_orbits(playground_app, browser, shots):
     st = status(playground_app)
     if st["state"] != "running":
-        Client(playground_app["url"], verbose=False).predict(api_name="/start")
+        app_client(playground_app["url"]).predict(api_name="/start")
     wait_until(lambda: status(playground_app)["step"] >= 40, timeout=180, what="some training")
     page = browser.new_page(viewport={"width": 640, "height": 480})
     page.goto(playground_app["viewer_url"])
@@ -154,7 +151,7 @@ def halves_show_objects(img: np.ndarray) -> tuple[float, float]:
 def test_fork_changes_guidance_in_b_and_shows_two_objects_and_two_curves(playground_app, browser, shots):
     """The pane's Fork button starts run B with its own guidance; B's slider changes it live; the viewer shows A
     and B side by side from one camera; the loss plot draws two curves (each smoothed over its faint raw one)."""
-    client = Client(playground_app["url"], verbose=False)
+    client = app_client(playground_app["url"])
     if status(playground_app)["state"] != "running":
         client.predict(api_name="/start")
     wait_until(lambda: status(playground_app)["step"] >= 40, timeout=180, what="some training")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gradio_client import Client
 from PIL import Image
 
 from engine.testing import canvas_image, drag_from_centre, wait_for
+from playground.testing import app_client
 
 pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
 
@@ -32,7 +32,7 @@ def info_says(page, pattern: str) -> None:
 
 
 def test_splats_are_drawn_by_the_browser_and_a_fork_as_splats_shows_both_fields(playground_app, browser, shots):
-    client = Client(playground_app["url"], verbose=False)
+    client = app_client(playground_app["url"])
 
     def status() -> dict:
         return client.predict(api_name="/status")
@@ -45,7 +45,7 @@ def test_splats_are_drawn_by_the_browser_and_a_fork_as_splats_shows_both_fields(
         canvas = page.locator("canvas").first
         canvas.wait_for(timeout=60_000)
         wait_for(lambda: (st := status())["settings"]["backbone"] == "gaussians" and st["step"] >= 20, timeout=120,
-                 what="steps of the splat run")
+                 what="steps of the splat run", every=0.2)
         info_says(page, "step \\d+ · shaded in the browser")
         # the browser sorts and draws the splats: the canvas shows them, not a blank background
         first = wait_for(lambda: (img := canvas_image(page)) is not None and centre_vs_corner(img) > 30
@@ -65,7 +65,7 @@ def test_splats_are_drawn_by_the_browser_and_a_fork_as_splats_shows_both_fields(
 
         client.predict(backbone="nerf", api_name="/reset")
         wait_for(lambda: (st := status())["settings"]["backbone"] == "grid" and st["step"] >= 40, timeout=120,
-                 what="steps of the NeRF run")
+                 what="steps of the NeRF run", every=0.2)
         st = client.predict(backbone="gaussians", api_name="/fork")  # the pane's "as splats": tests/test_fork.py
         assert [r["backbone"] for r in st["runs"]] == ["grid", "gaussians"]
         info_says(page, "A NeRF step \\d+ · B splats step \\d+ · \\d+×\\d+ shaded")  # at rest: labelled

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
-from gradio_client import Client
 from PIL import Image
 
 from engine.config import LiveParams
 from engine.testing import drag_from_centre, tiny_config, wait_for
 from playground.meshpane import MeshPane
 from playground.session import ExportRefused, Session
+from playground.testing import app_client
 
 pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
 
@@ -77,9 +77,9 @@ def test_a_textured_export_overtaken_by_a_reset_is_refused(session):
 
 
 def test_the_button_shows_the_textured_mesh_in_3d(playground_app, browser, shots, tmp_path):
-    client = Client(playground_app["url"], verbose=False)
+    client = app_client(playground_app["url"])
     client.predict(api_name="/start")
-    wait_for(lambda: client.predict(api_name="/status")["step"] >= 20, timeout=120, what="training steps")
+    wait_for(lambda: client.predict(api_name="/status")["step"] >= 20, timeout=120, what="training steps", every=0.2)
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(playground_app["url"], wait_until="domcontentloaded")
     page.locator("#prompt textarea").wait_for(timeout=60_000)

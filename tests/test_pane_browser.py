@@ -12,9 +12,9 @@ import signal
 import time
 
 import pytest
-from gradio_client import Client
 
 from engine.testing import wait_for
+from playground.testing import app_client, app_status
 from playground.viewer import label_box
 
 REST = r"(\d+)×(\d+) shaded in (\d+) ms"  # the viewer's line after a frame: its size and render time
@@ -30,11 +30,8 @@ def app(tmp_path_factory, launch_app):
     info["proc"].wait(60)
 
 
-def status(app) -> dict:
-    return Client(app["url"], verbose=False).predict(api_name="/status")
-
-
-wait_until = functools.partial(wait_for, timeout=120.0)  # a page and a server: more time than a session
+status = app_status
+wait_until = functools.partial(wait_for, timeout=120.0, every=0.2)  # a page and a server: more time, calmer polls
 
 
 def open_pane(app, browser):
@@ -98,7 +95,7 @@ def test_fork_charts_are_log_scale_with_a_legend_of_what_exists_and_exports_ask_
 
 def test_viewer_labels_clear_of_overlays_and_a_rest_frame_at_canvas_size(app, browser, shots):
     if status(app)["fork"] is None:
-        Client(app["url"], verbose=False).predict(guidance_scale=60.0, api_name="/fork")
+        app_client(app["url"]).predict(guidance_scale=60.0, api_name="/fork")
     page = browser.new_page(viewport={"width": 800, "height": 480})
     page.goto(app["viewer_url"])
     page.wait_for_function("[...document.querySelectorAll('*')].some(e => /A step \\d+ · B step \\d+ · "
