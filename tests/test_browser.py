@@ -227,6 +227,8 @@ def test_a_prior_picked_in_the_pane_runs_with_its_own_preset_and_what_was_typed(
     prior = page.locator("#prior input")
     prior.fill("oracle:sphere")
     prior.press("Enter")
+    prior.blur()  # the dropdown keeps a value typed (allow_custom_value) once it leaves the box
+    page.wait_for_function("document.querySelector('#prior input').value === 'oracle:sphere'", timeout=30_000)
     page.locator("#guidance_scale input[type=number]").fill("12")  # typed, not submitted: Start takes it
     page.locator("#start").click()
     page.wait_for_function("(t => t.includes('running') && t.includes('/ 1500') && t.includes('oracle:sphere'))"
