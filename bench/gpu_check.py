@@ -87,6 +87,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_steps(trainer, live, device, *, warm: int, steps: int) -> tuple[float, dict]:
+    """its/s of `steps` training steps after `warm` untimed ones, and the last step's metrics."""
+    for _ in range(warm):
+        trainer.step(live)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        metrics = trainer.step(live).metrics
+    sync(device)
+    return steps / (time.perf_counter() - t0), metrics
+
+
 def peak_gb(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 1024**3, 3) if device.startswith("cuda") else None
 
@@ -173,15 +185,7 @@ def hash_grid(device: str, resolution: int, steps: int, frame: int, tiny: bool =
         cfg = cfg.with_settings({"camera.batch_size": 1, "render.num_samples": 16})
     live = live_defaults(cfg.prior, prompt="a cube")
     trainer = Trainer(cfg, load_prior(cfg.prior, device=device), device, live)
-    warm = 1 if tiny else 5
-    for _ in range(warm):
-        trainer.step(live)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        metrics = trainer.step(live).metrics
-    sync(device)
-    its = steps / (time.perf_counter() - t0)
+    its, metrics = timed_steps(trainer, live, device, warm=1 if tiny else 5, steps=steps)
     cams = fixed_views([30.0], [20.0], device=device)
     frame_s = []
     with torch.no_grad():
@@ -238,14 +242,7 @@ def splats_sd(device: str, backend: str, *, sd: str, steps: int, tiny: bool, pri
     live = live_defaults("sd", prompt="a red cube")
     trainer = Trainer(cfg, prior, device, live)
     trainer.packed = backend == "gsplat"  # the trainer picks gsplat whenever it loads: the torch half turns it off
-    for _ in range(1 if tiny else 3):
-        trainer.step(live)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        metrics = trainer.step(live).metrics
-    sync(device)
-    its = steps / (time.perf_counter() - t0)
+    its, metrics = timed_steps(trainer, live, device, warm=1 if tiny else 3, steps=steps)
     if not math.isfinite(float(metrics.get("loss", 0.0))):
         raise RuntimeError(f"non-finite loss after {trainer.step_count} steps")
     return {"backend": backend, "resolution": resolution, "steps": steps, "its_per_s": round(its, 2),
