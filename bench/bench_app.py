@@ -137,9 +137,10 @@ def until(pred, timeout: float, what: str):
     raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def per_second(before: dict, after: dict, seconds: float) -> dict:
-    """Rates between two snapshots of counters ({name: count}), over `seconds`."""
-    return {k: round((after[k] - before[k]) / seconds, 2) for k in before if k in after and k != "t"}
+def per_second(before: dict, after: dict) -> dict:
+    """Rates between two readings of the page's counters ({name: count, "t": page clock in ms})."""
+    seconds = max(1e-3, (after["t"] - before["t"]) / 1e3)
+    return {k: round((after[k] - before[k]) / seconds, 2) for k in before if k != "t"}
 
 
 def its_over(session, seconds: float) -> float:
@@ -231,13 +232,13 @@ def rest_figures(client, page, box: dict, splats: bool, tries: int = 5) -> dict:
     for _ in range(tries):
         time.sleep(1.5)
         orbit(page, box, 0.6)
-        moved = client.moved_at
+        moved = client.moved_at  # a camera update still in flight moves it on: the latest one counts
         try:
-            until(lambda: client.full_at > moved, 15, "a frame at rest")
-            first.append(client.full_at - moved)
-            until(lambda: client.full_at > moved and client.sent and client.sent[3] == "rest"
+            until(lambda: client.full_at > client.moved_at >= moved, 15, "a frame at rest")
+            first.append(client.full_at - client.moved_at)
+            until(lambda: client.full_at > client.moved_at and client.sent and client.sent[3] == "rest"
                   and client.sent[4] >= 0.8 * client.rest_side(), 15, "the refined frame at rest")
-            final.append(client.full_at - moved)
+            final.append(client.full_at - client.moved_at)
         except BenchError as err:
             print(f"  ({err})", flush=True)
     rest = [(side, cost) for _, side, cost in list(client.log) if side != client.viewer.low_res]
@@ -286,14 +287,54 @@ def attach(browser, viewer, splats: bool, timeout: float):
     return page, client, box
 
 
+def viewer_rounds(args, session, viewer, browser, splats: bool) -> dict:
+    """Alternating windows of training alone and with a viewer at rest (a fresh page each time)."""
+    alone, at_rest, rates = [], [], []
+    for _ in range(args.rounds):  # alternate, so that changes in the machine's load hit both alike
+        alone.append(its_over(session, args.seconds))
+        page, client, _ = attach(browser, viewer, splats, args.attach_timeout)
+        c0, sends0, t0 = page.evaluate(COUNTS), client.splats.sends, time.perf_counter()
+        at_rest.append(its_over(session, args.seconds))
+        dt = time.perf_counter() - t0
+        rates.append({**per_second(c0, page.evaluate(COUNTS)),
+                      "splat_refresh": round((client.splats.sends - sends0) / dt, 2)})
+        print(f"its/s alone {alone[-1]:.2f}, with a viewer at rest {at_rest[-1]:.2f}; page at rest {rates[-1]}",
+              flush=True)
+        page.close()
+        until(lambda: not viewer.clients, 15, "the browser to disconnect")
+    return {"its_alone": [round(x, 2) for x in alone], "its_viewer_at_rest": [round(x, 2) for x in at_rest],
+            "page_at_rest_per_s": rates}
+
+
+def orbiting(args, session, viewer, browser, splats: bool) -> dict:
+    """A fresh page whose camera orbits for `args.seconds`: its/s and the page's rates; then the NeRF's times to
+    the frame at rest."""
+    page, client, box = attach(browser, viewer, splats, args.attach_timeout)
+    try:
+        canvas = page.evaluate(CANVAS)
+        s0, c0, sends0, frames0 = session.step, page.evaluate(COUNTS), client.splats.sends, client.frames
+        t0 = time.perf_counter()
+        moves = orbit(page, box, args.seconds)
+        c1, dt = page.evaluate(COUNTS), time.perf_counter() - t0
+        moving = {"its": round((session.step - s0) / dt, 2), "mouse_moves_per_s": round(moves / dt, 1),
+                  **per_second(c0, c1), "server_frames_sent": round((client.frames - frames0) / dt, 2),
+                  "splat_refresh": round((client.splats.sends - sends0) / dt, 2)}
+        print(f"orbiting: {moving}", flush=True)
+        rest = rest_figures(client, page, box, splats, tries=args.rest_tries)
+        if rest:
+            print(f"at rest: {rest}", flush=True)
+    finally:
+        page.close()
+    return {"canvas": canvas, "orbiting": moving, "rest": rest}
+
+
 def measure(args) -> dict:
     from playwright.sync_api import sync_playwright
 
     from playground.viewer import Viewer
 
     splats = args.backbone == "gaussians"
-    out = tempfile.mkdtemp(prefix="bench_app_")
-    cfg, session = start_session(args, out)
+    cfg, session = start_session(args, tempfile.mkdtemp(prefix="bench_app_"))
     res: dict = {"config": {"backbone": args.backbone, "resolution": cfg.render.resolution,
                             "batch_size": cfg.camera.batch_size, "num_samples": cfg.render.num_samples}}
     viewer = None
@@ -301,47 +342,20 @@ def measure(args) -> dict:
         res["server_side"] = splat_bake_path(session) if splats else nerf_render_path(session, args.seconds / 2)
         print(f"server side, while training: {res['server_side']}", flush=True)
         viewer = Viewer(session, port=free_port())
-        alone, at_rest, rest_rates = [], [], []
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS, timeout=60_000)
             try:
-                for _ in range(args.rounds):
-                    alone.append(its_over(session, args.seconds))
-                    page, client, box = attach(browser, viewer, splats, args.attach_timeout)
-                    c0, sends0, t0 = page.evaluate(COUNTS), client.splats.sends, time.perf_counter()
-                    at_rest.append(its_over(session, args.seconds))
-                    dt = time.perf_counter() - t0
-                    rest_rates.append({**per_second(c0, page.evaluate(COUNTS), dt),
-                                       "splat_refresh": round((client.splats.sends - sends0) / dt, 2)})
-                    print(f"its/s alone {alone[-1]:.2f}, with a viewer at rest {at_rest[-1]:.2f}; "
-                          f"page at rest {rest_rates[-1]}", flush=True)
-                    page.close()
-                    until(lambda: not viewer.clients, 15, "the browser to disconnect")
-                page, client, box = attach(browser, viewer, splats, args.attach_timeout)
-                res["canvas"] = page.evaluate(CANVAS)
-                s0, c0, sends0, frames0 = session.step, page.evaluate(COUNTS), client.splats.sends, client.frames
-                t0 = time.perf_counter()
-                moves = orbit(page, box, args.seconds)
-                c1, dt = page.evaluate(COUNTS), time.perf_counter() - t0
-                moving = {"its": round((session.step - s0) / dt, 2), "mouse_moves_per_s": round(moves / dt, 1),
-                          **per_second(c0, c1, dt), "server_frames_sent": round((client.frames - frames0) / dt, 2),
-                          "splat_refresh": round((client.splats.sends - sends0) / dt, 2)}
-                print(f"orbiting: {moving}", flush=True)
-                res["rest"] = rest_figures(client, page, box, splats, tries=args.rest_tries)
-                if res["rest"]:
-                    print(f"at rest: {res['rest']}", flush=True)
-                page.close()
+                res.update(viewer_rounds(args, session, viewer, browser, splats))
+                res.update(orbiting(args, session, viewer, browser, splats))
             finally:
                 browser.close()
     finally:
         if viewer is not None:
             viewer.stop()
         session.stop()
-    base = statistics.median(alone)
-    res.update({"its_alone": [round(x, 2) for x in alone], "its_viewer_at_rest": [round(x, 2) for x in at_rest],
-                "page_at_rest_per_s": rest_rates, "orbiting": moving,
-                "fraction_at_rest": round(statistics.median(at_rest) / base, 3),
-                "fraction_orbiting": round(moving["its"] / base, 3)})
+    base = statistics.median(res["its_alone"])
+    res["fraction_at_rest"] = round(statistics.median(res["its_viewer_at_rest"]) / base, 3)
+    res["fraction_orbiting"] = round(res["orbiting"]["its"] / base, 3)
     return res
 
 
