@@ -80,7 +80,7 @@ COUNTS = "(() => { const s = window.__bench; return {ticks: s.ticks, drawn: s.dr
          "t: performance.now()}; })()"
 CANVAS = """(() => { const c = [...document.querySelectorAll('canvas')].sort((a, b) =>
     b.clientWidth * b.clientHeight - a.clientWidth * a.clientHeight)[0];
-  return {css: [c.clientWidth, c.clientHeight], pixels: [c.width, c.height], dpr: window.devicePixelRatio}; })()"""
+  return {css: [c.clientWidth, c.clientHeight], dpr: window.devicePixelRatio}; })()"""
 
 
 class BenchError(RuntimeError):
