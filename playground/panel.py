@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import html
 import logging
-import zlib
 from pathlib import Path
 
 import gradio as gr
@@ -228,15 +227,11 @@ class Panel:
         s, st = self.session, self.session.status()
         runs, seen = list(s.runs), values["synced"] or {}
         now = {**self._followed(), **self._marks()}
-        df, scores = loss_frame(runs), score_frame(runs)
-        out = {"plot": plot(df, SERIES_COLORS, loss_limits(df)), "synced": now}
-        # what changes seldom goes out when it changed: each output redrawn costs the browser's CPU, every tick
-        seldom = {"status": status_markdown(st), "vocab": texts.vocabulary_markdown(st, s.vocabulary()),
-                  "fork_info": fork_markdown(st), "export_note": self._export_note(), "score_plot": scores.to_json()}
-        for name, text in seldom.items():
-            now[f"sent:{name}"] = zlib.crc32(text.encode())
-            if seen.get(f"sent:{name}") != now[f"sent:{name}"]:
-                out[name] = plot(scores, SCORE_COLORS, [0, 1]) if name == "score_plot" else text
+        df = loss_frame(runs)
+        out = {"status": status_markdown(st), "plot": plot(df, SERIES_COLORS, loss_limits(df)),
+               "vocab": texts.vocabulary_markdown(st, s.vocabulary()), "synced": now,
+               "score_plot": plot(score_frame(runs), SCORE_COLORS, [0, 1]), "fork_info": fork_markdown(st),
+               "export_note": self._export_note()}
         out |= {k: v for k, v in self._followed().items() if seen.get(k) != v}
         if seen.get("prior_failures") != now["prior_failures"]:
             out["prior"] = now["prior"]  # a failed switch: the dropdown shows the prior in use again

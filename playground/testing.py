@@ -1,20 +1,22 @@
-"""What tests and benchmarks share to drive a launched app (`python app.py`) through its API: one client per app.
+"""What tests and benchmarks share to drive a launched app (`python app.py`) through its API.
 (engine/testing.py holds the rest; engine may not import gradio_client, so this lives here.)"""
 
 from __future__ import annotations
 
-_CLIENTS: dict = {}
-
 
 def app_client(url: str):
-    """One `gradio_client.Client` per app URL for the whole process (making one costs ~0.2 s of both sides' CPU)."""
-    if url not in _CLIENTS:
-        from gradio_client import Client
+    """A `gradio_client.Client` of the app at `url`. A new one each time, on purpose: a client held for the whole
+    suite keeps its heartbeat thread reaching for its app, even after that app stopped (with clients cached, the
+    suite's later browser tests ran 3-4× slower)."""
+    from gradio_client import Client
 
-        _CLIENTS[url] = Client(url, verbose=False)
-    return _CLIENTS[url]
+    return Client(url, verbose=False)
 
 
 def app_status(app: dict) -> dict:
     """A launched app's /status (`app`: the dict of tests/conftest.py's `launch_app`)."""
-    return app_client(app["url"]).predict(api_name="/status")
+    client = app_client(app["url"])
+    try:
+        return client.predict(api_name="/status")
+    finally:
+        client.close()
