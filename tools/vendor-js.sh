@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Re-fetch the gallery's vendored <model-viewer> into engine/batch/static/ and check it.
+# Re-fetch the gallery's vendored <model-viewer> into assets/model-viewer/ and check it.
 #
-# The version is the one pinned in engine/batch/static/package.json; `npm pack` fetches its tarball from the
+# The version is the one pinned in assets/model-viewer/package.json; `npm pack` fetches its tarball from the
 # npm registry, whose sha512 must equal package-lock.json's "integrity", and the two files taken from it
 # (dist/model-viewer-umd.min.js, LICENSE -> model-viewer.LICENSE) must match SHA256SUMS before they replace
 # the vendored copies. After a deliberate upgrade (a new version in package.json): run
@@ -10,7 +10,7 @@
 #   tools/vendor-js.sh            # fetch, verify, install (fails, changing nothing, on any mismatch)
 #   tools/vendor-js.sh --update   # fetch, verify the tarball, install and rewrite SHA256SUMS
 set -euo pipefail
-cd "$(dirname "$0")/../engine/batch/static"
+cd "$(dirname "$0")/../assets/model-viewer"
 pkg=@google/model-viewer
 version=$(node -p "require('./package.json').dependencies['$pkg']")
 want=$(node -p "require('./package-lock.json').packages['node_modules/$pkg'].integrity")

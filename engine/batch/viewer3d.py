@@ -1,6 +1,6 @@
 """The gallery's 3D view of each run's mesh: Google's `<model-viewer>` web component, vendored, offline.
 
-`engine/batch/static/model-viewer-umd.min.js` is `@google/model-viewer@4.4.0`'s `dist/model-viewer-umd.min.js`
+`assets/model-viewer/model-viewer-umd.min.js` is `@google/model-viewer@4.4.0`'s `dist/model-viewer-umd.min.js`
 (three.js and lit bundled; Apache-2.0, `model-viewer.LICENSE` beside it; `tools/vendor-js.sh` re-fetches it
 and checks its sha256). The UMD build is a classic script, so it loads from file:// where an ES module would
 be refused (a module script from a file:// page is a CORS request).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from engine.checkpoint import atomic_write
 
-STATIC = Path(__file__).resolve().parent / "static"
+STATIC = Path(__file__).resolve().parents[2] / "assets" / "model-viewer"
 ASSETS = ("model-viewer-umd.min.js", "model-viewer.LICENSE")  # copied beside index.html when a card has a mesh
 SIDECAR = ".js"  # <run>/mesh.glb -> <run>/mesh.glb.js
 
