@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "as far as its render time allows)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: training and each viewer "
                    "render then run side by side; more threads fight over a small, shared CPU)")
+    p.add_argument("--train-util", type=float, default=1.0, help="share of the time spent training, 0.05 to 1 "
+                   "(default 1: flat out); lower keeps the viewer smooth on a small machine (live in the pane)")
     p.add_argument("--start", action="store_true", help="start training at launch")
     from engine.priors.base import add_prior_option_flags
 
@@ -69,10 +71,12 @@ def check_args(args) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be in 1..65535; got {port}")
     if args.port == args.viewer_port:
         raise SystemExit("error: --port and --viewer-port must differ")
+    from engine.config import checked_util
     from engine.priors.base import prior_options_from
 
     try:
         prior_options_from(args)
+        checked_util(args.train_util)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -113,7 +117,7 @@ def make_session(args):
     from engine.priors.base import prior_options_from
 
     return Session(cfg, live, device=device, out_root=args.out, overrides=overrides,
-                   prior_options=prior_options_from(args))
+                   prior_options=prior_options_from(args), train_util=args.train_util)
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,8 @@ frame rate a person sees in the browser while the field trains.
 
 The session and the viewer run in this process, as app.py runs them (one torch thread), so that the viewer's own
 counters can be read. Chromium raises its browser and GPU processes' priority where it may (nice -8 as root): they
-are put back at this script's niceness, as a person's browser and app.py share one level. Every wait is bounded; a failure prints one line and exits with status 1.
+are put back at this script's niceness, as a person's browser and app.py share one level. Every wait is bounded; a
+failure prints one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ def rest_figures(client, page, box: dict, splats: bool, tries: int = 5) -> dict:
         orbit(page, box, 0.6)
         moved = client.moved_at  # a camera update still in flight moves it on: the latest one counts
         try:
-            until(lambda: client.full_at > client.moved_at >= moved, 15, "a frame at rest")
+            until(lambda m=moved: client.full_at > client.moved_at >= m, 15, "a frame at rest")
             first.append(client.full_at - client.moved_at)
             until(lambda: client.full_at > client.moved_at and client.sent and client.sent[3] == "rest"
                   and client.sent[4] >= 0.8 * client.rest_side(), 15, "the refined frame at rest")

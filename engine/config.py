@@ -84,6 +84,12 @@ class LiveParams:
         return dataclasses.replace(self, **changes).validated()
 
 
+def checked_util(value) -> float:
+    """A training share (the playground's `train_util`) as a float in [0.05, 1], else ValueError naming it."""
+    _finite_in("train_util", value, 0.05, 1.0)
+    return float(value)
+
+
 def _finite_in(name: str, value, lo: float, hi: float) -> None:
     try:
         v = float(value)

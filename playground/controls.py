@@ -24,7 +24,7 @@ LIVE = tuple(f.name for f in dataclasses.fields(LiveParams))  # the API's order 
 class Control:
     """How the pane shows one parameter."""
 
-    name: str  # a field of LiveParams, or "seed" (the next new run's)
+    name: str  # a field of LiveParams, "seed" (the next new run's) or "train_util" (the session's)
     kind: str  # "text", "slider", "number", "radio" or "color"
     label: str
     group: str  # where it sits: "prompt", "negative", "main", "light", "optimisation"
@@ -58,11 +58,14 @@ CONTROLS = (
             follow=True),
     Control("steps", "number", "Steps", "main", (1, 10**7, 1), follow=True,
             info="the run's length; raising it extends a finished run"),
+    Control("train_util", "slider", "Training share", "optimisation", (0.05, 1, 0.05), follow=True,
+            info="of the machine's time; lower it to keep the viewer smooth (same steps, later)"),
 )
+SESSION_ROWS = {"seed", "train_util"}  # rows of the session, not of a run's LiveParams
 BY_NAME = {c.name: c for c in CONTROLS}
 FOLLOWED = tuple(c.name for c in CONTROLS if c.follow)
-if set(LIVE) != set(BY_NAME) - {"seed"}:  # a new live parameter without a row would be missing from the pane
-    odd = sorted(set(LIVE) ^ (set(BY_NAME) - {"seed"}))
+if set(LIVE) != set(BY_NAME) - SESSION_ROWS:  # a new live parameter without a row would be missing from the pane
+    odd = sorted(set(LIVE) ^ (set(BY_NAME) - SESSION_ROWS))
     raise ImportError(f"playground/controls.py needs one row per field of LiveParams, no other: {odd}")
 # how a change reaches the session: text and numbers when typed out (Enter or leaving the field), sliders
 # when let go, choices at once
@@ -119,8 +122,10 @@ def parse_color(value) -> tuple[float, float, float]:
 
 
 def current(session, name: str):
-    """The session's value of a row: run A's next-step value, or the seed the next new run gets."""
-    return session.pending.get("seed", session.cfg.seed) if name == "seed" else getattr(session.a.live, name)
+    """The session's value of a row: run A's next-step value, the seed the next new run gets, or the session's."""
+    if name == "seed":
+        return session.pending.get("seed", session.cfg.seed)
+    return session.train_util if name == "train_util" else getattr(session.a.live, name)
 
 
 def to_widget(name: str, value):

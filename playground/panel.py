@@ -108,7 +108,8 @@ class Panel:
 
     def api_set_params(self, run: str = "A", **changes) -> dict:
         """Change any subset of a run's live parameters (run "A", or "B" while forked); they take effect at
-        its next step. `seed` is not live: it is the seed of the next new run (Start from idle, or Reset)."""
+        its next step. `seed` is not live: it is the seed of the next new run (Start from idle, or Reset);
+        `train_util` is the session's share of time spent training (0.05 to 1)."""
         with refusing("/set_params"):
             new = self.session.set_params(run=run or "A", **to_session(changes))
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in new.__dict__.items()}
@@ -148,7 +149,8 @@ class Panel:
         """The endpoints; /set_params and /fork take every live parameter by keyword (from the controls' table)."""
         for name in ("start", "pause", "resume", "reset", "status", "export", "close_fork", "prior_options"):
             gr.api(getattr(self, f"api_{name}"), api_name=name)
-        gr.api(keyword_api(self.api_set_params, [*LIVE, "seed"], {"run": (str, "A")}), api_name="set_params")
+        gr.api(keyword_api(self.api_set_params, [*LIVE, "seed", "train_util"], {"run": (str, "A")}),
+               api_name="set_params")
         gr.api(keyword_api(self.api_fork, LIVE, {"backbone": (str | None, None)}), api_name="fork")
 
     # -- UI handlers: {name: widget value} in, {name: new value} out -------------------------------------------

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 
-from engine.config import Config, LiveParams
+from engine.config import Config, LiveParams, checked_util
 from engine.priors import load_prior
 from engine.priors.base import check_distillation
 from playground import exports, lifecycle, snapshot
@@ -32,11 +33,14 @@ STATES = ("idle", "running", "paused", "done", "error")
 class Session:
     """`cfg`, `live`: the launch prior's settings; `overrides`: dotted settings the command line set for the session.
     A new run's settings are `engine.presets.new_run` of those, the current run's and what the user set since
-    (`pending`). `score_every_s`: seconds between live scores of each run (0: no live score)."""
+    (`pending`). `score_every_s`: seconds between live scores of each run (0: no live score). `train_util`: the
+    share of time spent training, u in [0.05, 1] (nerfstudio's "train util"; live in `set_params`): after a step
+    of t s the thread rests t (1 - u) / u, serving commands, so the viewer and the machine stay responsive."""
 
     def __init__(self, cfg: Config | None = None, live: LiveParams | None = None, *, device="cpu",
                  out_root: str | Path = "outputs", prior_loader=load_prior, preview_size: int = 128,
-                 overrides: dict | None = None, prior_options=None, score_every_s: float = 5.0):
+                 overrides: dict | None = None, prior_options=None, score_every_s: float = 5.0,
+                 train_util: float = 1.0):
         self.cfg, self.device, self.out_root, self.overrides = cfg or Config(), device, Path(out_root), dict(overrides or {})
         self.pending: dict = {}  # dotted settings the user set for the next new run (`start`, `reset`)
         self.lock = threading.Lock()  # held for one training step, or while copying a field
@@ -54,6 +58,7 @@ class Session:
         self.scorer = Scorer(runs=lambda: self.runs, lock=self.lock, every_s=score_every_s) if score_every_s else None
         self._commands: queue.Queue = queue.Queue()  # (method, argument), applied by the session thread
         self.turn = 0  # which run trains next while forked: A and B take turns
+        self.train_util = checked_util(train_util)  # share of the time spent training; the rest, resting
         self._thread = threading.Thread(target=self._loop, name="session", daemon=True)
         self._thread.start()
 
@@ -103,13 +108,16 @@ class Session:
 
     def set_params(self, run: str = "A", **changes) -> LiveParams:
         """Check changes to a run's live parameters (ValueError names a bad one) and queue them; the parameters of
-        the run's next step. "steps" (the run's length) applies to every run; "seed" to the next new run."""
+        the run's next step. "steps" (the run's length) applies to every run; "seed" to the next new run;
+        "train_util" to the session."""
         target = named_run(self.runs, run)
+        util = checked_util(changes.pop("train_util")) if "train_util" in changes else None  # the session's
         if "seed" in changes:  # the seed is fixed for a run: it is kept for the next new one
             self._commands.put((self._do_pending, lifecycle.checked(self, None, {"seed": changes.pop("seed")})[1]))
         new = target.live.replace(**changes)
         if "distillation" in changes and target.trainer is not None:  # a loss this prior cannot run: refused now
             check_distillation(target.trainer.prior, new.distillation)
+        self.train_util = self.train_util if util is None else util
         self._commands.put((self._do_params, (run, changes)))
         return new
 
@@ -142,11 +150,16 @@ class Session:
 
     # -- the session thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
+        rest_until = 0.0  # training rests until then (`train_util` below 1); commands are served meanwhile
         while True:
+            rest = rest_until - time.monotonic() if self.state == "running" else None
             try:  # block for a command unless training; then just drain what is queued
-                command, arg = self._commands.get(block=self.state != "running")
+                command, arg = self._commands.get(block=rest is None or rest > 0, timeout=rest)
             except queue.Empty:
+                began = time.monotonic()
                 self._train_one()
+                ended = time.monotonic()
+                rest_until = ended + (ended - began) * (1.0 - self.train_util) / self.train_util
                 continue
             if command is None:  # stop
                 return

@@ -36,6 +36,7 @@ def status(session) -> dict:
     tr, options = a.trainer, session.priors.options
     summaries = [r.summary(state=state, max_steps=r.live.steps, reference=None if r is a else a.used) for r in runs]
     return {"state": state, "step": a.step, "steps": a.live.steps, "seed": session.cfg.seed,
+            "train_util": session.train_util,  # the share of time spent training
             "pending": dict(session.pending),  # what the user set for the next new run (Start / Reset)
             "skipped_steps": tr.skipped_steps if tr is not None else 0,  # non-finite steps skipped
             "rollbacks": tr.rollbacks if tr is not None else 0,  # restores of the last good state

@@ -9,7 +9,24 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISAB
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# one torch thread per xdist worker (the suite runs on two: pyproject.toml's addopts), up to two without xdist
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
+
+# Modules that share one worker: those of the session-wide app (one app for all), those with apps and browsers
+# of their own (one at a time beside the first group's), and those that start a local Ray (one at a time).
+SERIAL = {"app": ("test_app", "test_browser", "test_browser_splats", "test_meshpane"),  # the session-wide app's
+          "pages": ("test_app_priors", "test_gallery3d", "test_pane_browser"),  # apps and Chromium of their own
+          "ray": ("test_batch", "test_protocol")}
+_GROUP_OF = {module: group for group, modules in SERIAL.items() for module in modules}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Marks each test of a SERIAL module with its xdist group (`--dist loadgroup` keeps a group on one worker)."""
+    for item in items:
+        group = _GROUP_OF.get(item.module.__name__.rpartition(".")[2])
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture
@@ -123,11 +140,13 @@ def launch_app():
 @pytest.fixture(scope="session")
 def playground_app(tmp_path_factory):
     """`python app.py` with the oracle prior at tiny settings on free ports; stopped with Ctrl-C at the end
-    (it must exit 0 and free both ports). Yields `launch_app`'s dict."""
+    (it must exit 0 and free both ports). It trains a quarter of the time (`--train-util`), so the browser and
+    the tests keep most of a 2-core machine. Yields `launch_app`'s dict."""
     import subprocess
 
     info = _launch_app(tmp_path_factory.mktemp("app"), "--prior", "oracle:cube", "--resolution", "24",
-                       "--batch-size", "1", "--samples", "24", "--steps", "100000", "--prompt", "a red cube")
+                       "--batch-size", "1", "--samples", "24", "--steps", "100000", "--prompt", "a red cube",
+                       "--train-util", "0.25")
     yield info
     proc, log, port, viewer_port = info["proc"], info["log"], info["port"], info["viewer_port"]
     if proc.poll() is None:

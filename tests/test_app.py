@@ -65,6 +65,12 @@ def test_live_control_of_a_run(client):
     client.predict(prompt="a blue sphere", negative_prompt="blurry", api_name="/set_params")
     wait_status(client, lambda s: s["prompt"] == "a blue sphere" and s["negative_prompt"] == "blurry")
 
+    share = status(client)["train_util"]
+    client.predict(train_util=0.5, api_name="/set_params")  # the session's share of time spent training
+    half = wait_status(client, lambda s: s["train_util"] == 0.5, what="training share")
+    wait_status(client, lambda s: s["step"] >= half["step"] + 2, what="steps at half the time")
+    client.predict(train_util=share, api_name="/set_params")
+
     client.predict(api_name="/pause")
     paused = wait_status(client, lambda s: s["state"] == "paused", what="pause")
     time.sleep(0.6)
@@ -86,7 +92,10 @@ def test_bad_values_are_reported_and_the_run_goes_on(client):
         client.predict(shading="shiny", api_name="/set_params")
     with pytest.raises(Exception, match="light_color"):
         client.predict(light_color="warm", api_name="/set_params")
-    assert status(client)["guidance_scale"] == before["guidance_scale"]
+    with pytest.raises(Exception, match="train_util"):
+        client.predict(train_util=2.0, api_name="/set_params")
+    st = status(client)
+    assert st["guidance_scale"] == before["guidance_scale"] and st["train_util"] == before["train_util"]
 
 
 def test_a_refused_value_is_one_line_in_the_servers_log(client, playground_app):
@@ -158,9 +167,12 @@ def test_port_taken_is_a_clear_message(playground_app, free_port):
     assert r.returncode != 0 and "--viewer-port" in r.stderr
 
 
-def test_public_host_needs_auth():
+def test_public_host_needs_auth_and_a_bad_training_share_is_one_line():
     r = _run_app("--host", "0.0.0.0")
     assert r.returncode != 0 and "--auth" in r.stderr
+    r = _run_app("--train-util", "0")
+    assert r.returncode != 0 and "train_util must be a finite number in [0.05, 1]" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_viewer_camera_conversion_matches_the_engine():

@@ -204,7 +204,7 @@ def test_fork_changes_guidance_in_b_and_shows_two_objects_and_two_curves(playgro
 def embedded_app(tmp_path_factory, launch_app):
     """The app on the embedded prior (its preset: 2000 steps, learning rate 0.01), idle, at tiny settings."""
     info = launch_app(tmp_path_factory.mktemp("embedded_app"), "--prior", "embedded", "--resolution", "16",
-                      "--batch-size", "1", "--samples", "16", "--prompt", "a red cube")
+                      "--batch-size", "1", "--samples", "16", "--prompt", "a red cube", "--train-util", "0.25")
     yield info
     info["proc"].send_signal(signal.SIGINT)
     info["proc"].wait(60)

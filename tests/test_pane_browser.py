@@ -24,7 +24,8 @@ REST = r"(\d+)×(\d+) shaded in (\d+) ms"  # the viewer's line after a frame: it
 def app(tmp_path_factory, launch_app):
     """The app on the oracle prior at tiny settings, training from launch."""
     info = launch_app(tmp_path_factory.mktemp("pane_app"), "--prior", "oracle:cube", "--resolution", "24",
-                      "--batch-size", "1", "--samples", "24", "--steps", "100000", "--prompt", "a red cube", "--start")
+                      "--batch-size", "1", "--samples", "24", "--steps", "100000", "--prompt", "a red cube", "--start",
+                      "--train-util", "0.25")
     yield info
     info["proc"].send_signal(signal.SIGINT)
     info["proc"].wait(60)

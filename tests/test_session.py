@@ -382,3 +382,38 @@ def test_the_field_of_the_next_run_is_a_choice_nerf_by_default(tmp_path):
     splats = types.SimpleNamespace(cfg=Config().with_settings({"field.backbone": "gaussians"}), device="cpu",
                                    overrides={"field.backbone": "hash"})
     assert lifecycle.nerf_backbone(splats, "embedded") == "hash"  # the command line's NeRF
+
+
+def test_a_training_share_rests_between_steps_and_serves_commands_meanwhile(session):
+    """train_util u: after a step of t s the thread rests t (1 - u) / u before the next, and a command queued
+    during a rest is applied in it, not after. Refused values name the range; the run is untouched."""
+    began: list[float] = []
+    length = [0.05]
+
+    def step():  # a step of known length in place of a training step
+        began.append(time.monotonic())
+        time.sleep(length[0])
+
+    session._train_one = step
+    assert session.status()["train_util"] == 1.0
+    session.set_params(train_util=0.25)  # rest 0.15 s after each 0.05-s step
+    session.start()
+    wait_for(lambda: len(began) >= 4, what="steps")
+    gaps = [b - a for a, b in zip(began, began[1:])]
+    assert min(gaps) >= 0.2 - 1e-3, gaps
+    assert session.status()["train_util"] == 0.25
+
+    length[0] = 0.5
+    session.set_params(train_util=0.05)  # rest 9.5 s after a 0.5-s step
+    n = len(began)
+    wait_for(lambda: len(began) >= n + 1 and time.monotonic() > began[-1] + 0.6, what="a rest at 0.05")
+    steps = len(began)
+    session.pause()
+    session.wait_idle_queue(timeout=30)
+    assert session.state == "paused" and len(began) == steps
+    assert time.monotonic() < began[-1] + 0.5 + 9.5, "the pause waited for the rest to end"
+
+    for bad in (0.0, 1.5, float("nan"), "fast"):
+        with pytest.raises(ValueError, match="train_util"):
+            session.set_params(train_util=bad, guidance_scale=30.0)
+    assert session.train_util == 0.05 and session.a.live.guidance_scale != 30.0
