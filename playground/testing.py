@@ -16,3 +16,18 @@ def app_client(url: str):
 def app_status(app: dict) -> dict:
     """A launched app's /status (`app`: the dict of tests/conftest.py's `launch_app`)."""
     return app_client(app["url"]).predict(api_name="/status")  # (dropped after: its heartbeat ends with it)
+
+
+def trained(app: dict, until, timeout: float = 180.0, what: str = "training") -> dict:
+    """The app's first /status for which `until(status)` holds, polled while it trains at its full share; its share
+    is put back after. Test apps train a small share of the time (`--train-util`), leaving the CPU to the browser
+    and the tests, and train flat out only while a test waits for steps."""
+    from engine.testing import wait_for
+
+    client = app_client(app["url"])
+    share = client.predict(api_name="/status")["train_util"]
+    client.predict(train_util=1.0, api_name="/set_params")
+    try:
+        return wait_for(lambda: until(st := app_status(app)) and st, timeout=timeout, what=what, every=0.2)
+    finally:
+        client.predict(train_util=share, api_name="/set_params")

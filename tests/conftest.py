@@ -140,13 +140,14 @@ def launch_app():
 @pytest.fixture(scope="session")
 def playground_app(tmp_path_factory):
     """`python app.py` with the oracle prior at tiny settings on free ports; stopped with Ctrl-C at the end
-    (it must exit 0 and free both ports). It trains a quarter of the time (`--train-util`), so the browser and
-    the tests keep most of a 2-core machine. Yields `launch_app`'s dict."""
+    (it must exit 0 and free both ports). It trains a tenth of the time (`--train-util`; tests wait for steps at its
+    full share with `playground.testing.trained`), so the browser and the tests keep most of a 2-core machine.
+    Yields `launch_app`'s dict."""
     import subprocess
 
     info = _launch_app(tmp_path_factory.mktemp("app"), "--prior", "oracle:cube", "--resolution", "24",
                        "--batch-size", "1", "--samples", "24", "--steps", "100000", "--prompt", "a red cube",
-                       "--train-util", "0.25")
+                       "--train-util", "0.1")
     yield info
     proc, log, port, viewer_port = info["proc"], info["log"], info["port"], info["viewer_port"]
     if proc.poll() is None:
@@ -179,9 +180,9 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader"
                  "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser():
-    """Debian's headless Chromium driven by Playwright (SwiftShader draws viser's WebGL canvas)."""
+    """Debian's headless Chromium driven by Playwright (SwiftShader draws viser's WebGL canvas), one per worker."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -15,7 +15,7 @@ import pytest
 
 from engine.testing import canvas_image, wait_for
 from playground.panel import SERIES_COLORS
-from playground.testing import app_client, app_status
+from playground.testing import app_client, app_status, trained
 
 pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
 
@@ -74,7 +74,7 @@ def test_viewer_shows_the_object_and_orbits(playground_app, browser, shots):
     st = status(playground_app)
     if st["state"] != "running":
         app_client(playground_app["url"]).predict(api_name="/start")
-    wait_until(lambda: status(playground_app)["step"] >= 40, timeout=180, what="some training")
+    trained(playground_app, lambda st: st["step"] >= 40, what="some training")
     page = browser.new_page(viewport={"width": 640, "height": 480})
     page.goto(playground_app["viewer_url"])
     page.locator("canvas").first.wait_for(timeout=60_000)
@@ -154,7 +154,7 @@ def test_fork_changes_guidance_in_b_and_shows_two_objects_and_two_curves(playgro
     client = app_client(playground_app["url"])
     if status(playground_app)["state"] != "running":
         client.predict(api_name="/start")
-    wait_until(lambda: status(playground_app)["step"] >= 40, timeout=180, what="some training")
+    trained(playground_app, lambda st: st["step"] >= 80, what="a formed object")  # both halves must show it
     page = browser.new_page(viewport={"width": 1280, "height": 1400})
     page.goto(playground_app["url"], wait_until="domcontentloaded")
     page.locator("#fork").wait_for(timeout=60_000)

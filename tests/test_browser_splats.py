@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from engine.testing import canvas_image, drag_from_centre, wait_for
-from playground.testing import app_client
+from playground.testing import app_client, trained
 
 pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
 
@@ -44,8 +44,8 @@ def test_splats_are_drawn_by_the_browser_and_a_fork_as_splats_shows_both_fields(
         page.goto(playground_app["viewer_url"])  # the page loads while the run trains
         canvas = page.locator("canvas").first
         canvas.wait_for(timeout=60_000)
-        wait_for(lambda: (st := status())["settings"]["backbone"] == "gaussians" and st["step"] >= 20, timeout=120,
-                 what="steps of the splat run", every=0.2)
+        trained(playground_app, lambda st: st["settings"]["backbone"] == "gaussians" and st["step"] >= 20,
+                what="steps of the splat run")
         info_says(page, "step \\d+ · shaded in the browser")
         # the browser sorts and draws the splats: the canvas shows them, not a blank background
         first = wait_for(lambda: (img := canvas_image(page)) is not None and centre_vs_corner(img) > 30
@@ -64,8 +64,8 @@ def test_splats_are_drawn_by_the_browser_and_a_fork_as_splats_shows_both_fields(
         save(seen["orbited"], shots / "viewer_splats_orbited.png")
 
         client.predict(backbone="nerf", api_name="/reset")
-        wait_for(lambda: (st := status())["settings"]["backbone"] == "grid" and st["step"] >= 40, timeout=120,
-                 what="steps of the NeRF run", every=0.2)
+        trained(playground_app, lambda st: st["settings"]["backbone"] == "grid" and st["step"] >= 40,
+                what="steps of the NeRF run")
         st = client.predict(backbone="gaussians", api_name="/fork")  # the pane's "as splats": tests/test_fork.py
         assert [r["backbone"] for r in st["runs"]] == ["grid", "gaussians"]
         info_says(page, "A NeRF step \\d+ · B splats step \\d+ · \\d+×\\d+ shaded")  # at rest: labelled

@@ -20,7 +20,7 @@ from engine.config import LiveParams
 from engine.testing import drag_from_centre, tiny_config, wait_for
 from playground.meshpane import MeshPane
 from playground.session import ExportRefused, Session
-from playground.testing import app_client
+from playground.testing import app_client, trained
 
 pytestmark = pytest.mark.usefixtures("rest_shared_app")  # the shared app pauses after this module
 
@@ -79,7 +79,7 @@ def test_a_textured_export_overtaken_by_a_reset_is_refused(session):
 def test_the_button_shows_the_textured_mesh_in_3d(playground_app, browser, shots, tmp_path):
     client = app_client(playground_app["url"])
     client.predict(api_name="/start")
-    wait_for(lambda: client.predict(api_name="/status")["step"] >= 20, timeout=120, what="training steps", every=0.2)
+    trained(playground_app, lambda st: st["step"] >= 20, what="training steps")
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(playground_app["url"], wait_until="domcontentloaded")
     page.locator("#prompt textarea").wait_for(timeout=60_000)
