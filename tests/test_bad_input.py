@@ -48,6 +48,8 @@ API_CASES = [
     ("seed negative", "/set_params", {"seed": -1}, "seed must be an integer"),
     ("seed 2^64", "/set_params", {"seed": 2**64}, "seed must be an integer"),
     ("seed 1.5", "/set_params", {"seed": 1.5}, "seed must be an integer"),
+    ("training share 0", "/set_params", {"train_util": 0.0}, "train_util must be a finite number in [0.05, 1]"),
+    ("training share NaN", "/set_params", {"train_util": float("nan")}, "train_util must be a finite number"),
     ("steps 0", "/set_params", {"steps": 0}, "steps must be an integer"),
     ("steps negative", "/set_params", {"steps": -3}, "steps must be an integer"),
     ("steps 2.5", "/set_params", {"steps": 2.5}, "steps must be an integer"),
