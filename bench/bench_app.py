@@ -51,9 +51,8 @@ sys.path.insert(0, str(ROOT))
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                "GRADIO_ANALYTICS_ENABLED": "False"}.items():
     os.environ.setdefault(_k, _v)
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
-                 "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]  # as tests/conftest.py
+from playground.testing import CHROMIUM_ARGS, stop_app  # noqa: E402  (light: no gradio, no torch)
+
 VIEWPORT = {"width": 800, "height": 600}
 LEVELLED: set = set()  # browser processes already put at the script's niceness (level_browser)
 # Counters in the page, installed before viser's client runs: animation frames, those in which WebGL drew, JPEGs
@@ -122,12 +121,7 @@ def time_ready(prior: str, backbone: str, timeout: float = 120.0) -> float:
                 time.sleep(0.05)
             return time.perf_counter() - t0
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_app(proc)
 
 
 def until(pred, timeout: float, what: str):

@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+# Debian's headless Chromium as the tests and bench/bench_app.py drive it: SwiftShader draws viser's WebGL canvas
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
+                 "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
 
 def app_client(url: str):
     """A `gradio_client.Client` of the app at `url`. A new one each time, on purpose: a client held for the whole
@@ -31,3 +36,19 @@ def trained(app: dict, until, timeout: float = 180.0, what: str = "training") ->
         return wait_for(lambda: until(st := app_status(app)) and st, timeout=timeout, what=what, every=0.2)
     finally:
         client.predict(train_util=share, api_name="/set_params")
+
+
+def stop_app(proc, timeout: float = 60.0) -> bool:
+    """Ctrl-C to a launched app's process (a `subprocess.Popen`), as a person stops it; killed if it has not exited
+    within `timeout` seconds. Returns whether it stopped by itself."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False

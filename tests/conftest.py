@@ -143,23 +143,15 @@ def playground_app(tmp_path_factory):
     (it must exit 0 and free both ports). It trains a tenth of the time (`--train-util`; tests wait for steps at its
     full share with `playground.testing.trained`), so the browser and the tests keep most of a 2-core machine.
     Yields `launch_app`'s dict."""
-    import subprocess
-
     info = _launch_app(tmp_path_factory.mktemp("app"), "--prior", "oracle:cube", "--resolution", "24",
                        "--batch-size", "1", "--samples", "24", "--steps", "100000", "--prompt", "a red cube",
                        "--train-util", "0.1")
     yield info
     proc, log, port, viewer_port = info["proc"], info["log"], info["port"], info["viewer_port"]
     if proc.poll() is None:
-        import signal
+        from playground.testing import stop_app
 
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("app.py did not stop within 60 s of Ctrl-C") from None
+        assert stop_app(proc), "app.py did not stop within 60 s of Ctrl-C"
         assert proc.returncode == 0, log.read_text()[-3000:]
         assert _port_is_free(port) and _port_is_free(viewer_port), "a port is still taken after shutdown"
 
@@ -175,9 +167,7 @@ def rest_shared_app(playground_app):
         app_client(playground_app["url"]).predict(api_name="/pause")
 
 
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
-                 "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+from playground.testing import CHROMIUM_ARGS  # noqa: E402  (as bench/bench_app.py launches it)
 
 
 @pytest.fixture(scope="session")

@@ -30,12 +30,10 @@ from engine.batch.worker import _export
 from engine.export import export_textured_mesh
 from engine.source import RenderSource
 from engine.testing import drag_from_centre, painted_source
+from playground.testing import CHROMIUM_ARGS
 
 SMALL = dict(faces=1500, texture=128, resolution=64)
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
-        "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 
 
 def row(run_id: str, prompt: str, files: dict) -> dict:
@@ -125,7 +123,7 @@ def test_each_card_shows_its_mesh_in_3d_offline_and_orbits(batch, served, shots,
             route.abort()
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 900, "height": 700})
             page.route("**/*", guard)
